@@ -1,0 +1,181 @@
+"""The `deme` command line: thin Typer commands that parse, call the engine and render.
+
+Importing this module must not import torch or diffusers (they take ~11 s): engine modules are imported inside the
+commands. Exit codes: 0 success, 2 bad input (one sentence on stderr), 1 failure while running.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from . import ui
+from .errors import UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  help="Decouple-then-Merge (DeMe) finetuning of diffusion models. Every command takes a recipe "
+                       "(TOML) as its first argument; see README.md.")
+
+# --- options shared by every command ------------------------------------------------------------------------------
+RecipeArg = typer.Argument(..., help="Recipe file (TOML).", show_default=False)
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: section.key=value (repeatable).",
+                      metavar="KEY=VALUE")
+OutOpt = typer.Option(None, "--out", "-o", help="Run directory (overrides output.dir).")
+DryOpt = typer.Option(False, "--dry-run", help="Print the resolved recipe and exit without doing anything.")
+JsonOpt = typer.Option(False, "--json", help="Print one machine-readable result object on stdout.")
+ForceOpt = typer.Option(False, "--force", help="Redo finished work instead of skipping it.")
+
+
+class Ctx:
+    """What every command gets: the validated recipe, its run directory, and the output flags."""
+
+    def __init__(self, recipe, as_json: bool, force: bool):
+        from .runs import RunDir
+
+        self.recipe = recipe
+        self.run = RunDir(recipe.out_dir)
+        self.json = as_json
+        self.force = force
+
+
+def _prepare(recipe_path: Path, sets: Optional[List[str]], out: Optional[Path], dry_run: bool, as_json: bool,
+             force: bool = False) -> Optional[Ctx]:
+    """Load and validate the recipe; on --dry-run print it and return None; else create the run dir."""
+    from .recipe import load_recipe
+    from .runs import ensure_writable, write_atomic
+
+    recipe = load_recipe(recipe_path, sets, str(out) if out is not None else None)
+    if dry_run:
+        sys.stdout.write(recipe.to_toml())
+        return None
+    ensure_writable(recipe.out_dir)
+    write_atomic(recipe.out_dir / "recipe.resolved.toml", recipe.to_toml())
+    return Ctx(recipe, as_json, force)
+
+
+def _guard(fn: Callable[[], None]) -> None:
+    """Run a command body: UsageError -> one sentence, exit 2; Ctrl-C -> exit 130."""
+    try:
+        fn()
+    except UsageError as e:
+        msg = str(e).strip()
+        msg = msg if msg.endswith((".", "?", "!")) else msg + "."
+        ui.console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        ui.console.print("interrupted; re-run the same command to continue where it stopped.")
+        raise typer.Exit(130)
+
+
+def _not_yet(name: str) -> None:
+    raise UsageError(f"'deme {name}' is not yet available in this version")
+
+
+# --- split ---------------------------------------------------------------------------------------------------------
+@app.command()
+def split(recipe: Path = RecipeArg,
+          strategy: Optional[str] = typer.Option(None, help="uniform | snr | affinity (overrides ranges.strategy)."),
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+          as_json: bool = JsonOpt):
+    """Cut [0, T) into N contiguous timestep ranges; writes <run>/ranges.json."""
+    def body():
+        sets = list(set_ or []) + ([f'ranges.strategy="{strategy}"'] if strategy else [])
+        ctx = _prepare(recipe, sets, out, dry_run, as_json)
+        if ctx is None:
+            return
+        from .splitting import run_split
+
+        result = run_split(ctx.recipe, ctx.run)
+        if as_json:
+            ui.emit_json(result)
+        else:
+            ui.table(f"{len(result['ranges'])} ranges ({result['strategy']}) -> {ctx.run.ranges_json}",
+                     ["range", "lo", "hi", "timesteps"],
+                     [[r["index"], r["lo"], r["hi"], r["hi"] - r["lo"]] for r in result["ranges"]])
+    _guard(body)
+
+
+# --- train ---------------------------------------------------------------------------------------------------------
+@app.command()
+def train(recipe: Path = RecipeArg,
+          range_: Optional[int] = typer.Option(None, "--range", "-r", help="Index of the range to finetune."),
+          all_: bool = typer.Option(False, "--all", help="Finetune every range, one after another."),
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+          as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """DeMe-finetune range I (or --all ranges); resumes from the latest checkpoint when re-run."""
+    def body():
+        if not dry_run and (range_ is None) == (not all_):
+            raise UsageError("give exactly one of --range I or --all")
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .train import train_ranges
+
+        results = train_ranges(ctx.recipe, ctx.run, None if all_ else range_, force=force)
+        if as_json:
+            ui.emit_json({"ranges": results})
+        else:
+            ui.table("trained", ["range", "lo", "hi", "steps", "loss", "final"],
+                     [[r["range"], r["lo"], r["hi"], r["steps"], r.get("loss"), r["final"]] for r in results])
+    _guard(body)
+
+
+# --- merge ---------------------------------------------------------------------------------------------------------
+@app.command()
+def merge(recipe: Path = RecipeArg,
+          weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per range, low t first."),
+          method: Optional[str] = typer.Option(None, help="task_arithmetic | ties | dare (overrides merge.method)."),
+          search: bool = typer.Option(False, "--search", help="Search the weights (merge.search strategy)."),
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+          as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """Merge the range models into one by task-vector arithmetic; writes <run>/merged/."""
+    _guard(lambda: _not_yet("merge"))
+
+
+# --- sample --------------------------------------------------------------------------------------------------------
+@app.command()
+def sample(recipe: Path = RecipeArg,
+           model: str = typer.Option("merged", "--model", "-m", help="base | merged | range:I | ensemble"),
+           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+           as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """Generate images with per-image seeds; writes <run>/samples/<model>/."""
+    _guard(lambda: _not_yet("sample"))
+
+
+# --- eval ----------------------------------------------------------------------------------------------------------
+@app.command(name="eval")
+def eval_(recipe: Path = RecipeArg,
+          models: str = typer.Option("merged", help="Comma-separated models whose samples to score."),
+          allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Score fewer images than requested."),
+          set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+          as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """FID / KID / CLIP score of sample folders; writes <run>/eval/<model>.json."""
+    _guard(lambda: _not_yet("eval"))
+
+
+# --- analyze-gradients ---------------------------------------------------------------------------------------------
+@app.command(name="analyze-gradients")
+def analyze_gradients(recipe: Path = RecipeArg,
+                      bins: int = typer.Option(20, help="Number of timestep bins B."),
+                      set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
+                      as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """Cosine similarity of denoising-loss gradients across timesteps; writes <run>/analysis/."""
+    _guard(lambda: _not_yet("analyze-gradients"))
+
+
+# --- run -----------------------------------------------------------------------------------------------------------
+@app.command()
+def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+        dry_run: bool = DryOpt, as_json: bool = JsonOpt, force: bool = ForceOpt):
+    """The whole pipeline: split, train, merge, sample, eval; finished stages are skipped."""
+    _guard(lambda: _not_yet("run"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

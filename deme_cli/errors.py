@@ -1,0 +1,9 @@
+"""User-facing errors.
+
+A `UsageError` is bad input (recipe, paths, arguments): the CLI prints its message as one sentence on stderr and
+exits with code 2, without a traceback. Anything else that escapes a command is a failure while running (exit 1).
+"""
+
+
+class UsageError(Exception):
+    """Bad input that the user can fix; the message says what to do next."""

@@ -1,0 +1,261 @@
+"""Pretrained pipelines, UNets with channel-wise projections, model folders and the model identity hash.
+
+Channel-wise projection (paper section 3.2): a learnable C x C matrix W (a 1x1 convolution without bias,
+initialised to the identity) applied to the hidden states leaving every down block, the mid block and every up
+block. Skip connections (the down blocks' residual outputs) are not projected. The projections are attached from
+outside diffusers with forward hooks, so any `UNet2DModel` / `UNet2DConditionModel` config works; channels come from
+the config (`block_out_channels`).
+
+A model folder (`ranges/<i>/final/`, `merged/`) holds:
+    unet/                      diffusers `save_pretrained` (safetensors): loads in stock diffusers
+    projection.safetensors     projection weights (absent when the model has none)
+    deme.json                  what the model is (range, steps, base-model hash, recipe name, ...)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from .errors import UsageError
+
+PROJECTION_FILE = "projection.safetensors"
+META_FILE = "deme.json"
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+# --- locating pretrained pipelines -----------------------------------------------------------------------------
+
+def resolve_pretrained(pretrained: str, revision: Optional[str] = None) -> Path:
+    """A local pipeline folder as-is; a hub id downloaded (or found in the cache) with huggingface_hub."""
+    p = Path(pretrained).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise UsageError(f"model.pretrained '{pretrained}' is a file; point it at a diffusers pipeline folder")
+        return p
+    looks_like_path = pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1
+    if looks_like_path:
+        raise UsageError(f"model folder '{pretrained}' does not exist; set model.pretrained to a diffusers pipeline "
+                         f"folder or a hub id like google/ddpm-cifar10-32")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(pretrained, revision=revision,
+                                      allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as e:  # offline, unknown repo, gated repo...
+        raise UsageError(f"could not fetch '{pretrained}' from the hub ({type(e).__name__}); download it once and "
+                         f"point model.pretrained at the local folder") from None
+
+
+def unet_folder(pipeline_dir: Path) -> Path:
+    """The UNet inside a pipeline folder (or the folder itself if it is a UNet folder)."""
+    for cand in (pipeline_dir / "unet", pipeline_dir):
+        cfg = cand / "config.json"
+        if cfg.is_file() and json.loads(cfg.read_text()).get("_class_name", "").startswith("UNet2D"):
+            return cand
+    raise UsageError(f"'{pipeline_dir}' holds no diffusers UNet (expected unet/config.json); "
+                     f"point model.pretrained at a pipeline saved with save_pretrained")
+
+
+def scheduler_config(pipeline_dir: Path) -> dict:
+    cfg = pipeline_dir / "scheduler" / "scheduler_config.json"
+    if not cfg.is_file():
+        raise UsageError(f"'{pipeline_dir}' has no scheduler/scheduler_config.json; the pipeline folder must hold its "
+                         f"scheduler")
+    return json.loads(cfg.read_text())
+
+
+def num_train_timesteps(pipeline_dir: Path) -> int:
+    return int(scheduler_config(pipeline_dir).get("num_train_timesteps", 1000))
+
+
+def is_text_to_image(pipeline_dir: Path) -> bool:
+    cfg = json.loads((unet_folder(pipeline_dir) / "config.json").read_text())
+    return cfg.get("_class_name") == "UNet2DConditionModel"
+
+
+def load_unet(folder: Path, dtype=None):
+    """Load a UNet2DModel or UNet2DConditionModel from a UNet folder or a pipeline folder."""
+    import diffusers
+
+    uf = unet_folder(Path(folder))
+    cls_name = json.loads((uf / "config.json").read_text())["_class_name"]
+    cls = getattr(diffusers, cls_name)
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        return cls.from_pretrained(uf, **kw)
+    except (OSError, EnvironmentError) as e:
+        raise UsageError(f"could not load the UNet from '{uf}': {str(e).splitlines()[0]}") from None
+
+
+# --- projections -------------------------------------------------------------------------------------------------
+
+def projection_channels(config: Any) -> dict[str, list[int]]:
+    """Output channels of every down block, the mid block and every up block, from a UNet config."""
+    boc = list(config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels)
+    return {"down": boc, "mid": [boc[-1]], "up": boc[::-1]}
+
+
+def _identity_conv(c: int):
+    import torch
+    from torch import nn
+
+    conv = nn.Conv2d(c, c, kernel_size=1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
+    return conv
+
+
+def make_projections(unet):
+    """A module of identity-initialised projections sized for `unet` (keys down.i.weight, mid.0.weight, up.i.weight)."""
+    from torch import nn
+
+    ch = projection_channels(unet.config)
+    mod = nn.Module()
+    for part, chans in ch.items():
+        setattr(mod, part, nn.ModuleList([_identity_conv(c) for c in chans]))
+    return mod.to(device=unet.device, dtype=unet.dtype)
+
+
+def identity_projection_state(unet) -> dict:
+    """The projection state dict of the identity (the base of projection task vectors)."""
+    return {k: v.detach().clone() for k, v in make_projections(unet).state_dict().items()}
+
+
+def _hook(conv, tuple_out: bool):
+    def hook(module, args, output):
+        if tuple_out:  # down blocks return (hidden_states, res_samples): project only the hidden states
+            return (conv(output[0]),) + tuple(output[1:])
+        return conv(output)
+    return hook
+
+
+def attach_projections(unet, projections) -> list:
+    """Register forward hooks that apply `projections` to the outputs of the UNet's blocks. Returns the handles."""
+    handles = []
+    for block, conv in zip(unet.down_blocks, projections.down):
+        handles.append(block.register_forward_hook(_hook(conv, tuple_out=True)))
+    if unet.mid_block is not None:
+        handles.append(unet.mid_block.register_forward_hook(_hook(projections.mid[0], tuple_out=False)))
+    for block, conv in zip(unet.up_blocks, projections.up):
+        handles.append(block.register_forward_hook(_hook(conv, tuple_out=False)))
+    return handles
+
+
+def _deme_model_class():
+    from torch import nn
+
+    class DemeModel(nn.Module):
+        """A UNet plus optional channel-wise projections. Calling it calls the UNet, with the projections applied.
+
+        `model.unet` can be handed to any diffusers pipeline: the hooks travel with it.
+        state_dict keys: `unet.*` and `projections.*`.
+        """
+
+        def __init__(self, unet, projections=None):
+            super().__init__()
+            self.unet = unet
+            self.projections = projections
+            self._handles = attach_projections(unet, projections) if projections is not None else []
+
+        def forward(self, *args, **kwargs):
+            return self.unet(*args, **kwargs)
+
+        @property
+        def config(self):
+            return self.unet.config
+
+        def detach_projections(self):
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+
+    return DemeModel
+
+
+def DemeModel(unet, projections=None):  # noqa: N802 - a factory that keeps torch out of module import
+    return _deme_model_class()(unet, projections)
+
+
+def wrap(unet, projection: bool):
+    """The student: the UNet with identity projections (or none)."""
+    return DemeModel(unet, make_projections(unet) if projection else None)
+
+
+# --- model folders -----------------------------------------------------------------------------------------------
+
+def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = None) -> None:
+    """Write a model folder atomically (to folder.tmp, then rename). `state` overrides the model's weights (EMA)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    sd = state if state is not None else model.state_dict()
+    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
+    proj_sd = {k[len("projections."):]: v.contiguous() for k, v in sd.items() if k.startswith("projections.")}
+    model.unet.save_pretrained(tmp / "unet", safe_serialization=True, state_dict=unet_sd)
+    if proj_sd:
+        save_file(proj_sd, str(tmp / PROJECTION_FILE))
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(folder)
+
+
+def read_meta(folder: Path) -> dict:
+    f = Path(folder) / META_FILE
+    if not f.is_file():
+        raise UsageError(f"'{folder}' is not a deme model folder (no {META_FILE}); train or merge it first")
+    return json.loads(f.read_text())
+
+
+def load_model_folder(folder: Path, dtype=None):
+    """Load a model folder back as a DemeModel (projections attached when present)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    unet = load_unet(folder, dtype=dtype)
+    proj = None
+    pf = folder / PROJECTION_FILE
+    if pf.is_file():
+        proj = make_projections(unet)
+        proj.load_state_dict(load_file(str(pf), device=str(unet.device)))
+    return DemeModel(unet, proj)
+
+
+def load_base(pretrained: str, revision: Optional[str] = None, projection: bool = False, dtype=None):
+    """The pretrained UNet as a DemeModel (with identity projections if asked, which compute the same function)."""
+    unet = load_unet(resolve_pretrained(pretrained, revision), dtype=dtype)
+    return wrap(unet, projection)
+
+
+# --- identity ----------------------------------------------------------------------------------------------------
+
+def state_hash(state: dict) -> str:
+    """sha256 over (key, dtype, shape, bytes) of every tensor, in key order: the identity of a set of weights."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def unet_hash(unet) -> str:
+    return state_hash(unet.state_dict())

