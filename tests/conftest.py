@@ -73,3 +73,94 @@ def make_recipe(tmp_path, tiny_ddpm, tiny_images):
         return recipe_from_dict(base)
 
     return make
+
+
+# --- a tiny Stable-Diffusion-like pipeline ----------------------------------------------------------------------
+
+SD_WORDS = ["the cat", "the dog", "a cat", "a dog"]
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 byte-level characters of CLIP's BPE, in byte order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def write_tokenizer(folder: Path) -> dict:
+    """A local CLIP BPE tokenizer (vocab.json + merges.txt) knowing 'the', 'cat', 'dog'; returns the vocab.
+
+    transformers 5.x: load it with CLIPTokenizer.from_pretrained(folder) (ecosystem.md section E).
+    """
+    import json
+
+    alphabet = _bytes_to_unicode()
+    merges = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>")]
+    tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges] + ["<|startoftext|>",
+                                                                                         "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab
+
+
+def build_tiny_sd(root: Path) -> dict:
+    """Save a tiny SD-like pipeline, a captioned image folder, prompts.txt and a tiny CLIP under `root`.
+
+    Returns {"pipeline", "images", "prompts", "clip"} paths. The UNet works on 8x8 latents (16x16 images: the VAE
+    downsamples by 2); the text encoder and CLIP have width 32 and 16 token positions.
+    """
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vocab = write_tokenizer(root / "tok")
+    tok = CLIPTokenizer.from_pretrained(root / "tok", model_max_length=16)
+    tcfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"], projection_dim=32)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=32, sample_size=16)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**tcfg)), tokenizer=tok, unet=unet,
+                            scheduler=sched, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(root / "sd")
+    images = write_shapes(root / "sd-images", 16, 16, seed=1)
+    with open(images / "metadata.jsonl", "w") as f:
+        for k in range(16):
+            f.write(json.dumps({"file_name": f"{k:04d}.png", "text": SD_WORDS[k % 4]}) + "\n")
+    (root / "prompts.txt").write_text("\n".join(SD_WORDS) + "\n")
+    clip = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4,
+        projection_dim=32), projection_dim=32))
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    try:  # the image processor needs torchvision in some transformers versions; CLIP score can do without it
+        from transformers import CLIPImageProcessor
+
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+            root / "clip")
+    except Exception:
+        pass
+    return {"pipeline": root / "sd", "images": images, "prompts": root / "prompts.txt", "clip": root / "clip"}
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> dict:
+    """Paths of a tiny SD-like pipeline, 16 captioned 16x16 images, prompts.txt and a tiny CLIP (see build_tiny_sd)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("sd"))
