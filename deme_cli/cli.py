@@ -158,11 +158,42 @@ def eval_(recipe: Path = RecipeArg,
 # --- analyze-gradients ---------------------------------------------------------------------------------------------
 @app.command(name="analyze-gradients")
 def analyze_gradients(recipe: Path = RecipeArg,
-                      bins: int = typer.Option(20, help="Number of timestep bins B."),
+                      bins: Optional[int] = typer.Option(None, help="Number of equal timestep bins B over [0, T), "
+                                                         "one timestep at each bin centre. [default: 20]"),
+                      timesteps: Optional[str] = typer.Option(None, help="Explicit timesteps instead of bins, "
+                                                              "comma-separated (10,100,500)."),
+                      params: Optional[str] = typer.Option(None, help="Only parameters whose names match: globs "
+                                                           "('up_blocks.*'), comma-separated; 're:' for a regex. "
+                                                           "[default: all]"),
+                      method: str = typer.Option("countsketch", help="countsketch | gaussian (random projections "
+                                                 "to --sketch-dim) | exact (keeps every gradient: small models)."),
+                      sketch_dim: int = typer.Option(4096, help="Dimension k of the gradient sketch."),
+                      batch_size: int = typer.Option(16, help="Images (and noise draws) in the fixed batch."),
                       set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
                       as_json: bool = JsonOpt, force: bool = ForceOpt):
     """Cosine similarity of denoising-loss gradients across timesteps; writes <run>/analysis/."""
-    _guard(lambda: _not_yet("analyze-gradients"))
+    def body():
+        if bins is not None and bins < 2:
+            raise UsageError(f"--bins must be at least 2 to compare timesteps, got {bins}")
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .gradients import analyze_gradients as analyze
+
+        result = analyze(ctx.recipe, ctx.run, bins=bins, timesteps=timesteps, params=params, method=method,
+                         sketch_dim=sketch_dim, batch_size=batch_size, force=force)
+        if as_json:
+            ui.emit_json(result)
+            return
+        s = result["summary"]
+        ui.table(f"gradient similarity over {s['bins']} timesteps -> {result['analysis']}", ["pairs", "count", "mean"],
+                 [["adjacent bins", s["bins"] - 1, s["adjacent_mean"]],
+                  ["more than T/2 apart", s["distant_pairs"], s["distant_mean"]],
+                  ["inside [0, T/4)", s["first_quarter_pairs"], s["first_quarter_mean"]],
+                  ["all", s["bins"] * (s["bins"] - 1) // 2, s["all_pairs_mean"]]])
+        for name, f in result["files"].items():
+            ui.info(f"{name}: {f}")
+    _guard(body)
 
 
 # --- run -----------------------------------------------------------------------------------------------------------

@@ -4,14 +4,53 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import UsageError
-from .models import num_train_timesteps, resolve_pretrained
+from .models import num_train_timesteps, resolve_pretrained, scheduler_config
 from .ranges import Range, split, validate_ranges
 from .runs import RunDir, read_json, write_json
 
 
+def _schedule(recipe, run: RunDir, T: int) -> dict:
+    """snr: alphas_cumprod of the pipeline's noise schedule (diffusers DDPMScheduler.from_config)."""
+    from diffusers import DDPMScheduler
+
+    cfg = scheduler_config(resolve_pretrained(recipe.model.pretrained, recipe.model.revision))
+    return {"alphas_cumprod": DDPMScheduler.from_config(cfg).alphas_cumprod.double().tolist()}
+
+
+def gradient_matrix_file(recipe, run: RunDir) -> Path:
+    """ranges.matrix if set, else the run's analysis/gradients.npz."""
+    from .gradients import NPZ_FILE
+
+    return Path(recipe.ranges.matrix).expanduser() if recipe.ranges.matrix else run.analysis / NPZ_FILE
+
+
+def _gradient_matrix(recipe, run: RunDir, T: int) -> dict:
+    """affinity: the matrix, its bin edges, and where it came from (recorded in ranges.json)."""
+    import hashlib
+
+    from .gradients import load_matrix
+
+    f = gradient_matrix_file(recipe, run)
+    if not f.is_file():
+        raise UsageError(f"no gradient matrix at '{f}'; run `deme analyze-gradients` first or set ranges.matrix")
+    m = load_matrix(f)
+    s = m["settings"]
+    source = {"matrix_file": str(f.resolve()), "matrix_sha256": hashlib.sha256(f.read_bytes()).hexdigest()[:16],
+              **{k: s[k] for k in ("model_hash", "params", "method", "sketch_dim", "batch_size") if k in s}}
+    return {"matrix": m["matrix"], "edges": m["edges"], "source": source}
+
+
+EVIDENCE = {                     # strategy -> what it needs beyond (T, n)
+    "uniform": lambda recipe, run, T: {},
+    "snr": _schedule,
+    "affinity": _gradient_matrix,
+}
+
+
 def split_evidence(recipe, run: RunDir, T: int) -> dict:
-    """Extra inputs a strategy needs (e.g. the gradient matrix for `affinity`, the noise schedule for `snr`)."""
-    return {"recipe": recipe, "run": run}
+    """Extra inputs the recipe's strategy needs (the gradient matrix for `affinity`, the noise schedule for `snr`)."""
+    provide = EVIDENCE.get(recipe.ranges.strategy)
+    return provide(recipe, run, T) if provide is not None else {}
 
 
 def run_split(recipe, run: RunDir) -> dict:
