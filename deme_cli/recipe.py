@@ -106,6 +106,7 @@ class SampleSection(_Section):
     compile: Literal["auto", "on", "off"] = "auto"
     prompts: Optional[str] = None                  # text-to-image: .txt (one per line), .jsonl/.csv, or hf dataset
     prompt_column: str = "prompt"
+    prompt_split: Optional[str] = None              # dataset prompts: split (default: the only split, else "train")
     guidance_scale: float = 7.5
     negative_prompt: Optional[str] = None
     output_size: Optional[int] = Field(None, ge=1)  # resize saved images (the SD protocol scores at 256 px)
