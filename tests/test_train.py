@@ -1,0 +1,239 @@
+"""`deme train`: Eq. 5, the frozen teacher, projections, EMA warm-up, checkpoints and bit-exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deme_cli import models
+from deme_cli.errors import UsageError
+from deme_cli.ranges import Range
+from deme_cli.runs import RunDir
+from deme_cli.train import EMA, RangeTrainer, deme_loss, ema_decay, train_ranges
+
+R0 = Range(0, 0, 500)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run these tiny models ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trainer(recipe, tiny_ddpm) -> RangeTrainer:
+    return RangeTrainer(recipe, R0, Path(tiny_ddpm), 1000)
+
+
+def _state_hash(module) -> str:
+    return models.state_hash(module.state_dict())
+
+
+def _folder_weights(folder: Path) -> dict:
+    w = load_file(str(folder / "unet" / models.UNET_WEIGHTS))
+    if (folder / models.PROJECTION_FILE).is_file():
+        w.update({f"projections.{k}": v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
+    return w
+
+
+def _metric_lines(run: RunDir, i: int = 0) -> list[dict]:
+    return [json.loads(x) for x in run.metrics(i).read_text().splitlines() if x.strip()]
+
+
+def test_consistency_loss_zero_at_first_step_and_teacher_stays_frozen(make_recipe, tiny_ddpm):
+    tr = _trainer(make_recipe(train={"lr": 1e-3, "grad_accum": 2}), tiny_ddpm)
+    calls = []
+    tr.teacher.register_forward_hook(lambda *a: calls.append(1))
+    before = _state_hash(tr.teacher)
+    lines = [tr.train_step() for _ in range(3)]
+    assert lines[0]["consistency_loss"] < 1e-10          # identity projections: student == teacher at step 0
+    assert lines[-1]["consistency_loss"] > 1e-8          # then the student moves away
+    assert len(calls) == 3 * 2                           # one teacher forward per micro-batch
+    assert _state_hash(tr.teacher) == before
+    assert not tr.teacher.training and not any(p.requires_grad for p in tr.teacher.parameters())
+    for k in ("step", "loss", "denoise_loss", "consistency_loss", "lr", "grad_norm", "t_in_range_fraction"):
+        assert k in lines[0]
+    assert lines[0]["loss"] == pytest.approx(lines[0]["denoise_loss"] + lines[0]["consistency_loss"], rel=1e-6)
+
+
+def test_zero_consistency_weight_never_builds_or_calls_a_teacher(make_recipe, tiny_ddpm):
+    tr = _trainer(make_recipe(deme={"consistency_weight": 0.0}), tiny_ddpm)
+    assert tr.teacher is None
+    line = tr.train_step()
+    assert line["consistency_loss"] is None and line["loss"] == line["denoise_loss"]
+
+
+def test_projection_false_adds_no_parameters(make_recipe, tiny_ddpm):
+    base = sum(p.numel() for p in models.load_unet(Path(tiny_ddpm)).parameters())
+    without = _trainer(make_recipe(deme={"projection": False}), tiny_ddpm)
+    assert sum(p.numel() for p in without.unwrapped().parameters()) == base
+    assert without.unwrapped().projections is None
+    chans = models.projection_channels(without.unwrapped().config)
+    with_p = _trainer(make_recipe(), tiny_ddpm)
+    extra = sum(c * c for cs in chans.values() for c in cs)
+    assert sum(p.numel() for p in with_p.unwrapped().parameters()) == base + extra
+    assert len(with_p.params) == len(list(with_p.unwrapped().parameters()))   # projections are optimized too
+
+
+def test_training_lowers_the_denoising_loss_on_a_fixed_batch(make_recipe, tiny_ddpm):
+    tr = _trainer(make_recipe(train={"lr": 1e-3, "ema": False, "steps": 30}, deme={"p": 1.0}), tiny_ddpm)
+    ds = tr.task.dataset()
+    g = torch.Generator().manual_seed(123)
+    x0 = torch.stack([ds[i] for i in range(8)])
+    t = torch.linspace(20, 980, 8).long()
+    noise = torch.randn(x0.shape, generator=g)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return deme_loss(tr.student, None, tr.noise_scheduler, x0, noise, t, {}, 0.0)[1].item()
+
+    before = fixed_loss()
+    for _ in range(30):
+        tr.train_step()
+    after = fixed_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+def test_ema_warmup_formula_and_updates():
+    assert ema_decay(0, 0.9999, 0.75) == 0.0                         # the first update copies
+    assert ema_decay(1, 0.9999, 0.75) == pytest.approx(1 - 2 ** -0.75)
+    assert ema_decay(10**9, 0.9999, 0.75) == 0.9999                  # capped
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = EMA([("w", p)], 0.9999, 0.75)
+    expect = None
+    for k, v in enumerate([1.0, 2.0, 4.0, 8.0]):
+        with torch.no_grad():
+            p.fill_(v)
+        ema.update([p])
+        d = ema_decay(k, 0.9999, 0.75)
+        expect = v if expect is None else d * expect + (1 - d) * v
+        assert ema.state_dict()["w"] == pytest.approx(torch.full((3,), expect), rel=1e-6)
+    assert ema.updates == 4
+
+
+def test_train_writes_final_models_metrics_and_skips_when_done(make_recipe, tiny_ddpm):
+    recipe = make_recipe(train={"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 2})
+    run = RunDir(recipe.out_dir)
+    [res] = train_ranges(recipe, run, 1)
+    assert res["range"] == 1 and (res["lo"], res["hi"]) == (500, 1000) and res["steps"] == 3 and not res["skipped"]
+    final, raw = run.final(1), run.final(1, ema=False)
+    meta = json.loads((final / "deme.json").read_text())
+    assert meta["range"] == {"index": 1, "lo": 500, "hi": 1000} and meta["steps"] == 3 and meta["recipe"] == "tiny"
+    assert meta["base_hash"] == models.unet_hash(models.load_unet(Path(tiny_ddpm)))
+    assert meta["weights"] == "ema" and json.loads((raw / "deme.json").read_text())["weights"] == "raw"
+    ema_w, raw_w = _folder_weights(final), _folder_weights(raw)
+    assert any(not torch.equal(ema_w[k], raw_w[k]) for k in raw_w)
+    m = models.load_model_folder(final)
+    assert m.projections is not None
+    assert (run.range_dir(1) / "recipe.resolved.toml").is_file()
+    assert [x["step"] for x in _metric_lines(run, 1)] == [1, 2, 3]
+    ckpts = sorted(p.name for p in run.checkpoints(1).iterdir())
+    assert ckpts == ["latest", "step-2", "step-3"]                    # keep_checkpoints = 2
+    assert (run.checkpoints(1) / "latest").read_text().strip() == "step-3"
+    # re-running skips; --force trains again
+    stamp = (final / "deme.json").stat().st_mtime_ns
+    assert train_ranges(recipe, run, 1)[0]["skipped"]
+    assert (final / "deme.json").stat().st_mtime_ns == stamp
+    assert not train_ranges(recipe, run, 1, force=True)[0]["skipped"]
+    assert [x["step"] for x in _metric_lines(run, 1)] == [1, 2, 3]
+    with pytest.raises(UsageError, match="range 2 does not exist"):
+        train_ranges(recipe, run, 2)
+
+
+def test_resume_is_bit_exact(make_recipe, tmp_path):
+    # random crops + flips, 2 micro-batches per step, warm-up LR, EMA: 2K steps at once == K, then K more
+    common = dict(data={"center_crop": False, "random_flip": True},
+                  train={"grad_accum": 2, "lr": 1e-3, "lr_warmup_steps": 2, "checkpoint_every": 2,
+                         "keep_checkpoints": 1})
+    K = 3
+    one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
+    one = one.model_copy(update={"train": one.train.model_copy(update={"steps": 2 * K})})
+    train_ranges(one, RunDir(one.out_dir), 0)
+
+    half = make_recipe(**common, output={"dir": str(tmp_path / "two")})
+    half = half.model_copy(update={"train": half.train.model_copy(update={"steps": K})})
+    train_ranges(half, RunDir(half.out_dir), 0)
+    rest = half.model_copy(update={"train": half.train.model_copy(update={"steps": 2 * K})})
+    [res] = train_ranges(rest, RunDir(rest.out_dir), 0)
+    assert res["steps"] == 2 * K and not res["skipped"]
+
+    a, b = RunDir(one.out_dir), RunDir(rest.out_dir)
+    for ema in (True, False):
+        wa, wb = _folder_weights(a.final(0, ema)), _folder_weights(b.final(0, ema))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"final (ema={ema}) differs after resume"
+    la, lb = _metric_lines(a), _metric_lines(b)
+    assert [x["step"] for x in lb] == list(range(1, 2 * K + 1))
+    assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+
+
+def test_sigkill_leaves_a_checkpoint_that_resumes(make_recipe, tmp_path):
+    recipe = make_recipe(train={"steps": 10_000, "checkpoint_every": 1, "keep_checkpoints": 2})
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.to_toml())
+    run = RunDir(recipe.out_dir)
+    latest = run.checkpoints(0) / "latest"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "deme_cli", "train", str(path), "--range", "0"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if latest.is_file() and int(latest.read_text().strip().split("-")[1]) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert latest.is_file(), "no checkpoint within the deadline"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    k = int(latest.read_text().strip().split("-")[1])
+    assert k >= 2
+    done = recipe.model_copy(update={"train": recipe.train.model_copy(update={"steps": k + 2})})
+    [res] = train_ranges(done, run, 0)
+    assert res["steps"] == k + 2
+    steps = [x["step"] for x in _metric_lines(run)]
+    assert steps == list(range(1, k + 3))                               # no repeated or missing steps
+    assert json.loads((run.final(0) / "deme.json").read_text())["steps"] == k + 2
+
+
+def test_cifar10_recipe_trains_two_steps_on_cpu(tmp_path):
+    """recipes/cifar10.toml on the real ddpm-cifar10-32 architecture (random weights) and a local image folder."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from typer.testing import CliRunner
+
+    from conftest import write_shapes
+    from deme_cli.cli import app
+    from test_models import CIFAR10
+
+    recipe = Path(__file__).parent.parent / "recipes" / "cifar10.toml"
+    assert recipe.is_file(), "recipes/cifar10.toml is missing"
+    torch.manual_seed(0)
+    DDPMPipeline(unet=UNet2DModel(**CIFAR10), scheduler=DDPMScheduler(num_train_timesteps=1000)) \
+        .save_pretrained(tmp_path / "ddpm-cifar10-32")
+    images = write_shapes(tmp_path / "images", 4, 32)
+    out = tmp_path / "run"
+    sets = [f"model.pretrained={tmp_path / 'ddpm-cifar10-32'}", 'data.source="imagefolder"', f"data.path={images}",
+            "train.steps=2", "train.batch_size=2", "train.grad_accum=1", "data.num_workers=0", 'train.device="cpu"']
+    args = ["train", str(recipe), "--range", "3", "--out", str(out), "--json"]
+    for s in sets:
+        args += ["--set", s]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)["ranges"][0]
+    assert (res["range"], res["lo"], res["hi"], res["steps"]) == (3, 750, 1000, 2)
+    meta = json.loads((out / "ranges" / "3" / "final" / "deme.json").read_text())
+    assert meta["steps"] == 2 and meta["recipe"] == "cifar10" and meta["projection"]
+    proj = load_file(str(out / "ranges" / "3" / "final" / models.PROJECTION_FILE))
+    assert [proj[f"down.{i}.weight"].shape[0] for i in range(4)] == [128, 256, 256, 256]
