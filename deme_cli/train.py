@@ -29,6 +29,7 @@ from .models import (is_text_to_image, load_unet, num_train_timesteps, read_meta
 from .ranges import Range, sample_timesteps
 from .runs import RunDir, write_atomic
 from .splitting import load_ranges
+from .text2image import TextToImageTask
 
 LR_SCHEDULES = {  # recipe name -> diffusers.optimization.get_scheduler name (all honour lr_warmup_steps)
     "constant": "constant_with_warmup",
@@ -55,7 +56,7 @@ class UnconditionalTask:
         return batch.to(self.device, non_blocking=True), {}
 
 
-TASKS: dict[str, type] = {"unconditional": UnconditionalTask}
+TASKS: dict[str, type] = {"unconditional": UnconditionalTask, "text_to_image": TextToImageTask}
 
 
 def make_task(recipe, pipeline_dir: Path, unet, device):
