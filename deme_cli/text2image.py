@@ -69,15 +69,17 @@ class FrozenEncoders:
         import torch
         from diffusers import AutoencoderKL
         from transformers import AutoTokenizer, CLIPTextModel
+        from transformers.utils import logging as transformers_logging
 
         check_pipeline(pipeline_dir)
+        transformers_logging.disable_progress_bar()  # deme reports its own progress; keep stderr to one line per stage
         p = Path(pipeline_dir)
         self.tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, p / "tokenizer")
         self.text_encoder = _load("text encoder", CLIPTextModel.from_pretrained, p / "text_encoder")
         self.vae = _load("VAE", AutoencoderKL.from_pretrained, p / "vae")
         self.device = torch.device(device)
-        for m in (self.text_encoder, self.vae):
-            m.to(self.device, dtype=torch.float32).eval().requires_grad_(False)
+        for m in (self.text_encoder, self.vae):  # fp32 as loaded: the encoders run once per pair (or are cached)
+            m.to(self.device).eval().requires_grad_(False)
         cfg = self.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(getattr(cfg, "shift_factor", None) or 0.0)
