@@ -80,8 +80,8 @@ def deme_loss(student, teacher, noise_scheduler, x0, noise, t, unet_kwargs: dict
               autocast=nullcontext):
     """Eq. 5 on one micro-batch: (loss, denoising loss, consistency loss or None), mean squared errors per element.
 
-    The teacher (the frozen pretrained UNet, or None to skip it) sees the same x_t and t as the student; its output
-    is a constant target (no graph).
+    The teacher (the frozen pretrained UNet, or None to skip it) sees the same x_t and t as the student; it runs
+    under inference mode, and its output is a constant target.
     """
     import torch
     import torch.nn.functional as F
@@ -91,13 +91,14 @@ def deme_loss(student, teacher, noise_scheduler, x0, noise, t, unet_kwargs: dict
     with autocast():
         pred = student(x_t, t, **unet_kwargs).sample
         if teacher is not None:
-            with torch.no_grad():
+            with torch.inference_mode():
                 pred_teacher = teacher(x_t, t, **unet_kwargs).sample
     pred = pred.float()
     denoise = F.mse_loss(pred, target.float())
     if teacher is None:
         return denoise, denoise.detach(), None
-    consistency = F.mse_loss(pred, pred_teacher.float())
+    # the subtraction saves nothing for backward, so the inference-mode tensor may enter the graph here
+    consistency = (pred - pred_teacher.float()).pow(2).mean()
     return denoise + consistency_weight * consistency, denoise.detach(), consistency.detach()
 
 
@@ -198,6 +199,35 @@ def make_accelerator(train):
         return Accelerator(mixed_precision=mp, cpu=cpu)
 
 
+def make_teacher(unet, acc, compile_: bool = False):
+    """A frozen copy of the pretrained UNet on the accelerator's device, in eval mode, without gradients.
+
+    Under CUDA mixed precision its weights are stored in the autocast dtype, so no step re-casts them.
+    """
+    import copy
+
+    import torch
+
+    teacher = copy.deepcopy(unet).to(acc.device)
+    if acc.mixed_precision in ("bf16", "fp16") and acc.device.type == "cuda":
+        teacher.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
+    teacher.eval().requires_grad_(False)
+    if compile_:
+        teacher.compile()
+    return teacher
+
+
+def make_student(unet, projection: bool, acc, gradient_checkpointing: bool = False, compile_: bool = False):
+    """The pretrained UNet with identity projections (or none), on the device, in training mode (takes `unet`)."""
+    student = wrap(unet, projection).to(acc.device)
+    student.train()
+    if gradient_checkpointing:
+        student.unet.enable_gradient_checkpointing()
+    if compile_:
+        student.unet.compile()  # in place: state_dict keys and projection hooks stay as they are
+    return student
+
+
 def _seed(*parts: int) -> int:
     import numpy as np
 
@@ -240,8 +270,6 @@ class RangeTrainer:
     """Everything one range's training needs: models, optimizer, schedules, EMA, data, generators, step."""
 
     def __init__(self, recipe, rng: Range, pipeline_dir: Path, T: int):
-        import copy
-
         import torch
         from diffusers import DDPMScheduler
         from diffusers.optimization import get_scheduler
@@ -254,21 +282,9 @@ class RangeTrainer:
         # Construct networks: the student gets projections, the teacher is a frozen copy of the pretrained UNet.
         base = load_unet(pipeline_dir)
         self.base_hash = unet_hash(base)
-        self.teacher = None
-        if dm.consistency_weight > 0:
-            self.teacher = copy.deepcopy(base).to(device)
-            if acc.mixed_precision in ("bf16", "fp16") and device.type == "cuda":
-                # weights already in the autocast dtype: no per-step casts of the frozen weights
-                self.teacher.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
-            self.teacher.eval().requires_grad_(False)
-        self.student = wrap(base, dm.projection).to(device)
-        self.student.train()
-        if tr.gradient_checkpointing:
-            self.student.unet.enable_gradient_checkpointing()
-        if tr.compile == "on" or (tr.compile == "auto" and device.type == "cuda"):
-            self.student.unet.compile()  # in place: state_dict keys and hooks stay as they are
-            if self.teacher is not None:
-                self.teacher.compile()
+        use_compile = tr.compile == "on" or (tr.compile == "auto" and device.type == "cuda")
+        self.teacher = make_teacher(base, acc, use_compile) if dm.consistency_weight > 0 else None
+        self.student = make_student(base, dm.projection, acc, tr.gradient_checkpointing, use_compile)
         named = list(self.student.named_parameters())
         self.params = [p for _, p in named]
 
