@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from .errors import UsageError
 
@@ -25,25 +26,30 @@ _AUGMENT_STREAM = 0xA06   # seed-sequence tags keep the augmentation and permuta
 _ORDER_STREAM = 0x0D3
 
 
-# --- sources: each returns (number of images, load(i) -> PIL image) ------------------------------------------------
+# --- sources: each returns a picklable loader with len() and loader(i) -> PIL image ---------------------------------
+# (picklable so DataLoader workers also work where they are spawned rather than forked)
 
-def _imagefolder(data) -> tuple[int, Callable[[int], Any]]:
+class FolderImages:
     """Every image file under data.path (recursive, sorted), png/jpg/jpeg/webp/bmp."""
-    root = Path(data.path).expanduser()
-    if not root.is_dir():
-        raise UsageError(f"data.path '{data.path}' is not a folder; point it at a folder of images")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise UsageError(f"data.path '{data.path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or "
-                         f"point data.path elsewhere")
 
-    def load(i: int):
+    def __init__(self, data):
+        root = Path(data.path).expanduser()
+        if not root.is_dir():
+            raise UsageError(f"data.path '{data.path}' is not a folder; point it at a folder of images")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise UsageError(f"data.path '{data.path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or "
+                             f"point data.path elsewhere")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __call__(self, i: int):
         from PIL import Image
 
-        with Image.open(files[i]) as im:
+        with Image.open(self.files[i]) as im:
             im.load()
             return im
-    return len(files), load
 
 
 def _load_hf(name: str, split: str):
@@ -71,19 +77,23 @@ def _load_hf(name: str, split: str):
                          f"once and point data.name at the local folder") from None
 
 
-def _hf(data) -> tuple[int, Callable[[int], Any]]:
+class HFImages:
     """Column data.image_column of datasets.load_dataset(data.name, split=data.split)."""
-    ds = _load_hf(data.name, data.split)
-    if data.image_column not in ds.column_names:
-        raise UsageError(f"dataset '{data.name}' has no column '{data.image_column}' (columns: "
-                         f"{', '.join(ds.column_names)}); set data.image_column")
-    if len(ds) == 0:
-        raise UsageError(f"dataset '{data.name}' split '{data.split}' is empty; choose another data.split")
-    col = data.image_column
 
-    def load(i: int):
-        return _to_pil(ds[int(i)][col])
-    return len(ds), load
+    def __init__(self, data):
+        self.ds = _load_hf(data.name, data.split)
+        if data.image_column not in self.ds.column_names:
+            raise UsageError(f"dataset '{data.name}' has no column '{data.image_column}' (columns: "
+                             f"{', '.join(self.ds.column_names)}); set data.image_column")
+        if len(self.ds) == 0:
+            raise UsageError(f"dataset '{data.name}' split '{data.split}' is empty; choose another data.split")
+        self.column = data.image_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __call__(self, i: int):
+        return _to_pil(self.ds[int(i)][self.column])
 
 
 def _to_pil(value):
@@ -104,9 +114,9 @@ def _to_pil(value):
     return Image.fromarray(arr)
 
 
-SOURCES: dict[str, Callable[[Any], tuple[int, Callable[[int], Any]]]] = {
-    "imagefolder": _imagefolder,
-    "hf": _hf,
+SOURCES: dict[str, Callable[[Any], Any]] = {
+    "imagefolder": FolderImages,
+    "hf": HFImages,
 }
 
 
@@ -145,40 +155,35 @@ def to_tensor(img, resolution: int, channels: int, center_crop: bool, random_fli
     return x / 127.5 - 1.0
 
 
-def _dataset_class():
-    from torch.utils.data import Dataset
+class ImageDataset(Dataset):
+    """Images as (C, H, W) float tensors in [-1, 1]; key = index or (index, epoch).
 
-    class ImageDataset(Dataset):
-        """Images as (C, H, W) float tensors in [-1, 1]; key = index or (index, epoch).
+    Subclasses for text-to-image add captions by overriding `item(index, image)`.
+    """
 
-        Subclasses for text-to-image add captions by overriding `item(index, image)`.
-        """
+    def __init__(self, load: Callable[[int], Any], n: int, resolution: int, channels: int, center_crop: bool,
+                 random_flip: bool, seed: int):
+        self.load, self.n = load, n
+        self.resolution, self.channels = resolution, channels
+        self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
 
-        def __init__(self, n: int, load: Callable[[int], Any], resolution: int, channels: int, center_crop: bool,
-                     random_flip: bool, seed: int):
-            self.n, self.load = n, load
-            self.resolution, self.channels = resolution, channels
-            self.center_crop, self.random_flip, self.seed = center_crop, random_flip, seed
+    def __len__(self) -> int:
+        return self.n
 
-        def __len__(self) -> int:
-            return self.n
+    def __getitem__(self, key):
+        index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        try:
+            img = self.load(int(index))
+        except OSError as e:
+            raise UsageError(f"image {index} of the training data cannot be read ({e}); remove or fix it") from None
+        rng = augment_rng(self.seed, epoch, int(index))
+        return self.item(int(index), to_tensor(img, self.resolution, self.channels, self.center_crop,
+                                               self.random_flip, rng))
 
-        def __getitem__(self, key):
-            index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
-            if not 0 <= index < self.n:
-                raise IndexError(index)
-            rng = augment_rng(self.seed, epoch, int(index))
-            try:
-                img = self.load(int(index))
-            except OSError as e:
-                raise UsageError(f"image {index} of the training data cannot be read ({e}); remove or fix it") from None
-            return self.item(int(index), to_tensor(img, self.resolution, self.channels, self.center_crop,
-                                                   self.random_flip, rng))
-
-        def item(self, index: int, image):
-            return image
-
-    return ImageDataset
+    def item(self, index: int, image):
+        return image
 
 
 def build_dataset(recipe, channels: int = 3):
@@ -187,10 +192,9 @@ def build_dataset(recipe, channels: int = 3):
     if channels not in PIL_MODES:
         raise UsageError(f"the model takes {channels} input channels; image training supports "
                          f"{', '.join(map(str, PIL_MODES))}")
-    n, load = SOURCES[data.source](data)
-    if data.max_samples is not None:
-        n = min(n, data.max_samples)
-    return _dataset_class()(n, load, data.resolution, channels, data.center_crop, data.random_flip, recipe.seed)
+    load = SOURCES[data.source](data)
+    n = len(load) if data.max_samples is None else min(len(load), data.max_samples)
+    return ImageDataset(load, n, data.resolution, channels, data.center_crop, data.random_flip, recipe.seed)
 
 
 # --- order -------------------------------------------------------------------------------------------------------
@@ -229,3 +233,8 @@ class EpochBatches:
         for b in range(self.start, self.count):
             lo = (b * self.P + self.rank) * self.B
             yield [(int(i), self.epoch) for i in perm[lo:lo + self.B]]
+
+
+def _dataset_class():
+    """ImageDataset (kept for modules written when the class was built lazily; import ImageDataset instead)."""
+    return ImageDataset

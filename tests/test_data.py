@@ -125,3 +125,10 @@ def test_hf_unreachable_dataset_is_usage_error(make_recipe):
     r = make_recipe(data={"source": "hf", "name": "no-such-user/no-such-dataset", "path": None})
     with pytest.raises(UsageError, match="could not load dataset"):
         build_dataset(r)
+
+
+def test_dataset_pickles_for_spawned_workers(make_recipe):
+    import pickle
+
+    ds = build_dataset(make_recipe(data={"random_flip": True}), channels=3)
+    assert torch.equal(pickle.loads(pickle.dumps(ds))[(5, 2)], ds[(5, 2)])

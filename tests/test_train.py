@@ -237,3 +237,24 @@ def test_cifar10_recipe_trains_two_steps_on_cpu(tmp_path):
     assert meta["steps"] == 2 and meta["recipe"] == "cifar10" and meta["projection"]
     proj = load_file(str(out / "ranges" / "3" / "final" / models.PROJECTION_FILE))
     assert [proj[f"down.{i}.weight"].shape[0] for i in range(4)] == [128, 256, 256, 256]
+
+
+def test_data_stream_with_workers_matches_without(make_recipe):
+    from deme_cli.data import build_dataset
+    from deme_cli.train import DataStream
+
+    ds = build_dataset(make_recipe(data={"random_flip": True, "center_crop": False}), channels=3)
+    a = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=0, pin_memory=False, epoch=0, batch=5)
+    b = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False, epoch=0, batch=5)
+    for _ in range(5):                                   # crosses into epoch 1 (8 batches per epoch)
+        assert torch.equal(a.next(), b.next())
+    assert (a.epoch, a.batch) == (b.epoch, b.batch) == (1, 2)
+
+
+def test_bf16_on_cpu_warns_and_trains(make_recipe, tiny_ddpm, capsys):
+    tr = _trainer(make_recipe(train={"mixed_precision": "bf16"}), tiny_ddpm)
+    assert tr.acc.mixed_precision == "bf16"
+    assert "slow" in capsys.readouterr().err
+    line = tr.train_step()
+    assert 0.0 < line["loss"] < 10.0 and line["consistency_loss"] < 1e-3
+    assert _trainer(make_recipe(), tiny_ddpm).acc.mixed_precision == "no"   # the next run gets its own precision
