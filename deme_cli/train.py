@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from . import checkpoints, ui
+from .captions import TextToImageTask
 from .data import EpochBatches, build_dataset
 from .errors import UsageError
 from .models import (is_text_to_image, load_unet, num_train_timesteps, read_meta, resolve_pretrained,
@@ -29,7 +30,6 @@ from .models import (is_text_to_image, load_unet, num_train_timesteps, read_meta
 from .ranges import Range, sample_timesteps
 from .runs import RunDir, write_atomic
 from .splitting import load_ranges
-from .text2image import TextToImageTask
 
 LR_SCHEDULES = {  # recipe name -> diffusers.optimization.get_scheduler name (all honour lr_warmup_steps)
     "constant": "constant_with_warmup",

@@ -30,13 +30,13 @@ def sd_recipe(tmp_path, tiny_sd):
 
 def _task(recipe, tiny_sd):
     from deme_cli.models import load_unet
-    from deme_cli.text2image import TextToImageTask
+    from deme_cli.captions import TextToImageTask
 
     return TextToImageTask(recipe, tiny_sd["pipeline"], load_unet(tiny_sd["pipeline"]), "cpu")
 
 
 def test_folder_pairs_read_metadata_captions(sd_recipe, tiny_sd):
-    from deme_cli.text2image import image_caption_pairs
+    from deme_cli.captions import image_caption_pairs
 
     n, load, captions = image_caption_pairs(sd_recipe().data)
     assert n == 16 and captions[:4] == ["the cat", "the dog", "a cat", "a dog"]
@@ -52,7 +52,7 @@ def test_folder_pairs_read_metadata_captions(sd_recipe, tiny_sd):
     ('{"file_name": "nope.png", "text": "x"}\n', "nope.png"),
 ])
 def test_folder_metadata_problems_are_usage_errors(tmp_path, sd_recipe, tiny_sd, metadata, words):
-    from deme_cli.text2image import image_caption_pairs
+    from deme_cli.captions import image_caption_pairs
 
     folder = tmp_path / "imgs"
     shutil.copytree(tiny_sd["images"], folder)
@@ -67,7 +67,7 @@ def test_hf_dataset_missing_caption_column_names_the_columns(tmp_path, sd_recipe
     import datasets
     from PIL import Image
 
-    from deme_cli.text2image import image_caption_pairs
+    from deme_cli.captions import image_caption_pairs
 
     imgs = [Image.open(tiny_sd["images"] / f"{k:04d}.png").convert("RGB") for k in range(4)]
     path = tmp_path / "ds"
@@ -109,7 +109,7 @@ def test_cache_matches_on_the_fly_pairs_and_is_reused(sd_recipe, tiny_sd, monkey
     """Cached latents and embeddings equal the on-the-fly ones (float16 rounding), flips and dropouts included."""
     import torch
 
-    from deme_cli import text2image
+    from deme_cli import captions
 
     data = {"random_flip": True, "caption_dropout": 0.5}
     cached = _task(sd_recipe(data={**data, "cache_latents": True}), tiny_sd)
@@ -130,11 +130,11 @@ def test_cache_matches_on_the_fly_pairs_and_is_reused(sd_recipe, tiny_sd, monkey
     assert any(flipped)                                     # epochs draw different flips of the same image
 
     # a second range (a new task) reuses the cache instead of encoding again
-    monkeypatch.setattr(text2image, "build_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
+    monkeypatch.setattr(captions, "build_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
     again = _task(sd_recipe(data={**data, "cache_latents": True}), tiny_sd)
     assert again.cache_dir == cached.cache_dir
     # other data settings make another cache
-    other = text2image.cache_key(sd_recipe(data={"resolution": 32}).data, cached.captions, "x")
-    assert other != text2image.cache_key(sd_recipe().data, cached.captions, "x")
+    other = captions.cache_key(sd_recipe(data={"resolution": 32}).data, cached.captions, "x")
+    assert other != captions.cache_key(sd_recipe().data, cached.captions, "x")
     info = json.loads((cached.cache_dir / "cache.json").read_text())
     assert info["items"] == 16 and info["random_flip"] is True
