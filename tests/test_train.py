@@ -258,3 +258,27 @@ def test_bf16_on_cpu_warns_and_trains(make_recipe, tiny_ddpm, capsys):
     line = tr.train_step()
     assert 0.0 < line["loss"] < 10.0 and line["consistency_loss"] < 1e-3
     assert _trainer(make_recipe(), tiny_ddpm).acc.mixed_precision == "no"   # the next run gets its own precision
+
+
+def test_gradient_checkpointing_gives_the_same_step(make_recipe, tiny_ddpm):
+    a = _trainer(make_recipe(), tiny_ddpm)
+    b = _trainer(make_recipe(train={"gradient_checkpointing": True}), tiny_ddpm)
+    la, lb = a.train_step(), b.train_step()
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+    assert la["grad_norm"] == pytest.approx(lb["grad_norm"], rel=1e-4)
+
+
+def test_cli_train_all_and_bad_range(make_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from deme_cli.cli import app
+
+    recipe = make_recipe(train={"steps": 1})
+    path = tmp_path / "r.toml"
+    path.write_text(recipe.to_toml())
+    result = CliRunner().invoke(app, ["train", str(path), "--all", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)["ranges"]
+    assert [(r["range"], r["lo"], r["hi"], r["steps"]) for r in got] == [(0, 0, 500, 1), (1, 500, 1000, 1)]
+    bad = CliRunner().invoke(app, ["train", str(path), "--range", "2"])
+    assert bad.exit_code == 2 and "range 2 does not exist" in bad.output and "Traceback" not in bad.output
