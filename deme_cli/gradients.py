@@ -7,7 +7,8 @@ and for each timestep t of a grid of B timesteps:
     g_t = d/d(theta) mean_batch,pixels (target_t - model_theta(x_t, t))^2     (target: eps for eps-prediction)
 
 theta is the pretrained UNet's parameters (all, or those whose names match `--params`); the model is in eval mode
-(dropout off). The B x B matrix S[i, j] = cos(g_i, g_j) is symmetric, has a unit diagonal and lies in [-1, 1].
+(dropout off). The batch is prepared as training prepares it (train.make_task): for Stable Diffusion, x0 is the VAE
+latents and the UNet is conditioned on the captions' text embeddings (captions never dropped). The B x B matrix S[i, j] = cos(g_i, g_j) is symmetric, has a unit diagonal and lies in [-1, 1].
 
 Memory stays bounded: each gradient is reduced to a vector as soon as it is computed (REDUCERS), so at most one full
 gradient exists at a time:
@@ -171,42 +172,50 @@ def cosine_matrix(vectors) -> np.ndarray:
 
 # --- the denoising loss ----------------------------------------------------------------------------------------------
 
-def _target(prediction_type: str, scheduler, x0, noise, t):
-    targets = {"epsilon": lambda: noise, "sample": lambda: x0,
-               "v_prediction": lambda: scheduler.get_velocity(x0, noise, t)}
-    if prediction_type not in targets:
-        raise UsageError(f"the scheduler's prediction_type '{prediction_type}' is not supported "
-                         f"(known: {', '.join(targets)})")
-    return targets[prediction_type]()
+def denoising_gradient(unet, params: list[tuple[str, Any]], scheduler, x0, noise, t: int,
+                       cond: Optional[dict] = None):
+    """(gradients as (name, tensor) pairs, loss): the mean-MSE denoising loss of the batch at timestep t.
 
-
-def denoising_gradient(unet, params: list[tuple[str, Any]], scheduler, x0, noise, t: int):
-    """(gradients as (name, tensor) pairs, loss): the mean-MSE denoising loss of the batch at timestep t."""
+    `cond`: extra UNet inputs (text embeddings for Stable Diffusion). The target follows the scheduler's
+    prediction_type, as in training (train.TARGETS).
+    """
     import torch
     import torch.nn.functional as F
 
+    from .train import TARGETS
+
+    kind = scheduler.config.prediction_type
+    if kind not in TARGETS:
+        raise UsageError(f"the scheduler's prediction_type '{kind}' is not supported (known: {', '.join(TARGETS)})")
     tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
     x_t = scheduler.add_noise(x0, noise, tt)
-    pred = unet(x_t, tt).sample[:, :x0.shape[1]]              # learned-variance models predict 2C channels
-    target = _target(scheduler.config.prediction_type, scheduler, x0, noise, tt)
+    pred = unet(x_t, tt, **(cond or {})).sample[:, :x0.shape[1]]   # learned-variance models predict 2C channels
+    target = TARGETS[kind](scheduler, x0, noise, tt)
     loss = F.mse_loss(pred.float(), target.float())
     grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
     return [(n, g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)], \
         float(loss.detach())
 
 
-def fixed_batch(recipe, n: int, channels: int):
-    """The first n images of a permutation seeded with recipe.seed, as a (n, C, H, W) tensor in [-1, 1]."""
-    import torch
+def fixed_batch(recipe, pipeline_dir: Path, unet, device, n: int):
+    """n training items chosen by a permutation seeded with recipe.seed, prepared as training prepares them.
 
-    from .data import build_dataset
+    Returns (x0, cond, indices): x0 the images in [-1, 1] (pixel models) or their VAE latents (Stable Diffusion),
+    cond the extra UNet inputs (the captions' text embeddings; captions are never dropped here).
+    """
+    from torch.utils.data import default_collate
 
-    ds = build_dataset(recipe, channels)
+    from .train import make_task
+
+    data = recipe.data.model_copy(update={"cache_latents": False, "caption_dropout": 0.0})  # a few items: no cache
+    task = make_task(recipe.model_copy(update={"data": data}), pipeline_dir, unet, device)
+    ds = task.dataset()
     if len(ds) < n:
         ui.warn(f"the data holds {len(ds)} images, fewer than --batch-size {n}: using all of them")
         n = len(ds)
     idx = np.sort(np.random.default_rng([recipe.seed, 0x6AD]).permutation(len(ds))[:n])
-    return torch.stack([ds[int(i)] for i in idx]), idx
+    x0, cond = task.prepare(default_collate([ds[int(i)] for i in idx]))
+    return x0, cond, idx
 
 
 # --- the analysis ----------------------------------------------------------------------------------------------------
@@ -235,7 +244,7 @@ def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Op
     import torch
     from diffusers import DDPMScheduler
 
-    from .models import is_text_to_image, load_unet, resolve_pretrained, scheduler_config, unet_hash
+    from .models import load_unet, resolve_pretrained, scheduler_config, unet_hash
 
     # Check the request.
     if method not in REDUCERS:
@@ -247,9 +256,6 @@ def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Op
     if bins is not None and timesteps is not None:
         raise UsageError("give either --bins or --timesteps, not both")
     pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    if is_text_to_image(pipeline_dir):
-        raise UsageError("analyze-gradients supports unconditional pipelines (UNet2DModel) in this version; "
-                         "point model.pretrained at one")
     scheduler = DDPMScheduler.from_config(scheduler_config(pipeline_dir))
     T = int(scheduler.config.num_train_timesteps)
     if timesteps is not None:
@@ -266,7 +272,7 @@ def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Op
     if method == "exact" and len(ts) * numel * 4 > EXACT_LIMIT:
         raise UsageError(f"--method exact would keep {len(ts) * numel * 4 / 2**30:.1f} GiB of gradients; use "
                          f"--method countsketch")
-    x0, image_idx = fixed_batch(recipe, batch_size, unet.config.in_channels)
+    x0, cond, image_idx = fixed_batch(recipe, pipeline_dir, unet, device, batch_size)
     settings = {"model": recipe.model.pretrained, "model_hash": unet_hash(unet), "T": T, "seed": recipe.seed,
                 "batch_size": int(x0.shape[0]), "images": [int(i) for i in image_idx], "data": recipe.data.path
                 or recipe.data.name, "resolution": recipe.data.resolution, "params": params or "*",
@@ -274,6 +280,7 @@ def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Op
                 "sketch_dim": None if method == "exact" else int(sketch_dim),
                 "prediction_type": scheduler.config.prediction_type, "timesteps": ts.tolist(),
                 "edges": edges.tolist(), "loss": "mean squared error over batch, channels and pixels",
+                "conditioning": sorted(cond),
                 "model_mode": "eval (dropout off), fp32"}
 
     # Reuse a finished analysis with the same settings; refuse to replace a different one without --force.
@@ -285,19 +292,21 @@ def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Op
             summary = summarize(old["matrix"], old["timesteps"], T)
             plot_all(out, old["matrix"], old["timesteps"], old["edges"], T, settings, summary)
             return _result(out, summary, settings, reused=True)
-        raise UsageError(f"'{out / NPZ_FILE}' holds an analysis with other settings; pass --force to replace it")
+        differ = [k for k in settings if old["settings"].get(k) != settings[k]]
+        raise UsageError(f"'{out / NPZ_FILE}' holds an analysis with other settings ({', '.join(differ)}); pass "
+                         f"--force to replace it")
 
     # Fixed noise, shared by every timestep.
     gen = torch.Generator().manual_seed(recipe.seed)
     noise = torch.randn(x0.shape, generator=gen).to(device)
-    x0 = x0.to(device)
+    x0 = x0.to(device, torch.float32)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     # One gradient per timestep, reduced at once.
     reduce, rows, losses, norms = REDUCERS[method], [], [], []
     with ui.progress("gradients", total=len(ts), unit="timestep", every=1) as bar:
         for t in ts:
-            grads, loss = denoising_gradient(unet, chosen, scheduler, x0, noise, int(t))
+            grads, loss = denoising_gradient(unet, chosen, scheduler, x0, noise, int(t), cond)
             with torch.no_grad():
                 rows.append(reduce(grads, sketch_dim, recipe.seed).numpy())
                 norms.append(math.sqrt(sum(float(g.double().pow(2).sum()) for _, g in grads)))

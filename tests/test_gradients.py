@@ -164,3 +164,19 @@ def test_cli_json_summary(make_recipe, tmp_path):
     out = json.loads(r.stdout[r.stdout.index("{"):])
     assert out["summary"]["bins"] == 3 and out["summary"]["distant_pairs"] == 1
     assert out["settings"]["timesteps"] == [10, 500, 990] and out["settings"]["method"] == "countsketch"
+
+
+def test_analyze_gradients_text_to_image(tiny_sd, tmp_path):
+    """Stable Diffusion: VAE latents and caption embeddings, as in training; the matrix has the same properties."""
+    from deme_cli.recipe import recipe_from_dict
+    from deme_cli.runs import RunDir
+
+    recipe = recipe_from_dict({"name": "sd", "model": {"pretrained": str(tiny_sd["pipeline"])},
+                               "data": {"source": "imagefolder", "path": str(tiny_sd["images"]), "resolution": 16,
+                                        "caption_column": "text", "caption_dropout": 0.5},
+                               "output": {"dir": str(tmp_path / "run")}})
+    res = G.analyze_gradients(recipe, RunDir(recipe.out_dir), bins=3, timesteps=None, params="up_blocks.1.*",
+                              method="exact", sketch_dim=8, batch_size=2)
+    s = G.load_matrix(RunDir(recipe.out_dir).analysis / G.NPZ_FILE)["matrix"]
+    assert s.shape == (3, 3) and np.allclose(s, s.T) and np.allclose(np.diag(s), 1) and np.abs(s).max() <= 1
+    assert res["settings"]["conditioning"] == ["encoder_hidden_states"]
