@@ -130,8 +130,41 @@ def merge(recipe: Path = RecipeArg,
           search: bool = typer.Option(False, "--search", help="Search the weights (merge.search strategy)."),
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """Merge the range models into one by task-vector arithmetic; writes <run>/merged/."""
-    _guard(lambda: _not_yet("merge"))
+    """Merge the range models into one by task-vector arithmetic; writes <run>/merged/ (+ merge.json).
+
+    Re-running with the same settings and unchanged range models does nothing; --force merges again. A new merge
+    replaces merged/ only once it is complete."""
+    def body():
+        from .merge import MERGE_METHODS, parse_weights, resolve_weights
+        from .recipe import load_recipe
+
+        if method is not None and method not in MERGE_METHODS:
+            raise UsageError(f"unknown merge method '{method}' (known: {', '.join(MERGE_METHODS)})")
+        sets = list(set_ or []) + ([f'merge.method="{method}"'] if method else [])
+        if weights is not None:  # checked against N before anything is written
+            w = resolve_weights(parse_weights(weights), load_recipe(recipe, sets).ranges.n)
+            sets.append(f"merge.weights=[{', '.join(repr(x) for x in w)}]")
+        ctx = _prepare(recipe, sets, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .merge import run_merge
+
+        result = run_merge(ctx.recipe, ctx.run, search=search, force=force)
+        if as_json:
+            ui.emit_json(result)
+            return
+        extra = "".join(f", {k} {result[k]}" for k in ("density", "seed") if k in result)
+        ui.table(f"{result['method']}{extra}{' (unchanged)' if result['skipped'] else ''} -> {result['merged']}",
+                 ["range", "timesteps", "weight", "model"],
+                 [[r["index"], f"[{r['lo']}, {r['hi']})" if r.get("lo") is not None else None, w, r["path"]]
+                  for r, w in zip(result["ranges"], result["weights"])])
+        log = result.get("search")
+        if log:
+            top = sorted(log["candidates"], key=lambda c: c["score"])[:10]
+            ui.table(f"search: {log['strategy']} over {log['evaluations']} merges, objective {log['objective']} "
+                     f"(lower is better); best {len(top)}", ["rank", "weights", "score"],
+                     [[k + 1, ", ".join(f"{x:g}" for x in c["weights"]), c["score"]] for k, c in enumerate(top)])
+    _guard(body)
 
 
 # --- sample --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""`deme merge --search`: find the merge weights w_i by scoring candidate merges with a cheap proxy.
+
+The paper says only "grid search" (section 3.3); which grid, which metric and how many samples are not given
+(paper-spec section 6, item 6). Here each candidate weight vector is merged in memory (`merge.load_merged_into`, the
+same tensor stream that writes merged/) and scored by an objective; lower is better. Every candidate and its score
+goes into merge.json's "search" log; the best one is written as merged/.
+
+Strategies (`merge.search`), over the values in `merge.candidates` for each of the N weights:
+- grid: every combination, |candidates|^N merges (the paper's).
+- coordinate: coordinate descent from the given weights (`--weights` / merge.weights, else 1/N each): sweep each
+  weight over the candidates with the others fixed and keep the best, until a round brings no improvement (at most
+  3 rounds). About 3 * N * |candidates| merges, and it can stop in a local optimum.
+- greedy: model soups' greedy recipe (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482) for weights: score theta
+  (all weights 0); give each range alone its best non-zero candidate; then, in order of those solo scores, add each
+  range at its value if that improves the score of the merge so far. 1 + N * |candidates| + N merges.
+
+Objectives (`merge.objective`):
+- loss: held-out denoising loss. merge.search_num_images fixed images (from merge.search_reference when set, else the
+  training data, evenly spaced through it), fixed noise (merge.seed), fixed timesteps spread over [0, T)
+  (t_k = floor((k + 1/2) T / n)); the score is the mean squared error of the prediction (the same loss `train`
+  computes, without the consistency term).
+- kid / fid: generate merge.search_num_images images with merge.search_steps sampler steps (the recipe's [sample]
+  scheduler, seeds sample.seed + k) and score them against merge.search_reference, a held-out image folder.
+A warning is printed when merge.search_reference is eval.reference: the search would be tuned on the images that
+`deme eval` reports on (mergekit-evolve refuses the same thing without a loud flag).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import ui
+from .errors import UsageError
+
+MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy any more
+
+
+# --- strategies --------------------------------------------------------------------------------------------------
+
+Score = Callable[[tuple], float]
+
+
+def grid_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+    """Every combination of the candidates for the N weights."""
+    for w in itertools.product(candidates, repeat=n):
+        score(w)
+
+
+def coordinate_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+    """Coordinate descent from `start`: each weight in turn takes its best candidate value, others fixed."""
+    current = tuple(start)
+    best = score(current)
+    for _ in range(rounds):
+        improved = False
+        for i in range(n):
+            for c in candidates:
+                trial = current[:i] + (c,) + current[i + 1:]
+                s = score(trial)
+                if s < best:
+                    best, current, improved = s, trial, True
+        if not improved:
+            break
+
+
+def greedy_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+    """Model-soups greedy: ranges ranked by their best solo score are added one by one while the score improves."""
+    current = (0.0,) * n
+    current_score = score(current)
+    solo = []
+    for i in range(n):
+        tried = [(score(current[:i] + (c,) + current[i + 1:]), c) for c in candidates if c != 0]
+        if tried:
+            s, c = min(tried)
+            solo.append((s, i, c))
+    for _, i, c in sorted(solo):
+        trial = current[:i] + (c,) + current[i + 1:]
+        s = score(trial)
+        if s < current_score:
+            current, current_score = trial, s
+
+
+@dataclass(frozen=True)
+class SearchStrategy:
+    name: str
+    run: Callable[..., None]
+    budget: Callable[[int, int, int], int]   # (N, |candidates|, rounds) -> most merges it scores
+    summary: str
+
+
+STRATEGIES: dict[str, SearchStrategy] = {s.name: s for s in [
+    SearchStrategy("grid", grid_search, lambda n, c, r: c ** n, "every combination of the candidates (the paper's)"),
+    SearchStrategy("coordinate", coordinate_search, lambda n, c, r: 1 + r * n * c,
+                   "coordinate descent from the given weights, at most 3 rounds"),
+    SearchStrategy("greedy", greedy_search, lambda n, c, r: 1 + n * c + n,
+                   "model-soups greedy: add ranges in order of solo score while the score improves"),
+]}
+
+
+class Scorer:
+    """Scores each distinct weight vector once, logs every one, tracks the best (lowest score)."""
+
+    def __init__(self, evaluate: Callable[[list[float]], float], bar=None):
+        self.evaluate, self.bar = evaluate, bar
+        self.scores: dict[tuple, float] = {}
+        self.log: list[dict] = []
+        self.best: Optional[tuple[float, tuple]] = None
+
+    def __call__(self, weights) -> float:
+        key = tuple(float(w) for w in weights)
+        if key in self.scores:
+            return self.scores[key]
+        s = float(self.evaluate(list(key)))
+        if s != s:  # NaN never wins
+            s = math.inf
+        self.scores[key] = s
+        self.log.append({"weights": list(key), "score": s})
+        if self.best is None or s < self.best[0]:
+            self.best = (s, key)
+        if self.bar is not None:
+            self.bar.update(score=s, best=self.best[0])
+        return s
+
+
+# --- objectives --------------------------------------------------------------------------------------------------
+
+def _device(recipe):
+    import torch
+
+    if recipe.train.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("train.device is 'cuda' but no CUDA device is available; set train.device = \"auto\" or "
+                         "\"cpu\"")
+    return torch.device("cuda" if recipe.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
+    if not a or not b:
+        return False
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except OSError:
+        return a == b
+
+
+class LossObjective:
+    """Held-out denoising loss of a candidate: fixed images, noise and timesteps (see the module docstring)."""
+
+    name = "loss"
+
+    def __init__(self, recipe, run, inputs):
+        import numpy as np
+        import torch
+        from diffusers import DDPMScheduler
+
+        from .models import resolve_pretrained, scheduler_config
+        from .train import TARGETS, make_task
+
+        m = recipe.merge
+        self.device = _device(recipe)
+        pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
+        if m.search_reference:
+            ref = Path(m.search_reference).expanduser()
+            if not ref.is_dir():
+                raise UsageError(f"merge.search_reference '{m.search_reference}' is not a folder; point it at a "
+                                 f"held-out image folder")
+            data = recipe.data.model_copy(update={"source": "imagefolder", "path": str(ref), "max_samples": None,
+                                                  "center_crop": True, "random_flip": False})
+            recipe = recipe.model_copy(update={"data": data})
+            self.images = f"merge.search_reference ({ref})"
+        else:
+            ui.warn("merge.search_reference is not set: the loss objective uses training images (recipe.data); set "
+                    "it to a held-out image folder")
+            self.images = "training data (recipe.data)"
+        task = make_task(recipe, pipeline_dir, inputs.base_unet, self.device)
+        dataset = task.dataset()
+        n = min(m.search_num_images, len(dataset))
+        if n < m.search_num_images:
+            ui.warn(f"the search images hold {len(dataset)} images, fewer than merge.search_num_images = "
+                    f"{m.search_num_images}; using {n}")
+        self.indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, n).round()})
+        n = len(self.indices)
+        self.scheduler = DDPMScheduler.from_config(scheduler_config(pipeline_dir))
+        if self.scheduler.config.prediction_type not in TARGETS:
+            raise UsageError(f"the scheduler's prediction_type '{self.scheduler.config.prediction_type}' is not "
+                             f"supported (known: {', '.join(TARGETS)})")
+        T = int(self.scheduler.config.num_train_timesteps)
+        gen = torch.Generator().manual_seed(m.seed)
+        self.batches = []  # (x0, unet kwargs, t, noise) on the device
+        bs = recipe.train.batch_size
+        items = [dataset[(i, 0)] for i in self.indices]
+        k0 = 0
+        for b in range(0, n, bs):
+            x0, kwargs = task.prepare(torch.utils.data.default_collate(items[b:b + bs]))
+            k = torch.arange(k0, k0 + x0.shape[0])
+            t = ((k.double() + 0.5) * T / n).floor().long().clamp(0, T - 1).to(self.device)
+            noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
+            self.batches.append((x0, kwargs, t, noise))
+            k0 += x0.shape[0]
+        self.n, self.seed = n, m.seed
+
+    def __call__(self, model) -> float:
+        import torch
+
+        from .train import deme_loss
+
+        total = 0.0
+        with torch.no_grad():
+            for x0, kwargs, t, noise in self.batches:
+                _, denoise, _ = deme_loss(model, None, self.scheduler, x0, noise, t, kwargs, 0.0)
+                total += float(denoise) * x0.shape[0]
+        return total / self.n
+
+    def describe(self) -> dict:
+        return {"images": self.images, "num_images": self.n, "image_indices": self.indices,
+                "timesteps": "t_k = floor((k + 1/2) T / n)", "noise_seed": self.seed}
+
+
+class SampleMetricObjective:
+    """KID or FID of merge.search_num_images images sampled with merge.search_steps steps against a held-out folder."""
+
+    def __init__(self, recipe, run, inputs, metric: str):
+        raise UsageError(f"merge.objective = '{metric}' needs 'deme sample' and 'deme eval', which are not yet "
+                         f"available in this version; use merge.objective = \"loss\"")
+
+
+OBJECTIVES: dict[str, Callable[..., Any]] = {
+    "loss": LossObjective,
+    "kid": lambda recipe, run, inputs: SampleMetricObjective(recipe, run, inputs, "kid"),
+    "fid": lambda recipe, run, inputs: SampleMetricObjective(recipe, run, inputs, "fid"),
+}
+
+
+# --- the search --------------------------------------------------------------------------------------------------
+
+def search_settings(recipe, start: list[float]) -> dict:
+    """What determines a search's outcome (part of the merge fingerprint)."""
+    m = recipe.merge
+    s = {"strategy": m.search, "objective": m.objective, "candidates": list(m.candidates),
+         "num_images": m.search_num_images, "seed": m.seed, "reference": m.search_reference}
+    if m.search == "coordinate":
+        s["start"] = list(start)
+    if m.objective in ("kid", "fid"):
+        s.update(steps=m.search_steps, sample={k: v for k, v in recipe.sample.model_dump().items()
+                                                if k in ("scheduler", "eta", "seed", "precision")})
+    else:
+        s.update(data=recipe.data.model_dump(), batch_size=recipe.train.batch_size)
+    return s
+
+
+def search_weights(recipe, run, inputs, spec, start: list[float]) -> dict:
+    """Score candidate merges of `inputs` with the recipe's strategy and objective; the log for merge.json."""
+    import torch
+
+    from .merge import load_merged_into, new_candidate_model
+
+    m = recipe.merge
+    try:
+        strategy = STRATEGIES[m.search]
+        make_objective = OBJECTIVES[m.objective]
+    except KeyError as e:
+        raise UsageError(f"unknown search setting {e}") from None
+    candidates = sorted({float(c) for c in m.candidates})
+    if not candidates:
+        raise UsageError("merge.candidates is empty; give the values each weight may take, like [0.0, 0.5, 1.0]")
+    n, rounds = inputs.n, 3
+    budget = strategy.budget(n, len(candidates), rounds)
+    if m.search == "grid" and budget > MAX_GRID:
+        raise UsageError(f"a grid over {len(candidates)} candidates for {n} weights is {budget} merges; use "
+                         f"merge.search = \"coordinate\" or fewer merge.candidates")
+    if _same_folder(m.search_reference, recipe.eval.reference):
+        ui.warn("merge.search_reference is eval.reference: the search is tuned on the images eval reports on; "
+                "use a held-out folder for the search")
+
+    objective = make_objective(recipe, run, inputs)
+    model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
+
+    def evaluate(weights: list[float]) -> float:
+        load_merged_into(model, inputs, weights, spec)
+        return objective(model)
+
+    t0 = time.time()
+    with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges", every=1) as bar:
+        scorer = Scorer(evaluate, bar)
+        strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
+    del model
+    if objective.device.type == "cuda":
+        torch.cuda.empty_cache()
+    best_score, best_weights = scorer.best
+    return {"strategy": m.search, "strategy_summary": strategy.summary, "objective": m.objective,
+            **objective.describe(), "candidate_values": candidates, "evaluations": len(scorer.log),
+            "seconds": round(time.time() - t0, 3), "best": {"weights": list(best_weights), "score": best_score},
+            "candidates": scorer.log}

@@ -1,0 +1,393 @@
+"""Merging range models: exact identities, hand-computed merges, TIES/DARE invariants, streaming, search, bad input."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deme_cli import merge, merge_search, models
+from deme_cli.errors import UsageError
+from deme_cli.runs import RunDir
+from deme_cli.safetensors_stream import TensorFileReader, TensorFileWriter
+
+N = 3
+
+
+def _perturbed(base_unet, seed: int, scale: float, projection: bool):
+    """A range model: theta plus Gaussian noise, with projections = identity plus noise."""
+    gen = torch.Generator().manual_seed(seed)
+    model = models.wrap(copy.deepcopy(base_unet), projection)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def write_ranges(root, pipe, n=N, projection=(True,) * N, scale=0.02, base_hash=None, seed=100):
+    """Range model folders ranges/<i>/final (EMA) and final-raw for a run at `root`, as `train` writes them."""
+    base = models.load_unet(pipe)
+    h = base_hash or models.unet_hash(base)
+    run = RunDir(root)
+    for i in range(n):
+        for ema in (True, False):
+            m = _perturbed(base, seed + 10 * i + ema, scale, projection[i])
+            meta = {"range": {"index": i, "lo": 1000 * i // n, "hi": 1000 * (i + 1) // n}, "base_hash": h,
+                    "recipe": "tiny", "weights": "ema" if ema else "raw"}
+            models.save_model_folder(run.final(i, ema=ema), m, meta)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ranges_dir(tmp_path_factory, tiny_ddpm):
+    root = tmp_path_factory.mktemp("ranges") / "run"
+    write_ranges(root, tiny_ddpm)
+    return root
+
+
+@pytest.fixture
+def setup(make_recipe, ranges_dir, tmp_path):
+    """(recipe, run) with the module's range models copied into a fresh run dir; make(**sections) for variants."""
+    root = tmp_path / "run"
+    shutil.copytree(ranges_dir, root)
+
+    def make(**sections):
+        merge_sec = {**sections.pop("merge", {})}
+        return make_recipe(ranges={"n": N}, merge=merge_sec, **sections), RunDir(root)
+    return make
+
+
+def _state(folder):
+    return models.load_model_folder(folder).state_dict()
+
+
+def _base_state(pipe, with_proj=True):
+    return models.wrap(models.load_unet(pipe), with_proj).state_dict()
+
+
+# --- exact identities ---------------------------------------------------------------------------------------------
+
+def test_zero_weights_give_theta_exactly(setup, tiny_ddpm):
+    recipe, run = setup()
+    res = merge.run_merge(recipe, run, weights=[0.0] * N)
+    assert not res["skipped"] and res["projection"]
+    got, want = _state(run.merged), _base_state(tiny_ddpm)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k  # projections come back as the identity
+    assert any(k.startswith("projections.") for k in want)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_one_hot_weight_gives_that_range_exactly(setup, method):
+    recipe, run = setup(merge={"method": method, "density": 1.0})
+    inputs = merge.load_inputs(recipe, run)
+    for i in range(N):
+        w = [0.0] * N
+        w[i] = 1.0
+        got = merge.merged_state(inputs, w, merge.MergeSpec.from_recipe(recipe))
+        want = _state(run.final(i))
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), (i, k)
+
+
+def test_hand_computed_merge_matches(setup, tiny_ddpm):
+    recipe, run = setup()
+    w = [0.1, -0.35, 0.8]
+    merge.run_merge(recipe, run, weights=w)
+    got = _state(run.merged)
+    theta = _base_state(tiny_ddpm)
+    thetas = [_state(run.final(i)) for i in range(N)]
+    for k, t in theta.items():
+        want = t.double() + sum(wi * (th[k].double() - t.double()) for wi, th in zip(w, thetas))
+        assert torch.allclose(got[k].double(), want, rtol=0, atol=1e-6), k
+        assert not torch.equal(got[k], t), k  # every tensor moved, projections included
+    info = json.loads((run.merged / "merge.json").read_text())
+    assert info["weights"] == w and info["method"] == "task_arithmetic" and len(info["ranges"]) == N
+    assert {r["base_hash"] for r in info["ranges"]} == {info["base"]["base_hash"]}
+
+
+def test_raw_weights_and_mixed_projections(make_recipe, tmp_path, tiny_ddpm):
+    """use_ema = false reads final-raw/; a range without projections counts as identity projections (tau = 0)."""
+    root = tmp_path / "run"
+    write_ranges(root, tiny_ddpm, n=2, projection=(False, True))
+    recipe = make_recipe(ranges={"n": 2}, merge={"use_ema": False})
+    run = RunDir(root)
+    merge.run_merge(recipe, run, weights=[0.5, 0.25])
+    got = _state(run.merged)
+    theta = _base_state(tiny_ddpm)
+    r0 = _state(run.final(0, ema=False))
+    r1 = _state(run.final(1, ema=False))
+    for k, t in theta.items():
+        tau0 = r0[k].double() - t.double() if k in r0 else 0.0
+        want = t.double() + 0.5 * tau0 + 0.25 * (r1[k].double() - t.double())
+        assert torch.allclose(got[k].double(), want, atol=1e-6), k
+
+
+# --- TIES ---------------------------------------------------------------------------------------------------------
+
+def test_ties_trim_keeps_density_fraction_by_magnitude():
+    tau = torch.randn(1000, dtype=torch.float64)
+    for density in (0.05, 0.2, 0.5):
+        kept = merge.trim_by_magnitude(tau, density)
+        mask = kept != 0
+        assert mask.sum().item() == round(density * 1000)
+        assert kept[mask].abs().min() >= tau[~mask].abs().max()  # the largest magnitudes are the ones kept
+        assert torch.equal(kept[mask], tau[mask])
+    assert (merge.trim_by_magnitude(torch.randn(3, dtype=torch.float64), 0.01) != 0).sum() == 1  # at least one
+
+
+def test_ties_elects_sign_and_averages_agreeing_entries():
+    gen = torch.Generator().manual_seed(0)
+    taus = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
+    w = [0.5, 1.0, 0.2, 0.7]
+    spec = merge.MergeSpec("ties", density=0.3)
+    out = merge.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
+    trimmed = torch.stack([wi * merge.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
+    elected = torch.sign(trimmed.sum(0))
+    nz = out != 0
+    assert nz.any()
+    assert torch.equal(torch.sign(out[nz]), elected[nz])  # every output entry has the elected sign
+    agree = (torch.sign(trimmed) == elected) & (trimmed != 0)
+    want = (trimmed * agree).sum(0) / agree.sum(0).clamp(min=1)
+    assert torch.allclose(out, want)
+    # an entry where two ranges disagree takes the mean of the winners only
+    a = torch.tensor([3.0, -1.0], dtype=torch.float64)
+    b = torch.tensor([-1.0, -1.0], dtype=torch.float64)
+    c = torch.tensor([2.0, 5.0], dtype=torch.float64)
+    out = merge.combine(merge.MergeSpec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
+    assert torch.equal(out, torch.tensor([2.5, 5.0], dtype=torch.float64))
+
+
+def test_ties_one_range_density_one_is_task_arithmetic(setup):
+    recipe, run = setup()
+    inputs = merge.load_inputs(recipe, run)
+    w = [0.0, 0.7, 0.0]
+    ta = merge.merged_state(inputs, w, merge.MergeSpec("task_arithmetic"))
+    ties = merge.merged_state(inputs, w, merge.MergeSpec("ties", density=1.0))
+    assert all(torch.equal(ta[k], ties[k]) for k in ta)
+    tau = torch.randn(50, dtype=torch.float64)
+    assert torch.equal(merge.combine(merge.MergeSpec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
+
+
+# --- DARE ---------------------------------------------------------------------------------------------------------
+
+def test_dare_preserves_expectation_and_keeps_density():
+    gen = torch.Generator().manual_seed(1)
+    tau = torch.randn(2000, generator=gen, dtype=torch.float64)
+    density, seeds = 0.3, 400
+    outs = torch.stack([merge.combine(merge.MergeSpec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
+                        for s in range(seeds)])
+    kept = (outs != 0).double().mean().item()
+    assert abs(kept - density) < 0.01
+    assert torch.allclose(outs[outs != 0] / tau.expand_as(outs)[outs != 0],
+                          torch.full((int((outs != 0).sum()),), 1 / density, dtype=torch.float64))
+    mean = outs.mean(0)
+    # per entry: sd of the mean = |tau| sqrt((1 - p) / p) / sqrt(seeds) ~ 0.076 |tau|
+    assert ((mean - tau).abs() / tau.abs()).median() < 0.08
+    assert abs((mean - tau).mean().item()) < 0.01
+
+
+def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
+    recipe, run = setup()
+    inputs = merge.load_inputs(recipe, run)
+    w = [0.3, 0.5, 0.2]
+    ta = merge.merged_state(inputs, w, merge.MergeSpec("task_arithmetic"))
+    d1 = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=1.0, seed=5))
+    assert all(torch.equal(ta[k], d1[k]) for k in ta)
+    a = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
+    b = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
+    c = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=6))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # the drop of each tensor depends on its name only, not on the order tensors are streamed in
+    inputs.entries = list(reversed(inputs.entries))
+    r = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
+    assert all(torch.equal(a[k], r[k]) for k in a)
+
+
+# --- streaming ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+def test_streamed_folder_equals_in_memory_merge(setup, method):
+    recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
+    w = [0.1, 0.2, 0.5]
+    merge.run_merge(recipe, run, weights=w)
+    inputs = merge.load_inputs(recipe, run)
+    mem = merge.merged_state(inputs, w, merge.MergeSpec.from_recipe(recipe))
+    unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
+    proj = load_file(str(run.merged / models.PROJECTION_FILE))
+    disk = {**{"unet." + k: v for k, v in unet.items()}, **{"projections." + k: v for k, v in proj.items()}}
+    assert disk.keys() == mem.keys()
+    assert all(torch.equal(disk[k], mem[k]) for k in mem)
+    # the folder loads back as a model, and computes what the in-memory merge computes
+    loaded = models.load_model_folder(run.merged)
+    cand = merge.new_candidate_model(inputs)
+    merge.load_merged_into(cand, inputs, w, merge.MergeSpec.from_recipe(recipe))
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t).sample, cand(x, t).sample)
+    meta = json.loads((run.merged / "deme.json").read_text())
+    assert meta["base_hash"] == inputs.base_hash and meta["weights"] == w
+
+
+def test_tensor_file_writer_roundtrip(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16(),
+               "d": torch.zeros(0, 4), "e": torch.tensor(1.5, dtype=torch.float16)}
+    from deme_cli.safetensors_stream import dtype_name
+    entries = [(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
+    with TensorFileWriter(tmp_path / "x.safetensors", entries) as wr:
+        for k, v in tensors.items():
+            wr.write(k, v)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], v) for k, v in tensors.items())
+    with TensorFileReader([tmp_path / "x.safetensors"]) as rd:
+        assert all(torch.equal(rd.get(k), v) for k, v in tensors.items())
+    with pytest.raises(ValueError):
+        with TensorFileWriter(tmp_path / "y.safetensors", entries) as wr:
+            wr.write("b", tensors["b"])  # out of the announced order
+
+
+# --- re-running ---------------------------------------------------------------------------------------------------
+
+def test_rerun_skips_same_settings_and_replaces_on_change(setup):
+    recipe, run = setup()
+    first = merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2])
+    assert not first["skipped"]
+    again = merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2])
+    assert again["skipped"] and again["fingerprint"] == first["fingerprint"]
+    assert not merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2], force=True)["skipped"]
+    changed = merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.2])
+    assert not changed["skipped"]
+    assert json.loads((run.merged / "merge.json").read_text())["weights"] == [0.2, 0.3, 0.2]
+    assert not list(run.root.glob(".merged*"))  # no temporary folders left behind
+    default = merge.run_merge(recipe, run)
+    assert default["weights"] == pytest.approx([1 / N] * N)
+
+
+# --- bad input ----------------------------------------------------------------------------------------------------
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_bad_inputs_refused_and_merged_kept(setup, tiny_ddpm, tmp_path):
+    recipe, run = setup()
+    merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1])
+    before = _snapshot(run.merged)
+
+    with pytest.raises(UsageError, match="3 ranges"):
+        merge.run_merge(recipe, run, weights=[0.1, 0.2])
+    with pytest.raises(UsageError, match="comma-separated"):
+        merge.parse_weights("0.1,abc")
+    assert merge.parse_weights("0.1, 0.1,0.2,0.5") == [0.1, 0.1, 0.2, 0.5]
+
+    # a range finetuned from another base
+    meta_path = run.final(1) / "deme.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "base_hash": "0" * 16}))
+    with pytest.raises(UsageError, match="different base models"):
+        merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1], force=True)
+    # all ranges from a base other than model.pretrained
+    for i in range(N):
+        p = run.final(i) / "deme.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "base_hash": "0" * 16}))
+    with pytest.raises(UsageError, match="different base model"):
+        merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1], force=True)
+    meta_path.write_text(json.dumps(meta))
+    for i in (0, 2):
+        p = run.final(i) / "deme.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), "base_hash": meta["base_hash"]}))
+
+    # a missing range model names the range and the command to run
+    shutil.rmtree(run.final(2))
+    with pytest.raises(UsageError, match=r"range model 2 not found.*use_ema = false.*deme train RECIPE --range 2"):
+        merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1], force=True)
+    assert _snapshot(run.merged) == before
+
+
+def test_other_architecture_refused(make_recipe, tmp_path, tiny_ddpm):
+    from conftest import build_ddpm
+
+    other = build_ddpm(tmp_path / "other", block_out_channels=(16, 48))
+    root = tmp_path / "run"
+    write_ranges(root, other, n=2, base_hash=models.unet_hash(models.load_unet(tiny_ddpm)))
+    recipe = make_recipe(ranges={"n": 2})
+    with pytest.raises(UsageError, match="different UNet architecture|has shape"):
+        merge.run_merge(recipe, RunDir(root))
+    assert not RunDir(root).merged.exists()
+
+
+def test_cli_merge_json_and_bad_weight_count(setup):
+    from typer.testing import CliRunner
+
+    from deme_cli.cli import app
+
+    recipe, run = setup()
+    path = run.root.parent / "recipe.toml"
+    path.write_text(recipe.to_toml())
+    runner = CliRunner()
+    res = runner.invoke(app, ["merge", str(path), "--weights", "0.1,0.2"])
+    assert res.exit_code == 2 and "3 ranges" in res.output and not run.merged.exists()
+    res = runner.invoke(app, ["merge", str(path), "--weights", "0.1,0.2,0.3", "--method", "ties", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["weights"] == [0.1, 0.2, 0.3] and out["method"] == "ties" and out["density"] == 0.2
+    res = runner.invoke(app, ["merge", str(path), "--method", "slerp"])
+    assert res.exit_code == 2 and "slerp" in res.output
+
+
+# --- search -------------------------------------------------------------------------------------------------------
+
+class PlantedObjective:
+    """Squared distance of the candidate's weights to a planted merge: minimal exactly at TARGET."""
+
+    TARGET = [0.5, 0.0, 1.0]
+    device = torch.device("cpu")
+
+    def __init__(self, recipe, run, inputs):
+        want = merge.merged_state(inputs, self.TARGET, merge.MergeSpec.from_recipe(recipe))
+        self.want = {k: v.double() for k, v in want.items()}
+
+    def __call__(self, model):
+        sd = model.state_dict()
+        return sum(((sd[k].double() - v) ** 2).sum().item() for k, v in self.want.items())
+
+    def describe(self):
+        return {"planted": self.TARGET}
+
+
+@pytest.mark.parametrize("strategy", ["grid", "coordinate", "greedy"])
+def test_search_finds_planted_optimum(setup, monkeypatch, strategy):
+    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    recipe, run = setup(merge={"search": strategy, "candidates": [0.0, 0.5, 1.0]})
+    res = merge.run_merge(recipe, run, search=True)
+    log = res["search"]
+    assert res["weights"] == PlantedObjective.TARGET == log["best"]["weights"]
+    assert log["best"]["score"] == pytest.approx(0.0, abs=1e-9)
+    assert log["strategy"] == strategy and log["evaluations"] == len(log["candidates"])
+    seen = [tuple(c["weights"]) for c in log["candidates"]]
+    assert len(seen) == len(set(seen))
+    if strategy == "grid":
+        assert len(seen) == 27  # every combination is logged
+    else:
+        assert len(seen) < 27
+    assert min(c["score"] for c in log["candidates"]) == log["best"]["score"]
+    on_disk = json.loads((run.merged / "merge.json").read_text())
+    assert on_disk["search"]["candidates"] == log["candidates"]
+    assert on_disk["weights"] == PlantedObjective.TARGET
+
+
+def test_search_with_loss_objective_and_reference_warning(setup, tiny_images, capsys):
+    recipe, run = setup(merge={"search": "coordinate", "candidates": [0.0, 1.0], "search_num_images": 6,
+                               "search_reference": str(tiny_images)},
+                        eval={"reference": str(tiny_images)})
+    res = merge.run_merge(recipe, run, search=True, weights=[1.0, 0.0, 0.0])
+    log = res["search"]
+    assert log["objective"] == "loss" and log["num_images"] == 6
+    scores = {tuple(c["weights"]): c["score"] for c in log["candidates"]}
+    assert scores[(1.0, 0.0, 0.0)] > 0 and len(set(scores.values())) > 1
+    assert log["best"]["score"] == min(scores.values())
+    assert "tuned on the images eval reports on" in " ".join(capsys.readouterr().err.split())
