@@ -192,12 +192,12 @@ def eval_(recipe: Path = RecipeArg,
 @app.command(name="analyze-gradients")
 def analyze_gradients(recipe: Path = RecipeArg,
                       bins: Optional[int] = typer.Option(None, help="Number of equal timestep bins B over [0, T), "
-                                                         "one timestep at each bin centre. [default: 20]"),
+                                                         "one timestep at each bin centre. \\[default: 20]"),
                       timesteps: Optional[str] = typer.Option(None, help="Explicit timesteps instead of bins, "
                                                               "comma-separated (10,100,500)."),
                       params: Optional[str] = typer.Option(None, help="Only parameters whose names match: globs "
                                                            "('up_blocks.*'), comma-separated; 're:' for a regex. "
-                                                           "[default: all]"),
+                                                           "\\[default: all]"),
                       method: str = typer.Option("countsketch", help="countsketch | gaussian (random projections "
                                                  "to --sketch-dim) | exact (keeps every gradient: small models)."),
                       sketch_dim: int = typer.Option(4096, help="Dimension k of the gradient sketch."),
