@@ -173,8 +173,26 @@ def sample(recipe: Path = RecipeArg,
            model: str = typer.Option("merged", "--model", "-m", help="base | merged | range:I | ensemble"),
            set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
            as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """Generate images with per-image seeds; writes <run>/samples/<model>/."""
-    _guard(lambda: _not_yet("sample"))
+    """Generate images with per-image seeds (image k uses sample.seed + k); writes <run>/samples/<model>/.
+
+    Re-running skips images already written with the same settings; --force regenerates them."""
+    def body():
+        from .sample import parse_model_spec
+
+        parse_model_spec(model)
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .sample import run_sample
+
+        r = run_sample(ctx.recipe, ctx.run, model, force=force)
+        if as_json:
+            ui.emit_json(r)
+            return
+        rate = f", {r['images_per_s']:.2f} images/s" if r.get("images_per_s") else ""
+        ui.info(f"{r['model']}: {r['num_images']} images ({r['generated']} new, {r['skipped']} kept) with "
+                f"{r['scheduler']} {r['steps']} steps, {r['precision']}{rate} -> {r['folder']}")
+    _guard(body)
 
 
 # --- eval ----------------------------------------------------------------------------------------------------------
@@ -184,8 +202,29 @@ def eval_(recipe: Path = RecipeArg,
           allow_fewer: bool = typer.Option(False, "--allow-fewer", help="Score fewer images than requested."),
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """FID / KID / CLIP score of sample folders; writes <run>/eval/<model>.json."""
-    _guard(lambda: _not_yet("eval"))
+    """FID / KID / CLIP score of sample folders against eval.reference; writes <run>/eval/<model>.json.
+
+    Results whose inputs have not changed are reused; --force recomputes them."""
+    def body():
+        names = [m.strip() for m in models.split(",") if m.strip()]
+        if not names:
+            raise UsageError("--models is empty; give models like base,merged,ensemble")
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .metrics import run_eval
+
+        r = run_eval(ctx.recipe, ctx.run, names, allow_fewer=allow_fewer, force=force)
+        if as_json:
+            ui.emit_json(r)
+            return
+        res = r["results"]
+        keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
+        rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
+        rows.append(["images"] + [res[m]["num_images"] for m in res])
+        ref = f" vs {r['reference']}" if r.get("reference") else ""
+        ui.table(f"eval ({r['mode']}){ref}", ["metric"] + list(res), rows)
+    _guard(body)
 
 
 # --- analyze-gradients ---------------------------------------------------------------------------------------------
@@ -233,8 +272,28 @@ def analyze_gradients(recipe: Path = RecipeArg,
 @app.command()
 def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         dry_run: bool = DryOpt, as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """The whole pipeline: split, train, merge, sample, eval; finished stages are skipped."""
-    _guard(lambda: _not_yet("run"))
+    """The whole pipeline: split, train (all ranges), merge, sample, eval; finished work is skipped.
+
+    Interrupt it at any point and run the same command again to finish the job. Outputs produced from a different
+    recipe are never mixed with new ones: the command refuses and names the difference (--force redoes everything)."""
+    def body():
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .pipeline import run_pipeline
+
+        r = run_pipeline(ctx.recipe, ctx.run, force=force,
+                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"))
+        if as_json:
+            ui.emit_json(r)
+            return
+        keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
+        ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
+                 ["model"] + [k.upper() if k != "clip" else "CLIP score" for k in keys] + ["images"],
+                 [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
+        ui.table("stages", ["stage", "status", "seconds"],
+                 [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
+    _guard(body)
 
 
 def main() -> None:
