@@ -7,8 +7,10 @@
 plain : what diffusers' train_unconditional.py does per step: t ~ U[0, T), x_t, eps-MSE, backward, clip, AdamW.
 deme  : train.optimizer_step, the very function `deme train` runs: the student with identity projections plus the
         frozen teacher's forward for the consistency loss (Eq. 5), t from the range sampler (Eq. 6).
-Steps alternate (plain, deme, plain, ...) so that load from other processes hits both alike; medians are reported,
-with the cost of one teacher forward on its own for reference. Random weights: timing only.
+Steps alternate (plain, deme, plain, ...) so that load from other processes hits both alike. Reported: the wall-time
+median and best, and the median process CPU time (on a CPU shared with other jobs the CPU time is the steadiest; use
+--threads 1 there, since spinning OpenMP threads inflate both), with one teacher forward on its own for reference.
+Random weights: timing only.
 """
 from __future__ import annotations
 
@@ -113,19 +115,22 @@ def main() -> None:
         with torch.inference_mode(), acc.autocast():
             teacher(x0, t).sample
 
-    timings = {"plain": [], "deme": [], "teacher_forward": []}
     fns = {"plain": plain_step, "deme": deme_step, "teacher_forward": teacher_forward}
+    timings = {k: [] for k in fns}
+    cpu_times = {k: [] for k in fns}   # process CPU time: on a shared CPU it hardly sees other processes' load
     for k in range(args.warmup + args.steps):
         for name, fn in fns.items():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync()
             if k >= args.warmup:
                 timings[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
 
     med = {k: statistics.median(v) for k, v in timings.items()}
     best = {k: min(v) for k, v in timings.items()}  # other processes only ever add time: best-of is the least disturbed
+    cpu = {k: statistics.median(v) for k, v in cpu_times.items()}
     n_params = sum(p.numel() for p in base.parameters())
     result = {"device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
               "precision": acc.mixed_precision, "compile": args.compile, "threads": torch.get_num_threads(),
@@ -135,15 +140,19 @@ def main() -> None:
               "deme_over_plain": med["deme"] / med["plain"],
               "best_plain_s": best["plain"], "best_deme_s": best["deme"], "best_teacher_forward_s": best["teacher_forward"],
               "best_deme_over_plain": best["deme"] / best["plain"],
+              "cpu_plain_s": cpu["plain"], "cpu_deme_s": cpu["deme"], "cpu_teacher_forward_s": cpu["teacher_forward"],
+              "cpu_deme_over_plain": cpu["deme"] / cpu["plain"],
               "plain_plus_teacher_over_plain": (med["plain"] + med["teacher_forward"]) / med["plain"],
               "plain_img_per_s": args.batch / med["plain"], "deme_img_per_s": args.batch / med["deme"]}
     print(f"{result['device']} {result['precision']} {args.arch} ({result['params_M']}M params) batch {args.batch} "
           f"@ {args.res}px, median of {args.steps} steps")
-    print(f"                          median        best")
+    print(f"                       wall median    wall best   CPU median")
     for label, k in (("plain diffusers step", "plain"), ("DeMe step", "deme"), ("teacher forward", "teacher_forward")):
-        print(f"  {label:20s} : {med[k] * 1e3:9.1f} ms {best[k] * 1e3:9.1f} ms  ({args.batch / med[k]:.0f} img/s)")
-    print(f"  ratio DeMe / plain   : {result['deme_over_plain']:9.3f}    {result['best_deme_over_plain']:9.3f}  "
-          f"((plain + teacher forward) / plain = {result['plain_plus_teacher_over_plain']:.3f})")
+        print(f"  {label:20s} : {med[k] * 1e3:9.1f} ms {best[k] * 1e3:9.1f} ms {cpu[k] * 1e3:9.1f} ms  "
+              f"({args.batch / med[k]:.0f} img/s)")
+    print(f"  ratio DeMe / plain   : {result['deme_over_plain']:9.3f}    {result['best_deme_over_plain']:9.3f}    "
+          f"{result['cpu_deme_over_plain']:9.3f}")
+    print(f"  (plain + teacher forward) / plain, wall median: {result['plain_plus_teacher_over_plain']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 
