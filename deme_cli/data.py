@@ -233,8 +233,3 @@ class EpochBatches:
         for b in range(self.start, self.count):
             lo = (b * self.P + self.rank) * self.B
             yield [(int(i), self.epoch) for i in perm[lo:lo + self.B]]
-
-
-def _dataset_class():
-    """ImageDataset (kept for modules written when the class was built lazily; import ImageDataset instead)."""
-    return ImageDataset
