@@ -161,8 +161,9 @@ def merge(recipe: Path = RecipeArg,
         log = result.get("search")
         if log:
             top = sorted(log["candidates"], key=lambda c: c["score"])[:10]
-            ui.table(f"search: {log['strategy']} over {log['evaluations']} merges, objective {log['objective']} "
-                     f"(lower is better); best {len(top)}", ["rank", "weights", "score"],
+            ui.info(f"search: {log['strategy']}, {log['evaluations']} merges scored by {log['objective']} (lower is "
+                    f"better) in {log['seconds']:.0f} s; the best is written")
+            ui.table(f"best {len(top)} candidates", ["rank", "weights", log["objective"]],
                      [[k + 1, ", ".join(f"{x:g}" for x in c["weights"]), c["score"]] for k, c in enumerate(top)])
     _guard(body)
 

@@ -219,11 +219,47 @@ class LossObjective:
 
 
 class SampleMetricObjective:
-    """KID or FID of merge.search_num_images images sampled with merge.search_steps steps against a held-out folder."""
+    """KID or FID of merge.search_num_images images sampled with merge.search_steps steps against a held-out
+    reference (merge.search_reference: an image folder, or a statistics .npz for FID), with eval's feature extractor
+    and mode. The reference features are computed once (and cached like eval's, under <run>/eval/cache)."""
 
     def __init__(self, recipe, run, inputs, metric: str):
-        raise UsageError(f"merge.objective = '{metric}' needs 'deme sample' and 'deme eval', which are not yet "
-                         f"available in this version; use merge.objective = \"loss\"")
+        from .metrics import load_extractor, load_reference
+        from .models import is_text_to_image, resolve_pretrained
+
+        m, ev = recipe.merge, recipe.eval
+        if not m.search_reference:
+            raise UsageError(f"merge.objective = '{metric}' needs merge.search_reference, a held-out image folder; "
+                             f"set it, or use merge.objective = \"loss\"")
+        if is_text_to_image(resolve_pretrained(recipe.model.pretrained, recipe.model.revision)):
+            raise UsageError(f"merge.objective = '{metric}' samples unconditional models only; use merge.objective = "
+                             f"\"loss\" for text-to-image models")
+        self.recipe, self.metric, self.device = recipe, metric, _device(recipe)
+        self.extractor = load_extractor(ev.feature_extractor, ev.mode, self.device)
+        size = inputs.base_unet.config.sample_size
+        self.ref = load_reference(m.search_reference, self.extractor, ev.mode,
+                                  res=int(size if isinstance(size, int) else size[0]), split=ev.reference_split,
+                                  batch_size=ev.batch_size, device=self.device, cache_dir=run.root / "eval" / "cache",
+                                  want_feats=metric == "kid")
+        if metric == "kid" and self.ref.feats is None:
+            raise UsageError(f"KID needs reference features but merge.search_reference '{m.search_reference}' holds "
+                             f"statistics only; point it at an image folder or use merge.objective = \"fid\"")
+
+    def __call__(self, model) -> float:
+        from .metrics import array_features, score_features
+        from .sample import sample_images
+
+        m, ev = self.recipe.merge, self.recipe.eval
+        images = sample_images(model, self.recipe, m.search_num_images, steps=m.search_steps, device=self.device)
+        feats = array_features(images, self.extractor, ev.mode, ev.batch_size, self.device)
+        return float(score_features(feats, self.ref, [self.metric], seed=self.recipe.seed)[0][self.metric])
+
+    def describe(self) -> dict:
+        s = self.recipe.sample
+        return {"reference": self.ref.describe(), "feature_extractor": self.extractor.info or self.extractor.name,
+                "mode": self.recipe.eval.mode, "num_images": self.recipe.merge.search_num_images,
+                "sampler": {"scheduler": s.scheduler, "steps": self.recipe.merge.search_steps, "eta": s.eta,
+                            "seeds": f"{s.seed} + k"}}
 
 
 OBJECTIVES: dict[str, Callable[..., Any]] = {
@@ -244,7 +280,9 @@ def search_settings(recipe, start: list[float]) -> dict:
         s["start"] = list(start)
     if m.objective in ("kid", "fid"):
         s.update(steps=m.search_steps, sample={k: v for k, v in recipe.sample.model_dump().items()
-                                                if k in ("scheduler", "eta", "seed", "precision")})
+                                                if k in ("scheduler", "eta", "seed", "precision")},
+                 eval={k: v for k, v in recipe.eval.model_dump().items() if k in ("mode", "feature_extractor")},
+                 kid_seed=recipe.seed)
     else:
         s.update(data=recipe.data.model_dump(), batch_size=recipe.train.batch_size)
     return s

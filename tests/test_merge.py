@@ -391,3 +391,23 @@ def test_search_with_loss_objective_and_reference_warning(setup, tiny_images, ca
     assert scores[(1.0, 0.0, 0.0)] > 0 and len(set(scores.values())) > 1
     assert log["best"]["score"] == min(scores.values())
     assert "tuned on the images eval reports on" in " ".join(capsys.readouterr().err.split())
+
+
+def test_search_with_kid_objective(setup, tiny_images, tmp_path):
+    from deme_cli.metrics import tiny_feature_net
+
+    ext = tmp_path / "tiny_extractor.pt"
+    torch.jit.script(tiny_feature_net()).save(str(ext))
+    recipe, run = setup(merge={"search": "coordinate", "candidates": [0.0, 1.0], "objective": "kid",
+                               "search_num_images": 4, "search_steps": 2, "search_reference": str(tiny_images)},
+                        sample={"batch_size": 4}, eval={"feature_extractor": str(ext)})
+    res = merge.run_merge(recipe, run, search=True, weights=[0.0, 0.0, 1.0])
+    log = res["search"]
+    assert log["objective"] == "kid" and log["sampler"]["steps"] == 2 and log["reference"]["num_images"] == 32
+    scores = [c["score"] for c in log["candidates"]]
+    assert len(scores) == log["evaluations"] >= 4 and all(s == s and abs(s) < 1e6 for s in scores)
+    assert log["best"]["score"] == min(scores) and res["weights"] == log["best"]["weights"]
+    # no held-out reference: one clear sentence before anything is written
+    recipe, run = setup(merge={"objective": "fid"})
+    with pytest.raises(UsageError, match="search_reference"):
+        merge.run_merge(recipe, run, search=True)
