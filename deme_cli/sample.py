@@ -38,6 +38,7 @@ import numpy as np
 
 from .errors import UsageError
 from .runs import RunDir, read_json, write_json
+from .text2image import text_to_image
 
 SAMPLES_JSON = "samples.json"
 GRID_FILE = "grid.png"
@@ -159,7 +160,8 @@ class UNetDenoiser:
         return None
 
     def __call__(self, x, t, ctx):
-        return self.model(x, t).sample
+        """ctx: extra UNet keyword arguments (text embeddings for Stable Diffusion), or None."""
+        return self.model(x, t, **(ctx or {})).sample
 
     def decode(self, x):
         return x
@@ -191,7 +193,7 @@ class EnsembleDenoiser(UNetDenoiser):
     def __call__(self, x, t, ctx):
         i = self.route(int(t))
         self.calls[i] += 1
-        return self.models[i](x, t).sample
+        return self.models[i](x, t, **(ctx or {})).sample
 
     def compile(self) -> None:
         import torch
@@ -273,10 +275,13 @@ def sample_images(model, recipe, num_images: int, *, steps: Optional[int] = None
 
     s = recipe.sample
     base = s.seed if seed is None else seed
-    cfg = scheduler_config(resolve_pretrained(recipe.model.pretrained, recipe.model.revision))
-    return generate(UNetDenoiser(model), s.scheduler, steps or s.steps, [base + k for k in range(num_images)],
-                    scheduler_config=cfg, eta=s.eta, batch_size=batch_size or s.batch_size, precision=s.precision,
-                    device=device)
+    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
+    cfg = scheduler_config(pipeline_dir)
+    loaded = with_conditions(recipe, pipeline_dir, device or next(model.parameters()).device,
+                             lambda: Loaded(UNetDenoiser(model), {}))
+    return generate(loaded.denoiser, s.scheduler, steps or s.steps, [base + k for k in range(num_images)],
+                    scheduler_config=cfg, conds=loaded.conds_for(range(num_images)), eta=s.eta,
+                    batch_size=batch_size or s.batch_size, precision=s.precision, device=device)
 
 
 # --- model specs: base | merged | range:I | ensemble -----------------------------------------------------------
@@ -286,6 +291,12 @@ class Loaded:
     denoiser: Any
     info: dict                                   # what samples.json records about the model
     identity: dict = field(default_factory=dict)  # what must match for a resume (hashes)
+    cond: Optional[Callable[[int], Any]] = None  # the condition of image k (its prompt), None if unconditional
+    settings: dict = field(default_factory=dict)  # more settings that determine the pixels (guidance, prompts)
+    record: dict = field(default_factory=dict)    # more samples.json entries ("prompts": one per image)
+
+    def conds_for(self, indices) -> Optional[list]:
+        return None if self.cond is None else [self.cond(k) for k in indices]
 
 
 def _model_info(folder: Path, model) -> tuple[dict, str]:
@@ -378,17 +389,30 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[int]]:
 
 
 def load_model(recipe, run: RunDir, spec: str, device) -> Loaded:
-    from .models import is_text_to_image, resolve_pretrained
+    from .models import resolve_pretrained
 
     kind, i = parse_model_spec(spec)
-    if is_text_to_image(resolve_pretrained(recipe.model.pretrained, recipe.model.revision)) \
-            and "text-to-image" not in DENOISER_KINDS:
-        raise UsageError("sampling text-to-image models is not available in this version yet")
-    return _load_range(recipe, run, device, i) if kind == "range" else MODEL_SPECS[kind](recipe, run, device)
+    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
+    return with_conditions(recipe, pipeline_dir, device, lambda: _load_range(recipe, run, device, i) if kind == "range"
+                           else MODEL_SPECS[kind](recipe, run, device))
 
 
-# Extra denoiser kinds (e.g. "text-to-image") register here: kind -> wrap(Loaded, recipe) -> Loaded
-DENOISER_KINDS: dict[str, Callable[..., Loaded]] = {}
+def _unconditional(recipe, device, load: Callable[[], Loaded]) -> Loaded:
+    return load()
+
+
+# model kind -> (recipe, device, load() -> Loaded of the UNet(s)) -> Loaded ready to sample. A kind checks its own
+# inputs (prompts, encoders) before calling load(), so bad input fails before big models are read.
+DENOISER_KINDS: dict[str, Callable[..., Loaded]] = {
+    "unconditional": _unconditional,
+    "text-to-image": text_to_image,             # text2image.py: prompts, classifier-free guidance, VAE decode
+}
+
+
+def with_conditions(recipe, pipeline_dir: Path, device, load: Callable[[], Loaded]) -> Loaded:
+    from .models import is_text_to_image
+
+    return DENOISER_KINDS["text-to-image" if is_text_to_image(pipeline_dir) else "unconditional"](recipe, device, load)
 
 
 # --- `deme sample` -----------------------------------------------------------------------------------------------
@@ -459,7 +483,7 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
     make_scheduler(s.scheduler, sched_cfg, s.eta)               # fail on a bad scheduler before loading models
     loaded = load_model(recipe, run, spec, device)
     folder = run.samples(spec)
-    settings = _settings(recipe, spec, loaded, precision)
+    settings = {**_settings(recipe, spec, loaded, precision), **loaded.settings}
 
     # Resume: keep images made with the same settings; refuse to mix settings unless --force.
     have = existing_images(folder)
@@ -484,7 +508,7 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
               "steps": s.steps, "eta": settings["eta"],
               "seeds": {"base": s.seed, "count": s.num_images, "rule": "image k uses seed + k"},
               "precision": precision, "device": device.type, "compile": compile_on, "batch_size": s.batch_size,
-              "num_images": s.num_images, "complete": False}
+              "num_images": s.num_images, **loaded.record, "complete": False}
     write_json(meta_path, record)
 
     t0 = time.time()
@@ -493,8 +517,9 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
         with ui.progress(f"sample {spec}", total=s.num_images, start=s.num_images - len(todo), unit="img",
                          every=max(1, s.batch_size)) as bar:
             for pos, images in generate_batches(loaded.denoiser, s.scheduler, s.steps, seeds,
-                                                scheduler_config=sched_cfg, eta=s.eta, batch_size=s.batch_size,
-                                                precision=precision, device=device, compile=compile_on):
+                                                scheduler_config=sched_cfg, conds=loaded.conds_for(todo),
+                                                eta=s.eta, batch_size=s.batch_size, precision=precision,
+                                                device=device, compile=compile_on):
                 for j, img in zip(pos, images):
                     _save_png(folder / f"{todo[j]:06d}.png", img, s.output_size)
                 bar.update(len(pos))
@@ -503,7 +528,7 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
     record.update(complete=True, generated=len(todo), skipped=s.num_images - len(todo), time_s=round(elapsed, 3),
                   images_per_s=round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None,
                   grid=grid.name if grid else None, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if isinstance(loaded.denoiser, EnsembleDenoiser):
+    if getattr(loaded.denoiser, "calls", None) is not None:  # the ensemble (also inside a text-to-image denoiser)
         record["model_info"]["calls_per_range"] = loaded.denoiser.calls
     write_json(meta_path, record)
     return {**record, "folder": str(folder)}

@@ -172,19 +172,20 @@ def prompts_digest(prompts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def text_to_image(loaded, recipe, device):
-    """sample.DENOISER_KINDS["text-to-image"]: wrap a loaded SD UNet with prompts, guidance and the VAE.
+def text_to_image(recipe, device, load):
+    """sample.DENOISER_KINDS["text-to-image"]: prompts, encoders, then the UNet(s) from load(), wrapped for sampling.
 
     Image k gets prompt k mod len(prompts); samples.json records the prompt of every image ("prompts") so CLIP score
-    can pair them, and the resume settings include the prompts' digest, the guidance and the encoders' identity.
+    can pair them, and the resume settings include the prompts' digest and the guidance.
     """
     from .models import resolve_pretrained
     from .prompts import load_prompts, prompt_for
     from .sample import Loaded
 
     s = recipe.sample
-    prompts = load_prompts(s)
+    prompts = load_prompts(s)                   # bad prompts and a pipeline without encoders fail before load()
     encoders = FrozenEncoders(resolve_pretrained(recipe.model.pretrained, recipe.model.revision), device)
+    loaded = load()
     encoders.check_unet(loaded.denoiser.modules[0].config)
     per_image = [prompt_for(prompts, k) for k in range(s.num_images)]
     guidance = {"guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt}
@@ -192,7 +193,8 @@ def text_to_image(loaded, recipe, device):
         TextToImageDenoiser(loaded.denoiser, encoders, s.guidance_scale, s.negative_prompt),
         {**loaded.info, "encoders_hash": encoders.identity()},
         loaded.identity,
-        conds=per_image,
-        settings={**guidance, "prompts_digest": prompts_digest(per_image)},
-        record={**guidance, "prompt_source": s.prompts, "num_prompts": len(prompts), "prompts": per_image},
+        cond=lambda k: prompt_for(prompts, k),
+        settings={**loaded.settings, **guidance, "prompts_digest": prompts_digest(per_image)},
+        record={**loaded.record, **guidance, "prompt_source": s.prompts, "num_prompts": len(prompts),
+                "prompts": per_image},
     )

@@ -9,6 +9,17 @@ import pytest
 from deme_cli.errors import UsageError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One CPU thread: on a shared 2-core machine, OpenMP barriers make tiny forwards much slower with 2 threads."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def sd_recipe(tmp_path, tiny_sd):
     from deme_cli.recipe import recipe_from_dict
@@ -138,3 +149,47 @@ def test_cache_matches_on_the_fly_pairs_and_is_reused(sd_recipe, tiny_sd, monkey
     assert other != captions.cache_key(sd_recipe().data, cached.captions, "x")
     info = json.loads((cached.cache_dir / "cache.json").read_text())
     assert info["items"] == 16 and info["random_flip"] is True
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_sampling_matches_the_diffusers_pipeline(tiny_sd, guidance):
+    """Our loop + TextToImageDenoiser gives the images of diffusers' StableDiffusionPipeline (same seeds, DDIM)."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from deme_cli.models import load_base, scheduler_config
+    from deme_cli.sample import UNetDenoiser, generate
+    from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
+
+    pipe_dir = tiny_sd["pipeline"]
+    prompts, seeds = ["the cat", "a dog", "the dog"], [5, 6, 7]
+    den = TextToImageDenoiser(UNetDenoiser(load_base(str(pipe_dir)).eval()), FrozenEncoders(pipe_dir), guidance,
+                              negative_prompt="a cat")
+    ours = generate(den, "ddim", 4, seeds, scheduler_config=scheduler_config(pipe_dir), conds=prompts,
+                    batch_size=2)
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompts, negative_prompt=["a cat"] * 3, num_inference_steps=4, guidance_scale=guidance,
+               generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+    ref = (ref * 255).round().astype(np.uint8)
+    assert ours.shape == ref.shape == (3, 16, 16, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_guidance_pushes_away_from_the_negative_prompt(tiny_sd):
+    """eps = eps_neg + g (eps_c - eps_neg): g = 1 is the conditional model, g = 0 the negative prompt's."""
+    import torch
+
+    from deme_cli.models import load_base
+    from deme_cli.sample import UNetDenoiser
+    from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
+
+    inner, enc = UNetDenoiser(load_base(str(tiny_sd["pipeline"])).eval()), FrozenEncoders(tiny_sd["pipeline"])
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)
+    with torch.no_grad():
+        cond = inner(x, t, {"encoder_hidden_states": enc.encode_text(["the cat", "a dog"])})
+        neg = inner(x, t, {"encoder_hidden_states": enc.encode_text(["a cat", "a cat"])})
+        for g, want in ((3.0, neg + 3.0 * (cond - neg)), (1.0, cond)):
+            d = TextToImageDenoiser(inner, enc, g, "a cat")
+            torch.testing.assert_close(d(x, t, d.condition(["the cat", "a dog"])), want, atol=1e-5, rtol=1e-5)
