@@ -517,7 +517,8 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
             "num_images": len(job.files), "num_images_requested": job.requested,
             "reference": ref.describe() if ref is not None else None,
             "samples": str(job.folder), "seeds": s.get("seeds"),
-            "sampler": {k: s.get(k) for k in ("scheduler", "steps", "eta", "precision", "batch_size")},
+            "sampler": {k: s.get(k) for k in ("scheduler", "steps", "eta", "precision", "batch_size")
+                        + (("guidance_scale", "negative_prompt", "prompt_source") if "prompts" in s else ())},
             "model_hash": (s.get("settings") or {}).get("model_hash"), "kid_seed": recipe.seed, "notes": notes,
             "time_s": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "fingerprint": fp,

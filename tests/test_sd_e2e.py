@@ -101,6 +101,7 @@ def test_sd_split_train_merge_sample_eval(tmp_path, tiny_sd):
     for m in ("base", "merged", "ensemble"):
         res = json.loads((run / "eval" / f"{m}.json").read_text())
         assert 0.0 <= res["metrics"]["clip_score"] <= 100.0 and res["num_images"] == 5
+        assert res["sampler"]["guidance_scale"] == 3.0 and res["clip_model"] == str(tiny_sd["clip"])
 
 
 def _assert_usage_error(code, out, err, words):
