@@ -146,10 +146,13 @@ def shared_rows(modules: Sequence[Any]) -> Iterator[None]:
 class UNetDenoiser:
     """An unconditional (pixel-space) UNet or DemeModel: epsilon = model(x, t).sample; images are x itself."""
 
-    def __init__(self, model):
+    def __init__(self, model, size: Optional[int] = None):
         self.model = model
         cfg = model.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        size = cfg.sample_size or size                # some configs leave sample_size unset: the caller's size
+        if size is None:
+            raise UsageError("the UNet config has no sample_size; set data.resolution to the image size it makes")
+        size = size if isinstance(size, int) else size[0]
         self.sample_shape = (int(cfg.in_channels), int(size), int(size))
 
     @property
@@ -174,12 +177,12 @@ class UNetDenoiser:
 class EnsembleDenoiser(UNetDenoiser):
     """The timestep-wise ensemble (paper Eq. 7): the range model whose [lo, hi) holds t predicts epsilon at t."""
 
-    def __init__(self, models: Sequence[Any], ranges: Sequence[Any]):
+    def __init__(self, models: Sequence[Any], ranges: Sequence[Any], size: Optional[int] = None):
         from .ranges import range_owning
 
         if len(models) != len(ranges):
             raise ValueError(f"{len(models)} models for {len(ranges)} ranges")
-        super().__init__(models[0])
+        super().__init__(models[0], size)
         self.models, self.ranges, self._owning = list(models), list(ranges), range_owning
         self.calls = [0] * len(models)          # model evaluations per range (for samples.json and tests)
 
@@ -278,7 +281,7 @@ def sample_images(model, recipe, num_images: int, *, steps: Optional[int] = None
     pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
     cfg = scheduler_config(pipeline_dir)
     loaded = with_conditions(recipe, pipeline_dir, device or next(model.parameters()).device,
-                             lambda: Loaded(UNetDenoiser(model), {}))
+                             lambda: Loaded(UNetDenoiser(model, recipe.data.resolution), {}))
     return generate(loaded.denoiser, s.scheduler, steps or s.steps, [base + k for k in range(num_images)],
                     scheduler_config=cfg, conds=loaded.conds_for(range(num_images)), eta=s.eta,
                     batch_size=batch_size or s.batch_size, precision=s.precision, device=device)
@@ -322,13 +325,14 @@ def _load_base(recipe, run: RunDir, device) -> Loaded:
     h = unet_hash(model.unet)
     info = {"folder": str(resolve_pretrained(recipe.model.pretrained, recipe.model.revision)),
             "pretrained": recipe.model.pretrained, "hash": h}
-    return Loaded(UNetDenoiser(model), info, {"hash": h})
+    return Loaded(UNetDenoiser(model, recipe.data.resolution), info, {"hash": h})
 
 
 def _load_merged(recipe, run: RunDir, device) -> Loaded:
     model = _load_folder(run.merged, "merged model", "deme merge RECIPE", device)
     meta, h = _model_info(run.merged, model)
-    return Loaded(UNetDenoiser(model), {"folder": str(run.merged), "meta": meta, "hash": h}, {"hash": h})
+    return Loaded(UNetDenoiser(model, recipe.data.resolution), {"folder": str(run.merged), "meta": meta, "hash": h},
+                  {"hash": h})
 
 
 def _range_folder(recipe, run: RunDir, i: int) -> Path:
@@ -342,7 +346,8 @@ def _load_range(recipe, run: RunDir, device, i: int) -> Loaded:
     folder = _range_folder(recipe, run, i)
     model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device)
     meta, h = _model_info(folder, model)
-    return Loaded(UNetDenoiser(model), {"folder": str(folder), "meta": meta, "hash": h}, {"hash": h})
+    return Loaded(UNetDenoiser(model, recipe.data.resolution), {"folder": str(folder), "meta": meta, "hash": h},
+                  {"hash": h})
 
 
 def _load_ensemble(recipe, run: RunDir, device) -> Loaded:
@@ -366,8 +371,8 @@ def _load_ensemble(recipe, run: RunDir, device) -> Loaded:
     if len(bases) > 1:
         raise UsageError("the range models were finetuned from different base models (base_hash differs); retrain "
                          "them from one recipe")
-    return Loaded(EnsembleDenoiser(models, ranges), {"members": members, "routing": "range owning t (Eq. 7)"},
-                  {"hash": [m["hash"] for m in members]})
+    return Loaded(EnsembleDenoiser(models, ranges, recipe.data.resolution),
+                  {"members": members, "routing": "range owning t (Eq. 7)"}, {"hash": [m["hash"] for m in members]})
 
 
 MODEL_SPECS: dict[str, Callable[..., Loaded]] = {
@@ -494,10 +499,9 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
         if changed:
             raise UsageError(f"'{folder}' holds {len(have)} images made with other settings ({', '.join(changed)}); "
                              f"re-run with --force to regenerate them")
-    if force:
-        for k, p in have.items():
-            if k >= s.num_images:
-                p.unlink()
+    if force:  # inputs are valid and the model loaded: now the old images go, so no mix of old and new remains
+        for p in have.values():
+            p.unlink()
         have = {}
     todo = [k for k in range(s.num_images) if k not in have]
 
