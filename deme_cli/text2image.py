@@ -189,8 +189,12 @@ def text_to_image(recipe, device, load):
     encoders.check_unet(loaded.denoiser.modules[0].config)
     per_image = [prompt_for(prompts, k) for k in range(s.num_images)]
     guidance = {"guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt}
+    denoiser = TextToImageDenoiser(loaded.denoiser, encoders, s.guidance_scale, s.negative_prompt)
+    if not loaded.denoiser.modules[0].config.sample_size:   # no latent size in the config: data.resolution pixels
+        side = recipe.data.resolution // encoders.scale
+        denoiser.sample_shape = (encoders.latent_channels, side, side)
     return Loaded(
-        TextToImageDenoiser(loaded.denoiser, encoders, s.guidance_scale, s.negative_prompt),
+        denoiser,
         {**loaded.info, "encoders_hash": encoders.identity()},
         loaded.identity,
         cond=lambda k: prompt_for(prompts, k),
