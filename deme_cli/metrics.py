@@ -16,10 +16,12 @@ when some cosine is negative).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -286,7 +288,8 @@ def fid_score(feats: np.ndarray, ref: Reference) -> float:
 
     _check_dims(feats, ref.mu.shape[-1], ref.spec)
     mu, sigma = _stats(feats)
-    return float(fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))
+    with contextlib.redirect_stdout(sys.stderr):  # clean-fid prints its singular-covariance notice: keep --json clean
+        return float(fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))
 
 
 def kid_score(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:
