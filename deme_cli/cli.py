@@ -191,8 +191,9 @@ def sample(recipe: Path = RecipeArg,
             ui.emit_json(r)
             return
         rate = f", {r['images_per_s']:.2f} images/s" if r.get("images_per_s") else ""
-        ui.info(f"{r['model']}: {r['num_images']} images ({r['generated']} new, {r['skipped']} kept) with "
-                f"{r['scheduler']} {r['steps']} steps, {r['precision']}{rate} -> {r['folder']}")
+        ui.info(f"{r['model']}: {r['num_images']} images in {r['folder']}")
+        ui.info(f"  {r['generated']} new, {r['skipped']} kept; {r['scheduler']} {r['steps']} steps, "
+                f"{r['precision']}{rate}")
     _guard(body)
 
 
@@ -223,8 +224,9 @@ def eval_(recipe: Path = RecipeArg,
         keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
         rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
         rows.append(["images"] + [res[m]["num_images"] for m in res])
-        ref = f" vs {r['reference']}" if r.get("reference") else ""
-        ui.table(f"eval ({r['mode']}){ref}", ["metric"] + list(res), rows)
+        if r.get("reference"):
+            ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
+        ui.table("eval", ["metric"] + list(res), rows)
     _guard(body)
 
 

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
@@ -72,7 +73,9 @@ def torchscript_extractor(path: Path, device) -> FeatureExtractor:
     import torch
 
     try:
-        net = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.10+, but it is the format FID nets ship in
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"'{path}' is not a TorchScript feature extractor ({str(e).splitlines()[0]})") from None
 
