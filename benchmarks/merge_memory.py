@@ -3,7 +3,8 @@
 Builds the architecture from its config with random weights (about 114M parameters, no download), writes a base
 pipeline and four perturbed range models (with projections) into a temporary folder, then merges them with
 weights [0.1, 0.1, 0.2, 0.5] in a fresh Python process and reports that process's peak RSS (ru_maxrss), its RSS after
-importing torch and diffusers (the floor any merge pays), the merge time, and the size of one model. For contrast,
+importing torch and diffusers (the floor any merge pays), the merge time (wall clock, and the child's CPU time including
+its ~10 s of imports, which depends less on other load), and the size of one model. For contrast,
 `--naive` also runs an in-memory merge that loads all N + 1 state dicts (safetensors.torch.load_file) first.
 
     python benchmarks/merge_memory.py [--naive] [--keep DIR] [--json]
@@ -55,8 +56,9 @@ else:  # naive: every state dict in memory at once
     merged = {k: (v + sum(w * (th[k] - v) for w, th in zip(weights, thetas))).contiguous() for k, v in theta.items()}
     save_file(merged, f"{root}/naive.safetensors")
 seconds = time.time() - t0
-print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "import_rss_kib": floor}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_kib": ru.ru_maxrss, "import_rss_kib": floor,
+                  "cpu_seconds_total": ru.ru_utime + ru.ru_stime}))
 """
 
 
@@ -129,6 +131,7 @@ def main() -> None:
         peak = r["peak_rss_kib"] * 1024
         floor = r["import_rss_kib"] * 1024
         report["results"].append({"mode": r["mode"], "seconds": round(r["seconds"], 2),
+                                  "cpu_seconds_incl_imports": round(r["cpu_seconds_total"], 1),
                                   "peak_rss_bytes": peak, "import_rss_bytes": floor,
                                   "peak_over_model": round(peak / size, 2),
                                   "peak_minus_imports_over_model": round((peak - floor) / size, 2)})
@@ -137,10 +140,11 @@ def main() -> None:
         return
     print(f"{report['architecture']}: {params / 1e6:.1f}M params, one model = {size / mib:.0f} MiB, N = {N}, "
           f"weights {WEIGHTS}")
-    print(f"{'mode':<10} {'time s':>7} {'peak RSS MiB':>13} {'after imports MiB':>18} {'peak/model':>11} "
+    print(f"{'mode':<10} {'time s':>7} {'cpu s':>6} {'peak RSS MiB':>13} {'after imports MiB':>18} {'peak/model':>11} "
           f"{'(peak-imports)/model':>21}")
     for r in report["results"]:
-        print(f"{r['mode']:<10} {r['seconds']:>7.2f} {r['peak_rss_bytes'] / mib:>13.0f} "
+        print(f"{r['mode']:<10} {r['seconds']:>7.2f} {r['cpu_seconds_incl_imports']:>6.1f} "
+              f"{r['peak_rss_bytes'] / mib:>13.0f} "
               f"{r['import_rss_bytes'] / mib:>18.0f} {r['peak_over_model']:>11.2f} "
               f"{r['peak_minus_imports_over_model']:>21.2f}")
 

@@ -40,6 +40,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -170,21 +171,30 @@ def tensor_seed(seed: int, range_index: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
-def combine(spec: MergeSpec, name: str, taus: Iterable[tuple[int, float, Any]]):
-    """The merged delta of one tensor from (range index, weight, tau) triples; None when none takes part."""
+def sparsify(spec: MergeSpec, name: str, index: int, tau):
+    """tau of range `index`, tensor `name`, after the method's sparsification (TIES trim, DARE drop; else as is)."""
     import torch
 
     method = get_method(spec.method)
-    sparsify = SPARSIFIERS[method.sparsify] if method.sparsify else None
+    if method.sparsify is None:
+        return tau
+    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, index, name)) if method.uses_seed else None
+    return SPARSIFIERS[method.sparsify](tau, spec.density, gen)
 
+
+def consensus(spec: MergeSpec, pairs: Iterable[tuple[Any, float]]):
+    """The merged delta from (sparsified tau_i, w_i) pairs; None when none takes part."""
+    return CONSENSUS[get_method(spec.method).consensus](pairs)
+
+
+def combine(spec: MergeSpec, name: str, taus: Iterable[tuple[int, float, Any]]):
+    """The merged delta of one tensor from (range index, weight, tau) triples; None when none takes part."""
     def sparsified():
         for index, w, tau in taus:
-            if sparsify is not None:
-                gen = torch.Generator().manual_seed(tensor_seed(spec.seed, index, name)) if method.uses_seed else None
-                tau = sparsify(tau, spec.density, gen)
+            tau = sparsify(spec, name, index, tau)
             yield tau, w
             del tau
-    return CONSENSUS[method.consensus](sparsified())
+    return consensus(spec, sparsified())
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -415,7 +425,7 @@ def merged_tensors(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -
             for r, w in active:
                 tau = r.read(group, key)
                 if tau is not None:
-                    tau = tau.to(torch.float64).sub_(theta)
+                    tau = torch.sub(tau, theta)  # float32 - float64 -> float64, in one pass
                     yield r.index, w, tau
                     del tau  # keep one range's tensor in flight, not two
         delta = combine(spec, f"{group}.{key}", taus())
@@ -430,15 +440,74 @@ def merged_state(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -> 
         return {("unet." if g == "unet" else "projections.") + k: t for g, k, t in merged_tensors(inputs, weights, spec)}
 
 
+def _targets(model) -> dict:
+    return {"unet": model.unet.state_dict(),
+            "projection": model.projections.state_dict() if model.projections is not None else {}}
+
+
 def load_merged_into(model, inputs: MergeInputs, weights: list[float], spec: MergeSpec) -> None:
     """Copy the merged weights into `model` (a DemeModel shaped like theta) tensor by tensor, wherever it lives."""
     import torch
 
-    targets = {"unet": model.unet.state_dict(),
-               "projection": model.projections.state_dict() if model.projections is not None else {}}
+    targets = _targets(model)
     with inputs.open(), torch.no_grad():
         for group, key, t in merged_tensors(inputs, weights, spec):
             targets[group][key].copy_(t)
+
+
+class StreamingMerger:
+    """Candidate merges read from disk each time (`load_merged_into`): about one model of memory, slow per merge."""
+
+    kind = "streaming from the range model files"
+
+    def __init__(self, inputs: MergeInputs, spec: MergeSpec):
+        self.inputs, self.spec = inputs, spec
+
+    def load_into(self, model, weights: list[float]) -> None:
+        load_merged_into(model, self.inputs, weights, self.spec)
+
+
+class CandidateMerger:
+    """Many merges of the same range models, fast: theta and each range's sparsified task vector stay on `device`
+    in float32 (about N + 1 models of memory), so a candidate costs one combination per tensor and no file reads.
+    For the weight search: TIES trims and DARE drops do not depend on the weights, so they are done once. Results agree
+    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path."""
+
+    kind = "task vectors held in memory (float32)"
+
+    def __init__(self, inputs: MergeInputs, spec: MergeSpec, device="cpu"):
+        import torch
+
+        self.spec, self.entries = spec, []   # (group, key, theta, [(range index, sparsified tau)])
+        with inputs.open(), torch.no_grad():
+            for group, key, _, _ in inputs.entries:
+                base = inputs.base_tensor(group, key)
+                if not base.is_floating_point():
+                    self.entries.append((group, key, base.to(device), []))
+                    continue
+                theta, taus = base.to(torch.float64), []
+                for r in inputs.ranges:
+                    t = r.read(group, key)
+                    if t is not None:
+                        tau = sparsify(spec, f"{group}.{key}", r.index, torch.sub(t, theta))
+                        taus.append((r.index, tau.to(device, torch.float32)))
+                self.entries.append((group, key, base.to(device, torch.float32), taus))
+
+    @staticmethod
+    def nbytes(inputs: MergeInputs) -> int:
+        """Memory the cache takes: theta plus one task vector per range that has the tensor, float32."""
+        n_proj = sum(1 for r in inputs.ranges if r.projection_file)
+        return sum(4 * math.prod(shape) * (1 + (inputs.n if group == "unet" else n_proj))
+                   for group, _, _, shape in inputs.entries)
+
+    def load_into(self, model, weights: list[float]) -> None:
+        import torch
+
+        targets = _targets(model)
+        with torch.no_grad():
+            for group, key, theta, taus in self.entries:
+                delta = consensus(self.spec, ((tau, weights[i]) for i, tau in taus if weights[i] != 0))
+                targets[group][key].copy_(theta if delta is None else delta.add_(theta))
 
 
 def new_candidate_model(inputs: MergeInputs):

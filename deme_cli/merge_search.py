@@ -1,9 +1,11 @@
 """`deme merge --search`: find the merge weights w_i by scoring candidate merges with a cheap proxy.
 
 The paper says only "grid search" (section 3.3); which grid, which metric and how many samples are not given
-(paper-spec section 6, item 6). Here each candidate weight vector is merged in memory (`merge.load_merged_into`, the
-same tensor stream that writes merged/) and scored by an objective; lower is better. Every candidate and its score
-goes into merge.json's "search" log; the best one is written as merged/.
+(paper-spec section 6, item 6). Here each candidate weight vector is merged in memory and scored by an objective;
+lower is better. For speed, theta and every range's (sparsified) task vector are held on the objective's device in
+float32 (`merge.CandidateMerger`, about N + 1 models of memory; when that does not fit, each candidate is streamed from
+disk with `merge.load_merged_into`, as `merged/` is written). Every candidate and its score goes into merge.json's
+"search" log; the best one is written as merged/ by the exact streaming path.
 
 Strategies (`merge.search`), over the values in `merge.candidates` for each of the N weights:
 - grid: every combination, |candidates|^N merges (the paper's).
@@ -269,6 +271,33 @@ OBJECTIVES: dict[str, Callable[..., Any]] = {
 }
 
 
+def free_bytes(device) -> Optional[int]:
+    """Memory free for new tensors on `device` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def make_merger(inputs, spec, device):
+    """Task vectors held on the device when they fit in 70% of its free memory, else merges streamed from disk."""
+    from .merge import CandidateMerger, StreamingMerger
+
+    need, free = CandidateMerger.nbytes(inputs), free_bytes(device)
+    if free is not None and need > 0.7 * free:
+        ui.warn(f"the task vectors ({need / 2 ** 30:.1f} GiB) do not fit next to the search on {device.type}; "
+                f"each candidate is merged from disk instead (slower)")
+        return StreamingMerger(inputs, spec)
+    return CandidateMerger(inputs, spec, device)
+
+
 # --- the search --------------------------------------------------------------------------------------------------
 
 def search_settings(recipe, start: list[float]) -> dict:
@@ -292,7 +321,7 @@ def search_weights(recipe, run, inputs, spec, start: list[float]) -> dict:
     """Score candidate merges of `inputs` with the recipe's strategy and objective; the log for merge.json."""
     import torch
 
-    from .merge import load_merged_into, new_candidate_model
+    from .merge import new_candidate_model
 
     m = recipe.merge
     try:
@@ -314,20 +343,22 @@ def search_weights(recipe, run, inputs, spec, start: list[float]) -> dict:
 
     objective = make_objective(recipe, run, inputs)
     model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
+    merger = make_merger(inputs, spec, objective.device)
 
     def evaluate(weights: list[float]) -> float:
-        load_merged_into(model, inputs, weights, spec)
+        merger.load_into(model, weights)
         return objective(model)
 
     t0 = time.time()
     with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges", every=1) as bar:
         scorer = Scorer(evaluate, bar)
         strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
-    del model
+    merges = type(merger).kind
+    del model, merger
     if objective.device.type == "cuda":
         torch.cuda.empty_cache()
     best_score, best_weights = scorer.best
     return {"strategy": m.search, "strategy_summary": strategy.summary, "objective": m.objective,
-            **objective.describe(), "candidate_values": candidates, "evaluations": len(scorer.log),
+            **objective.describe(), "merges": merges, "candidate_values": candidates, "evaluations": len(scorer.log),
             "seconds": round(time.time() - t0, 3), "best": {"weights": list(best_weights), "score": best_score},
             "candidates": scorer.log}
