@@ -275,8 +275,28 @@ def analyze_gradients(recipe: Path = RecipeArg,
 @app.command()
 def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         dry_run: bool = DryOpt, as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """The whole pipeline: split, train, merge, sample, eval; finished stages are skipped."""
-    _guard(lambda: _not_yet("run"))
+    """The whole pipeline: split, train (all ranges), merge, sample, eval; finished work is skipped.
+
+    Interrupt it at any point and run the same command again to finish the job. Outputs produced from a different
+    recipe are never mixed with new ones: the command refuses and names the difference (--force redoes everything)."""
+    def body():
+        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        if ctx is None:
+            return
+        from .pipeline import run_pipeline
+
+        r = run_pipeline(ctx.recipe, ctx.run, force=force,
+                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"))
+        if as_json:
+            ui.emit_json(r)
+            return
+        keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
+        ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
+                 ["model"] + [k.upper() if k != "clip" else "CLIP score" for k in keys] + ["images"],
+                 [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
+        ui.table("stages", ["stage", "status", "seconds"],
+                 [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
+    _guard(body)
 
 
 def main() -> None:

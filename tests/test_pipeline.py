@@ -1,0 +1,79 @@
+"""`deme run`: the whole pipeline through the command line, resumable, refusing to mix recipes."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from deme_cli.cli import app
+
+
+@pytest.fixture
+def run_recipe(tmp_path, tiny_ddpm, tiny_images):
+    import torch
+
+    from deme_cli.metrics import tiny_feature_net
+
+    ext = tmp_path / "tiny_extractor.pt"
+    torch.jit.script(tiny_feature_net()).save(str(ext))
+    f = tmp_path / "r.toml"
+    f.write_text(f'''
+name = "pipe"
+seed = 0
+[model]
+pretrained = "{tiny_ddpm}"
+[data]
+path = "{tiny_images}"
+resolution = 16
+[ranges]
+n = 2
+[train]
+steps = 2
+batch_size = 4
+mixed_precision = "no"
+checkpoint_every = 2
+[merge]
+weights = [0.5, 0.5]
+[sample]
+steps = 3
+num_images = 6
+batch_size = 6
+[eval]
+reference = "{tiny_images}"
+feature_extractor = "{ext}"
+[run]
+models = ["base", "ensemble", "merged"]
+[output]
+dir = "{tmp_path / 'run'}"
+''')
+    return f
+
+
+def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["run", str(run_recipe), "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert [s["stage"] for s in out["stages"]] == ["split", "train", "merge", "sample", "eval"]
+    for m in ("base", "ensemble", "merged"):
+        assert out["models"][m]["num_images"] == 6
+        assert set(out["models"][m]["metrics"]) >= {"fid", "kid"}
+    run = tmp_path / "run"
+    assert (run / "merged" / "merge.json").is_file() and (run / "eval" / "merged.json").is_file()
+    mtimes = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    pngs = {p: p.stat().st_mtime_ns for p in (run / "samples").rglob("0*.png")}
+
+    # re-running redoes nothing: no weights or images are rewritten
+    r = runner.invoke(app, ["run", str(run_recipe), "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert {s["stage"]: s["status"] for s in again["stages"]}["sample"] == "kept"
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in (run / "samples").rglob("0*.png")} == pngs
+    assert again["models"] == out["models"]
+
+    # a changed recipe is refused, naming the stage and the difference; nothing is touched
+    r = runner.invoke(app, ["run", str(run_recipe), "--set", "deme.p=0.5"])
+    assert r.exit_code == 2
+    assert "'train' stage" in r.output and "deme.p" in r.output and "--force" in r.output
+    assert "Traceback" not in r.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == mtimes
