@@ -438,3 +438,21 @@ def test_candidate_merger_matches_streamed_merge(setup, method):
         assert close <= 2, (w, close)  # TIES: an entry whose signed sum is ~0 may elect the other sign in float32
         if w == [0.0, 0.0, 0.0]:
             assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
+    recipe, run = setup()
+    merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1])
+    before = _snapshot(run.merged)
+    real = merge.merged_tensors
+
+    def broken(*a, **k):
+        for n, item in enumerate(real(*a, **k)):
+            if n == 20:
+                raise RuntimeError("disk full")
+            yield item
+    monkeypatch.setattr(merge, "merged_tensors", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge.run_merge(recipe, run, weights=[0.3, 0.1, 0.1])
+    assert _snapshot(run.merged) == before
+    assert not list(run.root.glob(".merged*"))
