@@ -29,6 +29,7 @@ from .models import (is_text_to_image, load_unet, num_train_timesteps, read_meta
                      save_model_folder, scheduler_config, unet_hash, wrap)
 from .ranges import Range, sample_timesteps
 from .runs import RunDir, write_atomic
+from .speed import compile_module, to_device, use_compile
 from .splitting import load_ranges
 
 LR_SCHEDULES = {  # recipe name -> diffusers.optimization.get_scheduler name (all honour lr_warmup_steps)
@@ -213,7 +214,7 @@ def make_teacher(unet, acc, compile_: bool = False):
         teacher.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
     teacher.eval().requires_grad_(False)
     if compile_:
-        teacher.compile()
+        compile_module(teacher)
     return teacher
 
 
@@ -224,8 +225,16 @@ def make_student(unet, projection: bool, acc, gradient_checkpointing: bool = Fal
     if gradient_checkpointing:
         student.unet.enable_gradient_checkpointing()
     if compile_:
-        student.unet.compile()  # in place: state_dict keys and projection hooks stay as they are
+        compile_module(student.unet)  # in place: state_dict keys stay; the projection hooks are traced into the graph
     return student
+
+
+def make_optimizer(params: list, train, device):
+    """AdamW with the recipe's hyper-parameters; on CUDA the fused kernel (one launch updates every tensor)."""
+    import torch
+
+    return torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                             weight_decay=train.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
 
 
 def _seed(*parts: int) -> int:
@@ -282,15 +291,14 @@ class RangeTrainer:
         # Construct networks: the student gets projections, the teacher is a frozen copy of the pretrained UNet.
         base = load_unet(pipeline_dir)
         self.base_hash = unet_hash(base)
-        use_compile = tr.compile == "on" or (tr.compile == "auto" and device.type == "cuda")
-        self.teacher = make_teacher(base, acc, use_compile) if dm.consistency_weight > 0 else None
-        self.student = make_student(base, dm.projection, acc, tr.gradient_checkpointing, use_compile)
+        self.compiled = use_compile(tr.compile, device)
+        self.teacher = make_teacher(base, acc, self.compiled) if dm.consistency_weight > 0 else None
+        self.student = make_student(base, dm.projection, acc, tr.gradient_checkpointing, self.compiled)
         named = list(self.student.named_parameters())
         self.params = [p for _, p in named]
 
         # Optimizer, LR schedule, EMA, noise schedule.
-        self.optimizer = torch.optim.AdamW(self.params, lr=tr.lr, betas=(tr.adam_beta1, tr.adam_beta2),
-                                           eps=tr.adam_eps, weight_decay=tr.weight_decay)
+        self.optimizer = make_optimizer(self.params, tr, device)
         self.lr_scheduler = get_scheduler(LR_SCHEDULES[tr.lr_schedule], self.optimizer,
                                           num_warmup_steps=tr.lr_warmup_steps, num_training_steps=tr.steps)
         self.ema = EMA(named, tr.ema_max_decay, tr.ema_power) if tr.ema else None
@@ -323,10 +331,18 @@ class RangeTrainer:
             counts[0] += int(((t >= r.lo) & (t < r.hi)).sum())
             counts[1] += t.numel()
             noise = torch.randn(x0.shape, generator=self.generators["noise"], device=x0.device, dtype=x0.dtype)
-            yield x0, kwargs, t.to(x0.device), noise
+            yield x0, kwargs, to_device(t, x0.device), noise
 
     def train_step(self) -> dict:
         """One optimizer step (grad_accum micro-batches), EMA update; returns the step's metrics line."""
+        return self.launch_step()()
+
+    def launch_step(self):
+        """Queue one optimizer step without waiting for the GPU; returns a function that gives its metrics line.
+
+        Reading the losses waits for the step to finish, so the loop reads step k's line after queuing step k + 1:
+        the host prepares the next step while the GPU computes this one.
+        """
         import torch
 
         tr = self.recipe.train
@@ -341,13 +357,16 @@ class RangeTrainer:
         self.step += 1
         keys = [k for k in ("loss", "denoise_loss", "consistency_loss", "grad_norm") if out[k] is not None]
         vals = torch.stack([torch.as_tensor(out[k], dtype=torch.float32, device=self.acc.device).reshape(())
-                            for k in keys] + [torch.tensor(counts[0] / counts[1], device=self.acc.device)])
+                            for k in keys] + [torch.full((), counts[0] / counts[1], device=self.acc.device)])
         if self.acc.num_processes > 1:
             vals = self.acc.reduce(vals, reduction="mean")
-        vals = vals.tolist()
-        line = {"step": self.step, **dict(zip(keys, vals[:-1])), "lr": lr, "t_in_range_fraction": vals[-1],
-                "epoch": self.data.epoch}
-        line.setdefault("consistency_loss", None)
+        step, epoch = self.step, self.data.epoch
+
+        def line() -> dict:
+            v = vals.tolist()
+            out = {"step": step, **dict(zip(keys, v[:-1])), "lr": lr, "t_in_range_fraction": v[-1], "epoch": epoch}
+            out.setdefault("consistency_loss", None)
+            return out
         return line
 
     # -- checkpoints -------------------------------------------------------------------------------------------------
@@ -461,6 +480,25 @@ def _recent_loss(path: Path, n: int = 10) -> Optional[float]:
     return sum(vals) / len(vals) if vals else None
 
 
+def trained_meta(recipe, run: RunDir, r: Range) -> Optional[dict]:
+    """deme.json of range r's final model when it is finished for this recipe (train.steps, same [lo, hi)), else None.
+
+    Raises UsageError when the range's latest checkpoint is past train.steps.
+    """
+    tr = recipe.train
+    resume = checkpoints.latest(run.checkpoints(r.index))
+    resume_step = int(json.loads((resume / "state.json").read_text())["step"]) if resume else 0
+    if resume_step > tr.steps:
+        raise UsageError(f"range {r.index} already has a checkpoint at step {resume_step}, past train.steps = "
+                         f"{tr.steps}; raise train.steps or start over with --force")
+    if run.final(r.index).is_dir() and resume_step in (0, tr.steps):
+        meta = read_meta(run.final(r.index))
+        if meta.get("steps") == tr.steps and meta.get("range", {}).get("lo") == r.lo \
+                and meta.get("range", {}).get("hi") == r.hi:
+            return meta
+    return None
+
+
 def train_range(recipe, run: RunDir, r: Range, pipeline_dir: Path, T: int, force: bool = False) -> dict:
     """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint."""
     tr = recipe.train
@@ -472,17 +510,11 @@ def train_range(recipe, run: RunDir, r: Range, pipeline_dir: Path, T: int, force
             shutil.rmtree(p, ignore_errors=True)
         metrics.unlink(missing_ok=True)
     resume = checkpoints.latest(ckpt_dir)
-    resume_step = int(json.loads((resume / "state.json").read_text())["step"]) if resume else 0
-    if resume_step > tr.steps:
-        raise UsageError(f"range {r.index} already has a checkpoint at step {resume_step}, past train.steps = "
-                         f"{tr.steps}; raise train.steps or start over with --force")
-    if run.final(r.index).is_dir() and resume_step in (0, tr.steps):
-        meta = read_meta(run.final(r.index))
-        if meta.get("steps") == tr.steps and meta.get("range", {}).get("lo") == r.lo \
-                and meta.get("range", {}).get("hi") == r.hi:
-            ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
-                    f"use --force to train it again")
-            return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
+    meta = trained_meta(recipe, run, r)
+    if meta is not None:
+        ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
+                f"use --force to train it again")
+        return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
 
     # Build the trainer and resume.
     trainer = RangeTrainer(recipe, r, pipeline_dir, T)
@@ -501,13 +533,22 @@ def train_range(recipe, run: RunDir, r: Range, pipeline_dir: Path, T: int, force
     with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
           else nullcontext()) as bar:
         with (open(metrics, "a") if main else nullcontext()) as log:
-            while trainer.step < tr.steps:
-                line = trainer.train_step()
+            def record(pending) -> None:
+                line = pending()
                 if main:
                     log.write(json.dumps(line) + "\n")
                     log.flush()
                     bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
+
+            pending = None          # the step whose metrics are not read yet (read after queuing the next one)
+            while trainer.step < tr.steps:
+                queued = trainer.launch_step()
+                if pending is not None:
+                    record(pending)
+                pending = queued
                 if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps:
+                    record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)
+                    pending = None
                     trainer.save_checkpoint(ckpt_dir)
 
     # Save the final models: EMA (or raw) in final/, raw in final-raw/.
