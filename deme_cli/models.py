@@ -183,6 +183,30 @@ def wrap(unet, projection: bool):
     return DemeModel(unet, make_projections(unet) if projection else None)
 
 
+def model_copy(model, dtype=None):
+    """An independent copy of a UNet or DemeModel (in eval mode, on the same device), weights cast to `dtype`.
+
+    Built from the config and loaded with the weights, not deep-copied: the projection hooks are closures over the
+    original projection modules, so a deep copy would keep calling those.
+    """
+    import copy
+
+    from torch import nn
+
+    is_deme = hasattr(model, "unet") and hasattr(model, "projections")
+    unet = model.unet if is_deme else model
+    device = next(unet.parameters()).device
+    dtype = dtype or next(unet.parameters()).dtype
+    new = type(unet).from_config(unet.config)
+    new.load_state_dict(unet.state_dict())
+    # nn.Module.to: diffusers' override only adds a warning about modules kept in fp32 (none in these UNets)
+    new = nn.Module.to(new, device=device, dtype=dtype).eval()
+    if not is_deme:
+        return new
+    proj = copy.deepcopy(model.projections).to(device=device, dtype=dtype) if model.projections is not None else None
+    return DemeModel(new, proj).eval()
+
+
 # --- model folders -----------------------------------------------------------------------------------------------
 
 def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = None) -> None:

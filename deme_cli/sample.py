@@ -38,6 +38,7 @@ import numpy as np
 
 from .errors import UsageError
 from .runs import RunDir, read_json, write_json
+from .speed import compile_backend
 from .text2image import text_to_image
 
 SAMPLES_JSON = "samples.json"
@@ -162,16 +163,24 @@ class UNetDenoiser:
     def condition(self, conds: Optional[Sequence[Any]]) -> Any:
         return None
 
+    dtype = None                                      # weights dtype after cast(); None: as loaded (autocast)
+
     def __call__(self, x, t, ctx):
         """ctx: extra UNet keyword arguments (text embeddings for Stable Diffusion), or None."""
-        return self.model(x, t, **(ctx or {})).sample
+        return self.model(x if self.dtype is None else x.to(self.dtype), t, **(ctx or {})).sample
 
     def decode(self, x):
         return x
 
+    def cast(self, dtype) -> None:
+        """Sample with a copy of the model whose weights are `dtype` (half precision without autocast's casts)."""
+        from .models import model_copy
+
+        self.model, self.dtype = model_copy(self.model, dtype), dtype
+
     def compile(self) -> None:
         import torch
-        self.model = torch.compile(self.model)
+        self.model = torch.compile(self.model, backend=compile_backend())
 
 
 class EnsembleDenoiser(UNetDenoiser):
@@ -196,11 +205,16 @@ class EnsembleDenoiser(UNetDenoiser):
     def __call__(self, x, t, ctx):
         i = self.route(int(t))
         self.calls[i] += 1
-        return self.models[i](x, t, **(ctx or {})).sample
+        return self.models[i](x if self.dtype is None else x.to(self.dtype), t, **(ctx or {})).sample
+
+    def cast(self, dtype) -> None:
+        from .models import model_copy
+
+        self.models, self.dtype = [model_copy(m, dtype) for m in self.models], dtype
 
     def compile(self) -> None:
         import torch
-        self.models = [torch.compile(m) for m in self.models]
+        self.models = [torch.compile(m, backend=compile_backend()) for m in self.models]
 
 
 # --- the denoising loop ------------------------------------------------------------------------------------------
@@ -227,6 +241,13 @@ def generate_batches(denoiser, scheduler_name: str, steps: int, seeds: Sequence[
 
     device = device if device is not None else next(denoiser.modules[0].parameters()).device
     precision = resolve_precision(precision, device)
+    # Half precision: UNets that can be cast run on a half-precision copy of their weights without autocast (GroupNorm
+    # and the residual adds stay in half precision too: faster, as diffusers pipelines do with torch_dtype=float16);
+    # the rest (text-to-image encoders, the VAE decode) runs under autocast.
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    cast = half is not None and hasattr(denoiser, "cast")
+    if cast:
+        denoiser.cast(half)
     if compile:
         denoiser.compile()
     exact = device.type == "cpu" and not compile
@@ -243,7 +264,7 @@ def generate_batches(denoiser, scheduler_name: str, steps: int, seeds: Sequence[
             ctx = denoiser.condition([conds[k] for k in rows] if conds is not None else None)
             for t in scheduler.timesteps:
                 inp = scheduler.scale_model_input(x, t)
-                with _autocast(precision, device):
+                with contextlib.nullcontext() if cast else _autocast(precision, device):
                     eps = denoiser(inp, t, ctx)
                 kw = dict(step_kw, generator=gens) if wants_gen else step_kw
                 x = scheduler.step(eps.float(), t, x, **kw).prev_sample
@@ -474,65 +495,233 @@ def _settings(recipe, spec: str, loaded: Loaded, precision: str) -> dict:
             "output_size": s.output_size}
 
 
-def run_sample(recipe, run: RunDir, spec: str, force: bool = False) -> dict:
-    """Write run.samples(spec)/000000.png ..., grid.png and samples.json; skip images already written."""
-    from . import ui
-    from .models import resolve_pretrained, scheduler_config
+@dataclass(frozen=True)
+class Shard:
+    """Process `rank` of `count` makes the images k with k % count == rank (each writes its own PNGs)."""
 
-    s = recipe.sample
-    kind, _ = parse_model_spec(spec)
-    device = pick_device(recipe.train.device)
-    precision = resolve_precision(s.precision, device)
-    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    sched_cfg = scheduler_config(pipeline_dir)
-    make_scheduler(s.scheduler, sched_cfg, s.eta)               # fail on a bad scheduler before loading models
-    loaded = load_model(recipe, run, spec, device)
-    folder = run.samples(spec)
-    settings = {**_settings(recipe, spec, loaded, precision), **loaded.settings}
+    rank: int = 0
+    count: int = 1
 
-    # Resume: keep images made with the same settings; refuse to mix settings unless --force.
-    have = existing_images(folder)
-    meta_path = folder / SAMPLES_JSON
-    if have and not force:
-        old = read_json(meta_path).get("settings") if meta_path.is_file() else None
-        changed = [k for k in settings if old is None or old.get(k) != settings[k]]
-        if changed:
-            raise UsageError(f"'{folder}' holds {len(have)} images made with other settings ({', '.join(changed)}); "
-                             f"re-run with --force to regenerate them")
-    if force:  # inputs are valid and the model loaded: now the old images go, so no mix of old and new remains
-        for p in have.values():
-            p.unlink()
-        have = {}
-    todo = [k for k in range(s.num_images) if k not in have]
+    def owns(self, k: int) -> bool:
+        return k % self.count == self.rank
 
-    folder.mkdir(parents=True, exist_ok=True)
-    compile_on = s.compile == "on" or (s.compile == "auto" and device.type == "cuda")
-    record = {"model": spec, "kind": kind, "model_info": loaded.info, "settings": settings,
-              "scheduler": s.scheduler, "scheduler_class": type(make_scheduler(s.scheduler, sched_cfg)[0]).__name__,
-              "steps": s.steps, "eta": settings["eta"],
-              "seeds": {"base": s.seed, "count": s.num_images, "rule": "image k uses seed + k"},
-              "precision": precision, "device": device.type, "compile": compile_on, "batch_size": s.batch_size,
-              "num_images": s.num_images, **loaded.record, "complete": False}
-    write_json(meta_path, record)
+    @staticmethod
+    def parse(text: str) -> "Shard":
+        """'I/P' -> Shard(I, P)."""
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+            raise UsageError(f"--shard expects I/P with 0 <= I < P, like 0/2; got '{text}'")
+        return Shard(int(m.group(1)), int(m.group(2)))
 
+
+def _distributed(device_choice: str = "auto"):
+    """(Shard, device, barrier) when run under `accelerate launch` / torchrun with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device_choice == "cpu" or not torch.cuda.is_available())
+    return Shard(state.process_index, state.num_processes), state.device, state.wait_for_everyone
+
+
+class _Job:
+    """One `deme sample` run: the model loaded, its settings, and the sample folder."""
+
+    def __init__(self, recipe, run: RunDir, spec: str, device, target=None):
+        """`device`: where the model is loaded; `target`: where the images are made (default: `device`)."""
+        from .models import resolve_pretrained, scheduler_config
+        from .speed import use_compile
+
+        s = self.s = recipe.sample
+        self.recipe, self.spec, self.device = recipe, spec, device
+        target = target if target is not None else device
+        self.kind, _ = parse_model_spec(spec)
+        self.precision = resolve_precision(s.precision, target)
+        self.sched_cfg = scheduler_config(resolve_pretrained(recipe.model.pretrained, recipe.model.revision))
+        make_scheduler(s.scheduler, self.sched_cfg, s.eta)       # fail on a bad scheduler before loading models
+        self.loaded = load_model(recipe, run, spec, device)
+        self.folder = run.samples(spec)
+        self.meta_path = self.folder / SAMPLES_JSON
+        self.settings = {**_settings(recipe, spec, self.loaded, self.precision), **self.loaded.settings}
+        self.compile, self.target = use_compile(s.compile, target), target
+
+    def check_resume(self, force: bool) -> dict[int, Path]:
+        """Images already in the folder; refuses (UsageError) when they were made with other settings."""
+        have = existing_images(self.folder)
+        if have and not force:
+            old = read_json(self.meta_path).get("settings") if self.meta_path.is_file() else None
+            changed = [k for k in self.settings if old is None or old.get(k) != self.settings[k]]
+            if changed:
+                raise UsageError(f"'{self.folder}' holds {len(have)} images made with other settings "
+                                 f"({', '.join(changed)}); re-run with --force to regenerate them")
+        return have
+
+    def start(self, have: dict, force: bool, processes: int = 1) -> dict:
+        """Remove old images on --force, write samples.json (complete: false); returns the record."""
+        s = self.s
+        if force:  # inputs are valid and the model loaded: now the old images go, so no mix of old and new remains
+            for p in have.values():
+                p.unlink()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"model": self.spec, "kind": self.kind, "model_info": self.loaded.info, "settings": self.settings,
+                  "scheduler": s.scheduler,
+                  "scheduler_class": type(make_scheduler(s.scheduler, self.sched_cfg)[0]).__name__,
+                  "steps": s.steps, "eta": self.settings["eta"],
+                  "seeds": {"base": s.seed, "count": s.num_images, "rule": "image k uses seed + k"},
+                  "precision": self.precision, "device": self.target.type, "compile": self.compile,
+                  "batch_size": s.batch_size, "num_images": s.num_images, "processes": processes,
+                  **({"sharding": "image k is made by process k % processes"} if processes > 1 else {}),
+                  **self.loaded.record, "complete": False}
+        write_json(self.meta_path, record)
+        return record
+
+    def generate(self, shard: Shard = Shard()) -> dict:
+        """Make the missing images this shard owns; returns {"generated", "time_s", "calls"}."""
+        from . import ui
+
+        s = self.s
+        have = existing_images(self.folder)
+        todo = [k for k in range(s.num_images) if k not in have and shard.owns(k)]
+        t0 = time.time()
+        if todo:
+            seeds = [s.seed + k for k in todo]
+            mine = len([k for k in range(s.num_images) if shard.owns(k)])
+            desc = f"sample {self.spec}" + (f" [{shard.rank}/{shard.count}]" if shard.count > 1 else "")
+            with ui.progress(desc, total=mine, start=mine - len(todo), unit="img", every=max(1, s.batch_size)) as bar:
+                for pos, images in generate_batches(self.loaded.denoiser, s.scheduler, s.steps, seeds,
+                                                    scheduler_config=self.sched_cfg,
+                                                    conds=self.loaded.conds_for(todo), eta=s.eta,
+                                                    batch_size=s.batch_size, precision=self.precision,
+                                                    device=self.device, compile=self.compile):
+                    for j, img in zip(pos, images):
+                        _save_png(self.folder / f"{todo[j]:06d}.png", img, s.output_size)
+                    bar.update(len(pos))
+        return {"generated": len(todo), "time_s": time.time() - t0,
+                "calls": getattr(self.loaded.denoiser, "calls", None)}
+
+    def finish(self, record: dict, generated: int, elapsed: float, calls: Optional[list] = None) -> dict:
+        """grid.png and the complete samples.json."""
+        s = self.s
+        grid = write_grid(self.folder, s.num_images, self.folder / GRID_FILE) if s.grid else None
+        missing = s.num_images - len([k for k in existing_images(self.folder) if k < s.num_images])
+        record.update(complete=missing == 0, generated=generated, skipped=s.num_images - generated - missing,
+                      time_s=round(elapsed, 3),
+                      images_per_s=round(generated / elapsed, 3) if generated and elapsed > 0 else None,
+                      grid=grid.name if grid else None, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if missing:
+            record["missing"] = missing
+        if calls is not None:  # the ensemble (also inside a text-to-image denoiser)
+            record["model_info"]["calls_per_range"] = calls
+        write_json(self.meta_path, record)
+        return {**record, "folder": str(self.folder)}
+
+
+def _shard_file(folder: Path, shard: Shard) -> Path:
+    return folder / f".shard-{shard.rank}-of-{shard.count}.json"
+
+
+def _sum_calls(parts: list) -> Optional[list]:
+    calls = [c for c in parts if c is not None]
+    return [sum(x) for x in zip(*calls)] if calls else None
+
+
+def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: int = 1, gpus: str = "auto",
+               shard: Optional[Shard] = None) -> dict:
+    """Write run.samples(spec)/000000.png ..., grid.png and samples.json; skip images already written.
+
+    The images can be made by several processes, each making the images k with k % P == its rank (the pixels do not
+    depend on which process makes an image: per-image seeds, batch-invariant arithmetic on the CPU):
+    - under `accelerate launch --num_processes P` (or torchrun): every process runs this; the main one writes
+      samples.json and grid.png once all are done;
+    - `processes` = P > 1: this process starts P `deme sample --shard I/P` workers (launch.run_jobs, one per slot
+      of `gpus`), waits for them and writes samples.json and grid.png;
+    - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
+    """
+    if shard is not None:
+        return _sample_worker(recipe, run, spec, shard)
+    if processes > 1:
+        return _sample_fan_out(recipe, run, spec, force, processes, gpus)
+    dist = _distributed(recipe.train.device)
+    if dist is None:
+        job = _Job(recipe, run, spec, pick_device(recipe.train.device))
+        record = job.start(job.check_resume(force), force)
+        out = job.generate()
+        return job.finish(record, out["generated"], out["time_s"], out["calls"])
+
+    # Under accelerate launch: the main process removes (--force) and writes samples.json; all make their share.
+    me, device, barrier = dist
     t0 = time.time()
-    if todo:
-        seeds = [s.seed + k for k in todo]
-        with ui.progress(f"sample {spec}", total=s.num_images, start=s.num_images - len(todo), unit="img",
-                         every=max(1, s.batch_size)) as bar:
-            for pos, images in generate_batches(loaded.denoiser, s.scheduler, s.steps, seeds,
-                                                scheduler_config=sched_cfg, conds=loaded.conds_for(todo),
-                                                eta=s.eta, batch_size=s.batch_size, precision=precision,
-                                                device=device, compile=compile_on):
-                for j, img in zip(pos, images):
-                    _save_png(folder / f"{todo[j]:06d}.png", img, s.output_size)
-                bar.update(len(pos))
-    elapsed = time.time() - t0
-    grid = write_grid(folder, s.num_images, folder / GRID_FILE) if s.grid else None
-    record.update(complete=True, generated=len(todo), skipped=s.num_images - len(todo), time_s=round(elapsed, 3),
-                  images_per_s=round(len(todo) / elapsed, 3) if todo and elapsed > 0 else None,
-                  grid=grid.name if grid else None, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    if getattr(loaded.denoiser, "calls", None) is not None:  # the ensemble (also inside a text-to-image denoiser)
-        record["model_info"]["calls_per_range"] = loaded.denoiser.calls
-    write_json(meta_path, record)
-    return {**record, "folder": str(folder)}
+    job = _Job(recipe, run, spec, device)
+    have = job.check_resume(force)                # every process checks, so a refusal stops them all alike
+    barrier()
+    record = job.start(have, force, me.count) if me.rank == 0 else None
+    barrier()
+    out = job.generate(me)
+    write_json(_shard_file(job.folder, me), {**out, "time_s": round(out["time_s"], 3)})
+    barrier()
+    if me.rank != 0:
+        return {"model": spec, "shard": f"{me.rank}/{me.count}", **out, "folder": str(job.folder)}
+    return _collect(job, record, me.count, time.time() - t0)
+
+
+def _collect(job: "_Job", record: dict, count: int, elapsed: float) -> dict:
+    parts = []
+    for r in range(count):
+        f = _shard_file(job.folder, Shard(r, count))
+        if f.is_file():
+            parts.append(read_json(f))
+            f.unlink()
+    return job.finish(record, sum(p["generated"] for p in parts), elapsed, _sum_calls([p.get("calls") for p in parts]))
+
+
+def _sample_worker(recipe, run: RunDir, spec: str, shard: Shard) -> dict:
+    """`deme sample --shard I/P`: make this shard's missing images (the starting process checked the settings)."""
+    job = _Job(recipe, run, spec, pick_device(recipe.train.device))
+    if not job.meta_path.is_file():
+        raise UsageError(f"--shard is for workers started by 'deme sample --processes'; '{job.meta_path}' is missing")
+    out = job.generate(shard)
+    write_json(_shard_file(job.folder, shard), {**out, "time_s": round(out["time_s"], 3)})
+    return {"model": spec, "shard": f"{shard.rank}/{shard.count}", **out, "folder": str(job.folder)}
+
+
+def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int, gpus: str) -> dict:
+    """`deme sample --processes P`: P worker processes on the slots of `gpus`, then samples.json and the grid."""
+    import torch
+
+    from . import launch, ui
+
+    on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
+    slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus)
+    on_cpu = on_cpu or not slots[0].gpus
+    # the model is loaded here for its identity (settings) and the checks only: on the CPU, GPUs stay free for workers
+    job = _Job(recipe, run, spec, torch.device("cpu"), target=torch.device("cpu" if on_cpu else "cuda"))
+    record = job.start(job.check_resume(force), force, processes)
+    recipe_file = launch.write_launch_recipe(recipe, run)
+    for r in range(processes):
+        _shard_file(job.folder, Shard(r, processes)).unlink(missing_ok=True)
+    folder = job.folder
+
+    def progress(rank: int):
+        def read() -> tuple:
+            mine = [k for k in range(recipe.sample.num_images) if k % processes == rank]
+            have = existing_images(folder)
+            return sum(1 for k in mine if k in have), len(mine)
+        return read
+
+    have = existing_images(folder)
+    busy = {k % processes for k in range(recipe.sample.num_images) if k not in have}   # shards with work left
+    jobs = [launch.Job(f"shard {r}/{processes}", ["sample", str(recipe_file), "--model", spec, "--shard",
+                                                  f"{r}/{processes}"],
+                       folder.parent / f".{folder.name}-shard-{r}.log", progress(r)) for r in sorted(busy)]
+    t0 = time.time()
+    if jobs:
+        launch.run_jobs(jobs, slots, f"deme sample {spec}", poll_s=2.0)
+    report = launch.failure_report(jobs)
+    if report:
+        ui.console.print("\n".join(report), markup=False, highlight=False)
+        raise UsageError(f"{sum(1 for j in jobs if j.returncode)} of {processes} sampling processes failed (see "
+                         f"above); re-run the same command to make the missing images")
+    for j in jobs:
+        j.log.unlink(missing_ok=True)
+    return _collect(job, record, processes, time.time() - t0)
