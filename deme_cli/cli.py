@@ -69,6 +69,13 @@ def _guard(fn: Callable[[], None]) -> None:
         raise typer.Exit(130)
 
 
+def _main_process() -> bool:
+    """False in the other processes of an `accelerate launch` / torchrun job: only the main one reports."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _not_yet(name: str) -> None:
     raise UsageError(f"'deme {name}' is not yet available in this version")
 
@@ -98,28 +105,99 @@ def split(recipe: Path = RecipeArg,
 
 
 # --- train ---------------------------------------------------------------------------------------------------------
+GpusOpt = typer.Option("auto", "--gpus", help="Devices for the launched processes: a count (4), a list (0,1,2,3), "
+                      "cpu:P (P CPU processes) or auto (every visible GPU, else the CPU).")
+LAUNCHERS = ("none", "local", "slurm")
+
+
 @app.command()
 def train(recipe: Path = RecipeArg,
           range_: Optional[int] = typer.Option(None, "--range", "-r", help="Index of the range to finetune."),
-          all_: bool = typer.Option(False, "--all", help="Finetune every range, one after another."),
+          all_: bool = typer.Option(False, "--all", help="Finetune every range (see --launcher)."),
+          launcher: str = typer.Option("none", "--launcher", help="How --all runs the ranges: none (one after "
+                                       "another in this process), local (one process per range on --gpus, waves when "
+                                       "there are more ranges than slots), slurm (a job array; see --emit)."),
+          gpus: str = GpusOpt,
+          gpus_per_range: int = typer.Option(1, "--gpus-per-range", help="GPUs per range (data parallel through "
+                                             "accelerate launch, each range with its own port)."),
+          emit: bool = typer.Option(False, "--emit", help="slurm: write the job scripts and print how to submit "
+                                    "them, without submitting."),
+          slurm_option: Optional[List[str]] = typer.Option(None, "--slurm-option", metavar="KEY=VALUE",
+                                                           help="slurm: an extra #SBATCH option, like "
+                                                           "partition=gpu or time=24:00:00 (repeatable)."),
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt, force: bool = ForceOpt):
     """DeMe-finetune range I (or --all ranges); resumes from the latest checkpoint when re-run."""
     def body():
+        if launcher not in LAUNCHERS:
+            raise UsageError(f"unknown launcher '{launcher}' (known: {', '.join(LAUNCHERS)})")
         if not dry_run and (range_ is None) == (not all_):
             raise UsageError("give exactly one of --range I or --all")
+        if launcher != "none" and not all_:
+            raise UsageError(f"--launcher {launcher} fans out the ranges of --all; use it with --all")
+        if emit and launcher != "slurm":
+            raise UsageError("--emit writes SLURM scripts; use it with --launcher slurm")
+        if launcher != "none":
+            return _train_launched(recipe, set_, out, dry_run, as_json, force, launcher, gpus, gpus_per_range, emit,
+                                   list(slurm_option or []))
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .train import train_ranges
 
         results = train_ranges(ctx.recipe, ctx.run, None if all_ else range_, force=force)
+        if not _main_process():
+            return
         if as_json:
             ui.emit_json({"ranges": results})
         else:
             ui.table("trained", ["range", "lo", "hi", "steps", "loss", "final"],
                      [[r["range"], r["lo"], r["hi"], r["steps"], r.get("loss"), r["final"]] for r in results])
     _guard(body)
+
+
+def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force: bool, launcher: str, gpus: str,
+                    gpus_per_range: int, emit: bool, slurm_options: list[str]) -> None:
+    """`deme train --all --launcher local | slurm`: the ranges as separate jobs (launch.py)."""
+    from . import launch
+    from .recipe import load_recipe
+    from .runs import RunDir
+
+    if dry_run:  # the resolved recipe, then what would be started or written
+        resolved = load_recipe(recipe, set_, str(out) if out is not None else None)
+        run_dir = RunDir(resolved.out_dir)
+        sys.stdout.write(resolved.to_toml())
+        if launcher == "local":
+            sys.stdout.write("\n".join(launch.local_plan(resolved, run_dir, gpus, gpus_per_range, force)) + "\n")
+        else:
+            emitted = launch.slurm_emit(resolved, run_dir, gpus_per_range, slurm_options, write=False)
+            for path, text in emitted["files"].items():
+                sys.stdout.write(f"\n# ===== {path} (not written: --dry-run) =====\n{text}")
+        return
+    ctx = _prepare(recipe, set_, out, False, as_json, force)
+    if launcher == "slurm":
+        emitted = launch.slurm_emit(ctx.recipe, ctx.run, gpus_per_range, slurm_options)
+        submitted = None if emit else launch.slurm_submit(emitted)
+        if as_json:
+            ui.emit_json({**emitted, "files": list(emitted["files"]), "submitted": submitted})
+            return
+        ui.info(f"wrote {', '.join(Path(f).name for f in emitted['files'])} in {emitted['folder']} "
+                f"(one array task per range, {ctx.recipe.ranges.n} ranges; the merge job waits for all of them)")
+        ui.info(submitted if submitted else f"submit with: {emitted['submit']}")
+        return
+    result = launch.train_local(ctx.recipe, ctx.run, gpus, gpus_per_range, force)
+    if as_json:
+        ui.emit_json(result)
+    else:
+        ui.table(f"trained ({result['launcher']}: {', '.join(result['slots'])})",
+                 ["range", "lo", "hi", "status", "steps", "loss", "final"],
+                 [[r["range"], r["lo"], r["hi"], r["status"], r.get("steps"), r.get("loss"), r["final"]]
+                  for r in result["ranges"]])
+    if result["failed"]:
+        ui.console.print("\n".join(result["report"]), markup=False, highlight=False)
+        ui.console.print(f"[red]error:[/red] {len(result['failed'])} range(s) failed; re-run the same command to "
+                         f"resume them (finished ranges are kept).", highlight=False)
+        raise typer.Exit(1)
 
 
 # --- merge ---------------------------------------------------------------------------------------------------------
@@ -172,23 +250,36 @@ def merge(recipe: Path = RecipeArg,
 @app.command()
 def sample(recipe: Path = RecipeArg,
            model: str = typer.Option("merged", "--model", "-m", help="base | merged | range:I | ensemble"),
+           processes: int = typer.Option(1, "--processes", "-p", help="Worker processes, one per slot of --gpus "
+                                         "(image k is made by process k % P; same pixels as one process)."),
+           gpus: str = GpusOpt,
+           shard: Optional[str] = typer.Option(None, "--shard", hidden=True, help="I/P: worker of --processes."),
            set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
            as_json: bool = JsonOpt, force: bool = ForceOpt):
     """Generate images with per-image seeds (image k uses sample.seed + k); writes <run>/samples/<model>/.
 
-    Re-running skips images already written with the same settings; --force regenerates them."""
+    Re-running skips images already written with the same settings; --force regenerates them. Under
+    `accelerate launch --num_processes P` the P processes share the images as --processes P does."""
     def body():
-        from .sample import parse_model_spec
+        from .sample import Shard, parse_model_spec
 
         parse_model_spec(model)
+        if processes < 1:
+            raise UsageError(f"--processes must be at least 1, got {processes}")
+        part = Shard.parse(shard) if shard is not None else None
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .sample import run_sample
 
-        r = run_sample(ctx.recipe, ctx.run, model, force=force)
+        r = run_sample(ctx.recipe, ctx.run, model, force=force, processes=processes, gpus=gpus, shard=part)
+        if not _main_process():
+            return
         if as_json:
             ui.emit_json(r)
+            return
+        if "shard" in r:
+            ui.info(f"{r['model']} shard {r['shard']}: {r['generated']} new images in {r['folder']}")
             return
         rate = f", {r['images_per_s']:.2f} images/s" if r.get("images_per_s") else ""
         ui.info(f"{r['model']}: {r['num_images']} images in {r['folder']}")

@@ -1,0 +1,139 @@
+"""Scale-out: ranges fanned out as processes, failure reports, SLURM scripts, data parallel under torchrun, sharded
+sampling (bit-identical to one process). The tests that start processes use 2 CPU processes of the tiny DDPM."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from deme_cli import launch
+from deme_cli.cli import app
+from deme_cli.errors import UsageError
+from deme_cli.runs import RunDir
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _write(recipe, tmp_path) -> Path:
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.to_toml())
+    return path
+
+
+def test_device_slots(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    assert [s.name for s in launch.device_slots("cpu:2")] == ["cpu 0", "cpu 1"]
+    assert launch.device_slots("cpu:2")[0].env() == {"CUDA_VISIBLE_DEVICES": ""}
+    two = launch.device_slots("2")
+    assert [s.gpus for s in two] == [(0,), (1,)] and two[1].env() == {"CUDA_VISIBLE_DEVICES": "5"}   # visible 1
+    pairs = launch.device_slots("0,1,2,3", per_job=2)
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["4,5", "6,7"]
+    assert len(launch.device_slots("auto")) == 4
+    for bad in ("0", "a,b", "1,1", "cpu:0", "cpu:x"):
+        with pytest.raises(UsageError):
+            launch.device_slots(bad)
+    with pytest.raises(UsageError, match="needs at least 2"):
+        launch.device_slots("1", per_job=2)
+    cmd = launch.deme_command(["train", "r.toml", "--range", "1"], processes=2, port=29601)
+    assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"] and "29601" in cmd
+
+
+def test_fan_out_two_ranges_as_two_processes(make_recipe, tmp_path):
+    """`deme train --all --launcher local --gpus cpu:2`: each range in its own process, then a re-run keeps them."""
+    recipe = make_recipe(train={"steps": 2, "checkpoint_every": 2})
+    path = _write(recipe, tmp_path)
+    run = RunDir(recipe.out_dir)
+    result = CliRunner().invoke(app, ["train", str(path), "--all", "--launcher", "local", "--gpus", "cpu:2", "--json"],
+                                env=ENV)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout)
+    assert got["slots"] == ["cpu 0", "cpu 1"] and got["failed"] == []
+    assert [(r["range"], r["status"], r["steps"]) for r in got["ranges"]] == [(0, "done", 2), (1, "done", 2)]
+    assert {r["device"] for r in got["ranges"]} == {"cpu 0", "cpu 1"}             # ran side by side
+    for i in (0, 1):
+        assert (run.final(i) / "deme.json").is_file()
+        assert "CUDA_VISIBLE_DEVICES=''" in (run.range_dir(i) / "launch.log").read_text()
+        assert [json.loads(x)["step"] for x in run.metrics(i).read_text().splitlines()] == [1, 2]
+    again = CliRunner().invoke(app, ["train", str(path), "--all", "--launcher", "local", "--gpus", "cpu:2", "--json"],
+                               env=ENV)
+    assert again.exit_code == 0, again.output
+    assert [r["status"] for r in json.loads(again.stdout)["ranges"]] == ["kept", "kept"]   # nothing started
+
+
+def test_failed_job_is_reported_with_exit_code_and_log_tail(tmp_path):
+    jobs = [launch.Job("range 0", ["train", str(tmp_path / "missing.toml"), "--range", "0"], tmp_path / "0.log")]
+    launch.run_jobs(jobs, launch.device_slots("cpu:1"), "test", poll_s=0.1)
+    assert jobs[0].returncode == 2
+    report = "\n".join(launch.failure_report(jobs))
+    assert "range 0 failed with exit code 2 on cpu 0" in report and "does not exist" in report
+
+
+def test_slurm_emit_and_dry_run(make_recipe, tmp_path):
+    recipe = make_recipe(ranges={"n": 3})
+    path = _write(recipe, tmp_path)
+    folder = Path(recipe.out_dir).resolve() / "launch" / "slurm"
+    dry = CliRunner().invoke(app, ["train", str(path), "--all", "--launcher", "slurm", "--emit", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "#SBATCH --array=0-2" in dry.stdout and "afterok" in dry.stdout and not folder.exists()
+    res = CliRunner().invoke(app, ["train", str(path), "--all", "--launcher", "slurm", "--emit", "--gpus-per-range",
+                                   "2", "--slurm-option", "partition=gpu", "--json"])
+    assert res.exit_code == 0, res.output
+    train = (folder / "train.sbatch").read_text()
+    assert "#SBATCH --array=0-2" in train and "#SBATCH --partition=gpu" in train and "--gres=gpu:2" in train
+    assert "accelerate.commands.launch --multi_gpu --num_processes 2" in train
+    assert '--range "$SLURM_ARRAY_TASK_ID"' in train
+    assert "--dependency=afterok:$train" in (folder / "submit.sh").read_text()
+    assert "deme_cli merge" in (folder / "merge.sbatch").read_text()
+    resolved = (folder.parent / "recipe.toml").read_text()
+    assert f'dir = "{Path(recipe.out_dir).resolve()}"' in resolved
+    assert json.loads(res.stdout)["submit"].endswith("submit.sh")
+
+
+def test_launcher_misuse_is_a_usage_error(make_recipe, tmp_path):
+    path = _write(make_recipe(), tmp_path)
+    for args, msg in ((["--range", "0", "--launcher", "local"], "use it with --all"),
+                      (["--all", "--emit"], "--launcher slurm"),
+                      (["--all", "--launcher", "ssh"], "unknown launcher"),
+                      (["--all", "--launcher", "local", "--gpus", "cpu:0"], "not valid")):
+        r = CliRunner().invoke(app, ["train", str(path), *args])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_one_range_data_parallel_under_torchrun(make_recipe, tmp_path):
+    """One range on 2 processes (what `accelerate launch --multi_gpu` starts on GPUs; torchrun on the CPU)."""
+    recipe = make_recipe(train={"steps": 2, "checkpoint_every": 2})
+    path = _write(recipe, tmp_path)
+    cmd = launch.deme_command(["train", str(path), "--range", "1"], processes=2, port=29611, cpu=True)
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    run = RunDir(recipe.out_dir)
+    lines = [json.loads(x) for x in run.metrics(1).read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]                            # one line per step, from the main process
+    state = json.loads((run.checkpoints(1) / "step-2" / "state.json").read_text())
+    assert state["num_processes"] == 2 and len(state["rng"]) == 2         # every process's RNG state
+    assert json.loads((run.final(1) / "deme.json").read_text())["steps"] == 2
+
+
+def test_sampling_with_2_processes_is_bit_identical_to_one(make_recipe, tmp_path, monkeypatch):
+    from deme_cli.sample import existing_images, run_sample
+
+    common = dict(sample={"num_images": 5, "batch_size": 2, "steps": 3})
+    one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
+    two = make_recipe(**common, output={"dir": str(tmp_path / "two")})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    a = run_sample(one, RunDir(one.out_dir), "base")
+    b = run_sample(two, RunDir(two.out_dir), "base", processes=2, gpus="cpu:2")
+    assert b["processes"] == 2 and b["generated"] == 5 and b["complete"] and b["grid"] == "grid.png"
+    fa, fb = existing_images(Path(a["folder"])), existing_images(Path(b["folder"]))
+    assert sorted(fa) == sorted(fb) == list(range(5))
+    assert all(fa[k].read_bytes() == fb[k].read_bytes() for k in fa)
+    meta = json.loads((Path(b["folder"]) / "samples.json").read_text())
+    assert meta["settings"] == json.loads((Path(a["folder"]) / "samples.json").read_text())["settings"]
+    assert not list(Path(b["folder"]).glob(".shard-*")) and not list(Path(b["folder"]).parent.glob(".*.log"))
+    again = run_sample(two, RunDir(two.out_dir), "base", processes=2, gpus="cpu:2")   # resume: nothing to make
+    assert again["generated"] == 0 and again["skipped"] == 5
