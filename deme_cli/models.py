@@ -45,7 +45,7 @@ def resolve_pretrained(pretrained: str, revision: Optional[str] = None) -> Path:
         # checker that Stable Diffusion repositories also hold (several GB we never load)
         return Path(snapshot_download(pretrained, revision=revision,
                                       allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                      ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*", "safety_checker/*"]))
+                                      ignore_patterns=["*.fp16.*", "*non_ema*", "safety_checker/*"]))
     except Exception as e:  # offline, unknown repo, gated repo...
         raise UsageError(f"could not fetch '{pretrained}' from the hub ({type(e).__name__}); download it once and "
                          f"point model.pretrained at the local folder") from None
