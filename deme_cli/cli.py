@@ -206,6 +206,9 @@ def merge(recipe: Path = RecipeArg,
           weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per range, low t first."),
           method: Optional[str] = typer.Option(None, help="task_arithmetic | ties | dare (overrides merge.method)."),
           search: bool = typer.Option(False, "--search", help="Search the weights (merge.search strategy)."),
+          processes: int = typer.Option(1, "--processes", "-p", help="--search: score candidates in P processes, "
+                                        "one per slot of --gpus (same results as one process)."),
+          gpus: str = GpusOpt,
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt, force: bool = ForceOpt):
     """Merge the range models into one by task-vector arithmetic; writes <run>/merged/ (+ merge.json).
@@ -213,6 +216,8 @@ def merge(recipe: Path = RecipeArg,
     Re-running with the same settings and unchanged range models does nothing; --force merges again. A new merge
     replaces merged/ only once it is complete."""
     def body():
+        if processes < 1 or (processes > 1 and not search):
+            raise UsageError("--processes scores the candidates of --search and must be at least 1")
         from .merge import MERGE_METHODS, parse_weights, resolve_weights
         from .recipe import load_recipe
 
@@ -227,7 +232,7 @@ def merge(recipe: Path = RecipeArg,
             return
         from .merge import run_merge
 
-        result = run_merge(ctx.recipe, ctx.run, search=search, force=force)
+        result = run_merge(ctx.recipe, ctx.run, search=search, force=force, processes=processes, gpus=gpus)
         if as_json:
             ui.emit_json(result)
             return

@@ -581,9 +581,10 @@ def _previous(run: RunDir) -> Optional[dict]:
 
 
 def run_merge(recipe, run: RunDir, weights: Optional[list[float]] = None, search: bool = False,
-              force: bool = False) -> dict:
-    """Merge the range models of `run` into `run.merged`; with `search`, find the weights first. Returns merge.json
-    plus "skipped" (True when merged/ already held this merge) and "merged" (the folder)."""
+              force: bool = False, processes: int = 1, gpus: str = "auto") -> dict:
+    """Merge the range models of `run` into `run.merged`; with `search`, find the weights first (its candidates
+    scored by `processes` processes on the slots of `gpus`). Returns merge.json plus "skipped" (True when merged/
+    already held this merge) and "merged" (the folder)."""
     n = recipe.ranges.n
     spec = MergeSpec.from_recipe(recipe)
     get_method(spec.method)
@@ -607,7 +608,7 @@ def run_merge(recipe, run: RunDir, weights: Optional[list[float]] = None, search
     log = None
     if search:
         from .merge_search import search_weights
-        log = search_weights(recipe, run, inputs, spec, start)
+        log = search_weights(recipe, run, inputs, spec, start, processes=processes, gpus=gpus)
         final = list(log["best"]["weights"])
     else:
         final = start

@@ -46,9 +46,18 @@ MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy
 Score = Callable[[tuple], float]
 
 
+def _prefetch(score: Score, weights: list) -> None:
+    """Score independent candidates together (in parallel when the scorer can); later score() calls hit the cache."""
+    prefetch = getattr(score, "prefetch", None)
+    if prefetch is not None:
+        prefetch(weights)
+
+
 def grid_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
     """Every combination of the candidates for the N weights."""
-    for w in itertools.product(candidates, repeat=n):
+    grid = list(itertools.product(candidates, repeat=n))
+    _prefetch(score, grid)
+    for w in grid:
         score(w)
 
 
@@ -59,6 +68,8 @@ def coordinate_search(n: int, candidates: list[float], start: tuple, score: Scor
     for _ in range(rounds):
         improved = False
         for i in range(n):
+            # the trials of weight i do not depend on each other: an improvement changes only weight i of `current`
+            _prefetch(score, [current[:i] + (c,) + current[i + 1:] for c in candidates])
             for c in candidates:
                 trial = current[:i] + (c,) + current[i + 1:]
                 s = score(trial)
@@ -72,6 +83,7 @@ def greedy_search(n: int, candidates: list[float], start: tuple, score: Score, r
     """Model-soups greedy: ranges ranked by their best solo score are added one by one while the score improves."""
     current = (0.0,) * n
     current_score = score(current)
+    _prefetch(score, [current[:i] + (c,) + current[i + 1:] for i in range(n) for c in candidates if c != 0])
     solo = []
     for i in range(n):
         tried = [(score(current[:i] + (c,) + current[i + 1:]), c) for c in candidates if c != 0]
@@ -105,17 +117,15 @@ STRATEGIES: dict[str, SearchStrategy] = {s.name: s for s in [
 class Scorer:
     """Scores each distinct weight vector once, logs every one, tracks the best (lowest score)."""
 
-    def __init__(self, evaluate: Callable[[list[float]], float], bar=None):
-        self.evaluate, self.bar = evaluate, bar
+    def __init__(self, evaluate: Callable[[list[float]], float], bar=None,
+                 evaluate_many: Optional[Callable[[list[list[float]]], list[float]]] = None):
+        self.evaluate, self.evaluate_many, self.bar = evaluate, evaluate_many, bar
         self.scores: dict[tuple, float] = {}
         self.log: list[dict] = []
         self.best: Optional[tuple[float, tuple]] = None
 
-    def __call__(self, weights) -> float:
-        key = tuple(float(w) for w in weights)
-        if key in self.scores:
-            return self.scores[key]
-        s = float(self.evaluate(list(key)))
+    def _record(self, key: tuple, s: float) -> float:
+        s = float(s)
         if s != s:  # NaN never wins
             s = math.inf
         self.scores[key] = s
@@ -125,6 +135,23 @@ class Scorer:
         if self.bar is not None:
             self.bar.update(score=s, best=self.best[0])
         return s
+
+    def __call__(self, weights) -> float:
+        key = tuple(float(w) for w in weights)
+        if key in self.scores:
+            return self.scores[key]
+        return self._record(key, self.evaluate(list(key)))
+
+    def prefetch(self, weights: list) -> None:
+        """Score the new ones among `weights` at once (evaluate_many), logged in the given order as if one by one."""
+        keys = list(dict.fromkeys(tuple(float(w) for w in ws) for ws in weights))
+        keys = [k for k in keys if k not in self.scores]
+        if not keys:
+            return
+        scores = self.evaluate_many([list(k) for k in keys]) if self.evaluate_many else \
+            [self.evaluate(list(k)) for k in keys]
+        for k, s in zip(keys, scores):
+            self._record(k, s)
 
 
 # --- objectives --------------------------------------------------------------------------------------------------
@@ -317,16 +344,124 @@ def search_settings(recipe, start: list[float]) -> dict:
     return s
 
 
-def search_weights(recipe, run, inputs, spec, start: list[float]) -> dict:
-    """Score candidate merges of `inputs` with the recipe's strategy and objective; the log for merge.json."""
-    import torch
-
+def candidate_evaluator(recipe, run, inputs, spec):
+    """(objective, merger, evaluate(weights) -> score): one candidate model on the objective's device."""
     from .merge import new_candidate_model
+
+    objective = OBJECTIVES[recipe.merge.objective](recipe, run, inputs)
+    model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
+    merger = make_merger(inputs, spec, objective.device)
+
+    def evaluate(weights: list[float]) -> float:
+        merger.load_into(model, weights)
+        return float(objective(model))
+    return objective, merger, evaluate
+
+
+def _pool_worker(recipe, run, env: dict, tasks, results) -> None:
+    """A search process: builds its own objective and candidate model, then scores the weight vectors it is sent."""
+    import os
+    import traceback
+
+    os.environ.update(env)                    # before torch initialises CUDA: this worker's GPU (or none)
+    try:
+        ui.console.quiet = True               # the main process reports; warnings would repeat once per worker
+        from .merge import MergeSpec, load_inputs
+
+        inputs = load_inputs(recipe, run)
+        objective, merger, evaluate = candidate_evaluator(recipe, run, inputs, MergeSpec.from_recipe(recipe))
+        results.put(("ready", {"describe": objective.describe(), "merges": type(merger).kind}))
+        for job in iter(tasks.get, None):
+            i, weights = job
+            results.put(("score", i, evaluate(weights)))
+    except BaseException as e:  # the main process raises it
+        results.put(("error", isinstance(e, UsageError), str(e), traceback.format_exc()))
+
+
+class SearchPool:
+    """P worker processes (spawned), each scoring candidates on its own device slot; `map` keeps the input order.
+
+    A candidate's score is a deterministic function of its weights, so the search takes the same decisions and logs
+    the same scores as the serial one (on the CPU: with the same number of threads per process; on GPUs: the same
+    kind of card).
+    """
+
+    def __init__(self, recipe, run, processes: int, gpus: str = "auto"):
+        import multiprocessing as mp
+        import os
+
+        import torch
+
+        from .launch import device_slots
+
+        on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
+        slots = device_slots(f"cpu:{processes}" if on_cpu else gpus)
+        ctx = mp.get_context("spawn")         # fork after torch initialised is unsafe; spawn starts clean
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        threads = str(max(1, (os.cpu_count() or 1) // processes))
+        self.procs = []
+        for k in range(processes):
+            slot = slots[k % len(slots)]
+            env = slot.env() if slot.gpus else {"CUDA_VISIBLE_DEVICES": "",
+                                                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            p = ctx.Process(target=_pool_worker, args=(recipe, run, env, self.tasks, self.results), daemon=True)
+            p.start()
+            self.procs.append(p)
+        self.slots = [slots[k % len(slots)].name for k in range(processes)]
+        self.info = None
+        for _ in range(processes):
+            msg = self._get()
+            self.info = self.info or msg[1]
+
+    def _get(self):
+        import queue
+
+        while True:
+            try:
+                msg = self.results.get(timeout=5)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise RuntimeError(f"a search process ended unexpectedly (exit code {dead[0].exitcode})")
+                continue
+            if msg[0] == "error":
+                self.close()
+                if msg[1]:
+                    raise UsageError(msg[2])
+                raise RuntimeError(f"a search process failed: {msg[2]}\n{msg[3]}")
+            return msg
+
+    def map(self, weights: list) -> list[float]:
+        for i, w in enumerate(weights):
+            self.tasks.put((i, list(w)))
+        out = [None] * len(weights)
+        for _ in weights:
+            _, i, s = self._get()
+            out[i] = s
+        return out
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+def search_weights(recipe, run, inputs, spec, start: list[float], processes: int = 1, gpus: str = "auto") -> dict:
+    """Score candidate merges of `inputs` with the recipe's strategy and objective; the log for merge.json.
+
+    processes > 1: candidates that do not depend on each other (all of a grid, one coordinate's sweep, greedy's
+    solo runs) are scored by a SearchPool of that many processes on the slots of `gpus`.
+    """
+    import torch
 
     m = recipe.merge
     try:
         strategy = STRATEGIES[m.search]
-        make_objective = OBJECTIVES[m.objective]
+        OBJECTIVES[m.objective]
     except KeyError as e:
         raise UsageError(f"unknown search setting {e}") from None
     candidates = sorted({float(c) for c in m.candidates})
@@ -341,24 +476,30 @@ def search_weights(recipe, run, inputs, spec, start: list[float]) -> dict:
         ui.warn("merge.search_reference is eval.reference: the search is tuned on the images eval reports on; "
                 "use a held-out folder for the search")
 
-    objective = make_objective(recipe, run, inputs)
-    model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
-    merger = make_merger(inputs, spec, objective.device)
-
-    def evaluate(weights: list[float]) -> float:
-        merger.load_into(model, weights)
-        return objective(model)
-
     t0 = time.time()
-    with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges", every=1) as bar:
-        scorer = Scorer(evaluate, bar)
-        strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
-    merges = type(merger).kind
-    del model, merger
-    if objective.device.type == "cuda":
-        torch.cuda.empty_cache()
+    pool = None
+    if processes > 1:
+        pool = SearchPool(recipe, run, processes, gpus)
+        described, merges = pool.info["describe"], pool.info["merges"]
+        evaluate, evaluate_many = (lambda w: pool.map([w])[0]), pool.map
+        ui.info(f"search: {processes} processes on {', '.join(dict.fromkeys(pool.slots))}")
+    else:
+        objective, merger, evaluate = candidate_evaluator(recipe, run, inputs, spec)
+        described, merges, evaluate_many = objective.describe(), type(merger).kind, None
+    try:
+        with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges", every=1) as bar:
+            scorer = Scorer(evaluate, bar, evaluate_many)
+            strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
+    finally:
+        if pool is not None:
+            pool.close()
+    if pool is None:
+        device = objective.device
+        del objective, merger, evaluate
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     best_score, best_weights = scorer.best
     return {"strategy": m.search, "strategy_summary": strategy.summary, "objective": m.objective,
-            **objective.describe(), "merges": merges, "candidate_values": candidates, "evaluations": len(scorer.log),
+            **described, "merges": merges, "candidate_values": candidates, "evaluations": len(scorer.log),
             "seconds": round(time.time() - t0, 3), "best": {"weights": list(best_weights), "score": best_score},
-            "candidates": scorer.log}
+            "candidates": scorer.log, **({"processes": processes} if processes > 1 else {})}

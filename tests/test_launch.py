@@ -137,3 +137,36 @@ def test_sampling_with_2_processes_is_bit_identical_to_one(make_recipe, tmp_path
     assert not list(Path(b["folder"]).glob(".shard-*")) and not list(Path(b["folder"]).parent.glob(".*.log"))
     again = run_sample(two, RunDir(two.out_dir), "base", processes=2, gpus="cpu:2")   # resume: nothing to make
     assert again["generated"] == 0 and again["skipped"] == 5
+
+
+def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, tiny_images, tmp_path, monkeypatch):
+    """`deme merge --search --processes 2`: the same candidates, scores (exactly) and best weights as one process.
+
+    Coordinate search: its sweeps are scored in parallel, its decisions stay sequential."""
+    import shutil
+
+    import torch
+
+    from deme_cli import merge
+    from test_merge import N, write_ranges
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")              # the same thread count in every process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        write_ranges(tmp_path / "serial", tiny_ddpm)
+        shutil.copytree(tmp_path / "serial", tmp_path / "parallel")
+        m = {"search": "coordinate", "candidates": [0.0, 0.5, 1.0], "objective": "loss", "search_num_images": 6,
+             "search_reference": str(tiny_images)}
+        runs = {}
+        for name, procs in (("serial", 1), ("parallel", 2)):
+            recipe = make_recipe(ranges={"n": N}, merge=m, output={"dir": str(tmp_path / name)})
+            runs[name] = merge.run_merge(recipe, RunDir(tmp_path / name), search=True, weights=[0.5, 0.5, 0.5],
+                                         processes=procs, gpus="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = runs["serial"]["search"], runs["parallel"]["search"]
+    assert b["processes"] == 2 and "processes" not in a
+    assert a["candidates"] == b["candidates"] and len(a["candidates"]) >= 7
+    assert a["best"] == b["best"] and runs["serial"]["weights"] == runs["parallel"]["weights"]
+    assert len({c["score"] for c in a["candidates"]}) > 1
