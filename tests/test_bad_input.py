@@ -1,0 +1,57 @@
+"""Bad input through the command line: one sentence on stderr, exit code 2, no traceback, nothing overwritten."""
+import pytest
+from typer.testing import CliRunner
+
+from deme_cli.cli import app
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_ddpm, tiny_images):
+    f = tmp_path / "r.toml"
+    f.write_text(f'''name = "bad"
+[model]
+pretrained = "{tiny_ddpm}"
+[data]
+path = "{tiny_images}"
+resolution = 16
+[ranges]
+n = 2
+[train]
+steps = 2
+batch_size = 4
+mixed_precision = "no"
+[output]
+dir = "{tmp_path / 'run'}"
+''')
+    return f
+
+
+def _check(args, expect):
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    lines = [l for l in r.output.strip().splitlines() if l.strip()]
+    assert lines[0].startswith("error:") and expect in " ".join(lines)
+    return r
+
+
+def test_bad_inputs_exit_2_with_one_sentence(recipe_file, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "keep.txt").write_text("precious")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("not = [toml\n")
+    _check(["train", str(broken), "--range", "0"], "not valid TOML")
+    _check(["train", str(recipe_file), "--range", "0", "--set", "train.stepz=3"], "train.steps")
+    _check(["train", str(recipe_file), "--range", "0", "--set", "train.steps=many"], "train.steps")
+    _check(["train", str(recipe_file), "--range", "0", "--set", "deme.p=1.5"], "deme.p")
+    _check(["train", str(recipe_file), "--range", "0", "--set", f"model.pretrained={tmp_path / 'nope'}"],
+           "does not exist")
+    _check(["train", str(recipe_file), "--range", "7"], "range")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _check(["split", str(recipe_file), "--out", str(blocker / "run")], "cannot be created")
+    _check(["split", str(tmp_path / "missing.toml")], "does not exist")
+    # nothing in the run directory was written or lost
+    assert (run / "keep.txt").read_text() == "precious"
+    assert not (run / "ranges").exists()
