@@ -280,6 +280,11 @@ def sample(recipe: Path = RecipeArg,
         r = run_sample(ctx.recipe, ctx.run, model, force=force, processes=processes, gpus=gpus, shard=part)
         if not _main_process():
             return
+        if r.get("failed"):
+            ui.console.print("\n".join(r["report"]), markup=False, highlight=False)
+            ui.console.print(f"[red]error:[/red] {len(r['failed'])} of {processes} sampling processes failed; re-run "
+                             f"the same command to make the missing images.", highlight=False)
+            raise typer.Exit(1)
         if as_json:
             ui.emit_json(r)
             return

@@ -686,10 +686,12 @@ def _sample_worker(recipe, run: RunDir, spec: str, shard: Shard) -> dict:
 
 
 def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int, gpus: str) -> dict:
-    """`deme sample --processes P`: P worker processes on the slots of `gpus`, then samples.json and the grid."""
+    """`deme sample --processes P`: P worker processes on the slots of `gpus`, then samples.json and the grid.
+
+    When a worker fails, returns the record with "failed" (shard names) and "report" (exit codes, log tails)."""
     import torch
 
-    from . import launch, ui
+    from . import launch
 
     on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
     slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus)
@@ -702,11 +704,13 @@ def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int,
         _shard_file(job.folder, Shard(r, processes)).unlink(missing_ok=True)
     folder = job.folder
 
+    n, seen = recipe.sample.num_images, {"t": 0.0, "have": {}}
+
     def progress(rank: int):
         def read() -> tuple:
-            mine = [k for k in range(recipe.sample.num_images) if k % processes == rank]
-            have = existing_images(folder)
-            return sum(1 for k in mine if k in have), len(mine)
+            if time.time() - seen["t"] > 1.0:          # one folder listing per poll, shared by the shards
+                seen.update(t=time.time(), have=existing_images(folder))
+            return sum(1 for k in seen["have"] if k < n and k % processes == rank), len(range(rank, n, processes))
         return read
 
     have = existing_images(folder)
@@ -717,11 +721,9 @@ def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int,
     t0 = time.time()
     if jobs:
         launch.run_jobs(jobs, slots, f"deme sample {spec}", poll_s=2.0)
-    report = launch.failure_report(jobs)
-    if report:
-        ui.console.print("\n".join(report), markup=False, highlight=False)
-        raise UsageError(f"{sum(1 for j in jobs if j.returncode)} of {processes} sampling processes failed (see "
-                         f"above); re-run the same command to make the missing images")
+    failed = [j.name for j in jobs if j.returncode]
+    if failed:  # samples.json stays incomplete; the logs stay for the report
+        return {**record, "folder": str(folder), "failed": failed, "report": launch.failure_report(jobs)}
     for j in jobs:
         j.log.unlink(missing_ok=True)
     return _collect(job, record, processes, time.time() - t0)
