@@ -256,7 +256,7 @@ def merge(recipe: Path = RecipeArg,
 def sample(recipe: Path = RecipeArg,
            model: str = typer.Option("merged", "--model", "-m", help="base | merged | range:I | ensemble"),
            processes: int = typer.Option(1, "--processes", "-p", help="Worker processes, one per slot of --gpus "
-                                         "(image k is made by process k % P; same pixels as one process)."),
+                                         "(image k is made by process k % P; seeds stay per image)."),
            gpus: str = GpusOpt,
            shard: Optional[str] = typer.Option(None, "--shard", hidden=True, help="I/P: worker of --processes."),
            set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
