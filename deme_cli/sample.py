@@ -641,6 +641,9 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: i
     if shard is not None:
         return _sample_worker(recipe, run, spec, shard)
     if processes > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--processes starts its own processes; under accelerate launch or torchrun leave it out "
+                             "(the launched processes already share the images)")
         return _sample_fan_out(recipe, run, spec, force, processes, gpus)
     dist = _distributed(recipe.train.device)
     if dist is None:
