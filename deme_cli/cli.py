@@ -393,7 +393,7 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
             return
         keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
         ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
-                 ["model"] + [k.upper() if k != "clip" else "CLIP score" for k in keys] + ["images"],
+                 ["model"] + [{"clip_score": "CLIP score"}.get(k, k.upper()) for k in keys] + ["images"],
                  [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
         ui.table("stages", ["stage", "status", "seconds"],
                  [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
