@@ -47,8 +47,9 @@ def resolve_pretrained(pretrained: str, revision: Optional[str] = None) -> Path:
                                       allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
                                       ignore_patterns=["*.fp16.*", "*non_ema*", "safety_checker/*"]))
     except Exception as e:  # offline, unknown repo, gated repo...
-        raise UsageError(f"could not fetch '{pretrained}' from the hub ({type(e).__name__}); download it once and "
-                         f"point model.pretrained at the local folder") from None
+        raise UsageError(f"model.pretrained '{pretrained}' is not a folder here (relative paths are read from "
+                         f"{Path.cwd()}) and could not be fetched from the hub ({type(e).__name__}); run from the "
+                         f"folder the recipe expects, or point model.pretrained at a local pipeline folder") from None
 
 
 def unet_folder(pipeline_dir: Path) -> Path:
