@@ -1,24 +1,7 @@
 """End to end through the `deme` command line (in-process): train N = 2 ranges, merge, sample, eval."""
 from __future__ import annotations
 
-import importlib.util
 import json
-
-import pytest
-
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deme_cli.train") is None or importlib.util.find_spec("deme_cli.merge") is None,
-    reason="needs deme_cli.train and deme_cli.merge (deme train / deme merge)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_train_merge_sample_eval(make_recipe, tiny_images, tmp_path):

@@ -15,15 +15,6 @@ from deme_cli.safetensors_stream import TensorFileReader, TensorFileWriter
 N = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy 2-core machine: one intra-op thread avoids thread contention (about 15x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _perturbed(base_unet, seed: int, scale: float, projection: bool):
     """A range model: theta plus Gaussian noise, with projections = identity plus noise."""
     gen = torch.Generator().manual_seed(seed)

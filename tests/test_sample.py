@@ -7,17 +7,6 @@ import pytest
 from deme_cli.errors import UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One CPU thread: on a shared 2-core machine, OpenMP barriers make a tiny forward ~70x slower with 2 threads."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tiny_ddpm):
     from deme_cli.models import load_base, scheduler_config

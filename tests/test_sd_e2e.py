@@ -8,21 +8,9 @@ from __future__ import annotations
 import json
 import shutil
 
-import pytest
 from typer.testing import CliRunner
 
 from deme_cli.cli import app
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One CPU thread: on a shared 2-core machine, OpenMP barriers make tiny forwards much slower with 2 threads."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_recipe(path, tiny_sd, run, **extra) -> str:

@@ -9,17 +9,6 @@ import pytest
 from deme_cli.errors import UsageError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One CPU thread: on a shared 2-core machine, OpenMP barriers make tiny forwards much slower with 2 threads."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def sd_recipe(tmp_path, tiny_sd):
     from deme_cli.recipe import recipe_from_dict

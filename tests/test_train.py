@@ -22,15 +22,6 @@ from deme_cli.train import EMA, RangeTrainer, deme_loss, ema_decay, train_ranges
 R0 = Range(0, 0, 500)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 spinning OpenMP threads run these tiny models ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _trainer(recipe, tiny_ddpm) -> RangeTrainer:
     return RangeTrainer(recipe, R0, Path(tiny_ddpm), 1000)
 
