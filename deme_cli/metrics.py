@@ -454,6 +454,9 @@ def _plan(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list
     return jobs
 
 
+_PER_CALL = ("time_s", "images_per_s", "created", "generated", "skipped")  # samples.json keys of one sample call
+
+
 def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor: FeatureExtractor) -> Optional[str]:
     """Inputs that determine an eval result; None when they cannot be pinned down (then it is always recomputed)."""
     if extractor.cache_key is None and any(m in recipe.eval.metrics for m in ("fid", "kid")):
@@ -462,7 +465,13 @@ def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor: Feature
     if reference and Path(reference).expanduser().exists():
         p = Path(reference).expanduser()
         ref_id = _file_key(p) if p.is_file() else [_file_key(Path(f)) for f in image_files(p)]
-    blob = {"samples": {k: v for k, v in job.samples.items() if k not in ("time_s", "images_per_s", "created")},
+    # samples.json is rewritten by every `deme sample` call; its per-call bookkeeping (how many images this call made
+    # or kept, how long it took, the ensemble's calls per range) says nothing about the images, so it is left out:
+    # otherwise re-running `deme run` re-scores every model once after its samples were made
+    samples = {k: v for k, v in job.samples.items() if k not in _PER_CALL}
+    if isinstance(samples.get("model_info"), dict):
+        samples["model_info"] = {k: v for k, v in samples["model_info"].items() if k != "calls_per_range"}
+    blob = {"samples": samples,
             "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor.cache_key,
             "mode": recipe.eval.mode, "metrics": list(recipe.eval.metrics), "clip": recipe.eval.clip_model,
             "seed": recipe.seed}

@@ -156,6 +156,33 @@ def test_run_eval_writes_json_and_checks_counts(make_recipe, folders, tiny):
         run_eval(bad, run, ["merged"], extractor=tiny)
 
 
+def test_eval_is_reused_when_only_the_sample_calls_bookkeeping_changed(make_recipe, folders, tiny):
+    """A re-run of `deme sample` rewrites samples.json with generated = 0, skipped = n: eval must not re-score."""
+    import dataclasses
+
+    from deme_cli.metrics import run_eval
+    from deme_cli.runs import RunDir, read_json
+
+    tiny = dataclasses.replace(tiny, cache_key="tiny-test")   # results are only reused for a pinned-down extractor
+    a, b, _ = folders
+    recipe = make_recipe(sample={"num_images": 6}, eval={"reference": str(b), "metrics": ["fid"]})
+    run = RunDir(recipe.out_dir)
+    first = {"seeds": {"base": 0, "count": 6}, "scheduler": "ddim", "generated": 6, "skipped": 0, "time_s": 1.5,
+             "model_info": {"hash": "abc", "calls_per_range": [3, 3]}}
+    folder = _sample_folder(run, "ensemble", a, 6, meta=first)
+    run_eval(recipe, run, ["ensemble"], extractor=tiny)
+    created = read_json(run.eval_json("ensemble"))["fingerprint"]
+    rerun = {**first, "generated": 0, "skipped": 6, "time_s": 0.01, "model_info": {"hash": "abc", "calls_per_range": [0, 0]}}
+    (folder / "samples.json").write_text(json.dumps(rerun))
+    run.eval_json("ensemble").write_text(json.dumps({**read_json(run.eval_json("ensemble")), "marker": 1}))
+    run_eval(recipe, run, ["ensemble"], extractor=tiny)
+    kept = read_json(run.eval_json("ensemble"))
+    assert kept.get("marker") == 1 and kept["fingerprint"] == created          # reused, not recomputed
+    (folder / "samples.json").write_text(json.dumps({**rerun, "model_info": {"hash": "other"}}))
+    run_eval(recipe, run, ["ensemble"], extractor=tiny)
+    assert "marker" not in read_json(run.eval_json("ensemble"))               # another model: recomputed
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     """A random CLIPModel from config with a local BPE tokenizer, saved without an image processor."""
