@@ -1,0 +1,183 @@
+"""Run the Fashion-MNIST reproduction benchmark (issue 6, item 3) with one command: data, (optionally) a
+longer-pretrained base, every recipe of benchmarks/fashion-mnist/recipes/ through `deme run`, then the results table.
+
+    python benchmarks/fashion-mnist/run.py                  # the full benchmark -> runs/fmnist-bench, RESULTS.md
+    python benchmarks/fashion-mnist/run.py --smoke          # the same pipeline shrunk to minutes -> runs/fmnist-bench-smoke
+
+Run it from the repository root. It is resumable: run the same command again after an interruption and every stage
+that already finished is skipped (`deme run` keeps finished ranges, merges, samples and evals; the data folders are
+kept while their settings match). What each step runs, its settings and its cost are in PLAN.md next to this file.
+
+Steps:
+1. data: make_assets.py writes <out>/data/{train,holdout,test}/ (16 px PNGs): training images 0-54,999 (finetuning),
+   55,000-59,999 (held out: the merge weight search), and all 10,000 test images (the FID/KID reference only).
+2. base: assets/fmnist-ddpm, or with --pretrain-steps N a DDPM pretrained from scratch for N steps by pretrain.py
+   (<out>/base-N; CPU only).
+3. every recipe, in order, through `python -m deme_cli run RECIPE --out <out>/<name> --set ...` (the --set values
+   are the data/base paths above and, with --smoke, the tiny sizes); each run dir gets command.json (the exact command,
+   the hardware, wall time). Extra seeds (--seeds 0,1) repeat the main rows' recipes in <out>/<name>-seed<s>.
+4. results.py: the table (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import results  # noqa: E402
+
+# recipe name -> is it a main row (repeated for --seeds)
+RECIPES = {"n1-all-timesteps": True, "deme": True, "ablation-sampling": False, "ablation-consistency": False}
+TOTAL_STEPS = 4000          # finetuning steps per recipe, shared by its ranges (equal for every row)
+
+FULL = dict(train=55000, holdout=5000, test=10000)
+SMOKE = dict(train=300, holdout=64, test=100)
+SMOKE_TOTAL_STEPS = 16      # 4 per range at N = 4, 16 at N = 1
+SMOKE_SETS = [              # everything shrunk: a few minutes on 2 CPU cores
+    "train.batch_size=16", "train.checkpoint_every=2", "train.log_every=2",
+    "sample.num_images=16", "sample.steps=4", "sample.batch_size=16",
+    "merge.candidates=[0.0, 1.0]", "merge.search_num_images=32",
+    "eval.batch_size=50",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[fmnist-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_cmd(cmd: list[str], env=None) -> None:
+    log("$ " + shlex.join(cmd))
+    rc = subprocess.call(cmd, env=env)
+    if rc != 0:
+        log(f"failed with exit code {rc}: {shlex.join(cmd)}; fix the cause and run the same command again to resume")
+        sys.exit(rc)
+
+
+def make_data(out: Path, sizes: dict, env) -> Path:
+    data = out / "data"
+    marker = data / "assets.json"
+    if marker.is_file() and json.loads(marker.read_text()) == sizes:
+        log(f"data: kept {data} ({sizes})")
+        return data
+    run_cmd([sys.executable, str(HERE / "make_assets.py"), "--out", str(data), "--train", str(sizes["train"]),
+             "--holdout", str(sizes["holdout"]), "--test", str(sizes["test"]), "--resolution", "16"], env)
+    marker.write_text(json.dumps(sizes) + "\n")
+    return data
+
+
+def make_base(out: Path, steps: int, smoke: bool, threads: int | None, env) -> str:
+    if not steps:
+        return "assets/fmnist-ddpm"
+    base = out / f"base-{steps}"
+    if (base / "model_index.json").is_file():
+        log(f"base: kept {base}")
+        return str(base)
+    cmd = [sys.executable, str(HERE / "pretrain.py"), "--steps", str(steps), "--out", str(base),
+           "--work", str(out / f"pretrain-{steps}"), "--threads", str(threads or os.cpu_count() or 1)]
+    if smoke:
+        cmd += ["--checkpoint-every", "2", "--log-every", "1", "--grid-steps", "2", "--warmup", "1"]
+    run_cmd(cmd, env)
+    return str(base)
+
+
+def seed_reference_cache(out: Path, run_dir: Path) -> None:
+    """Copy the test set's Inception features from an earlier run dir (same paths -> same cache key), so the 10,000
+    reference images go through Inception once for the whole benchmark instead of once per recipe."""
+    dest = run_dir / "eval" / "cache"
+    for f in sorted(out.glob("*/eval/cache/reference-*.npy")):
+        if f.parent != dest and not (dest / f.name).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dest / f.name)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (300/64/100 images, 4 steps per range, 16 "
+                   "samples, DDIM-4, 2 search candidates); writes <out>/RESULTS-smoke.md, never RESULTS.md")
+    p.add_argument("--out", type=Path, default=None, help="benchmark folder (default runs/fmnist-bench, or "
+                   "runs/fmnist-bench-smoke with --smoke)")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="pretrain a base from scratch for this many steps "
+                   "(pretrain.py, CPU) instead of using assets/fmnist-ddpm (2,250 steps); 0: use the asset")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; seeds other than 0 repeat the main rows "
+                   "(N = 1 and DeMe) with seed s and sample.seed s * 1,000,000")
+    p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
+    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the child processes")
+    p.add_argument("--set", dest="sets", action="append", default=[], help="extra `deme run --set` for every recipe")
+    args = p.parse_args(argv)
+
+    out = args.out or Path("runs/fmnist-bench-smoke" if args.smoke else "runs/fmnist-bench")
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    only = set(args.only.split(",")) if args.only else set(RECIPES)
+    unknown = only - set(RECIPES)
+    if unknown:
+        p.error(f"--only: unknown recipe(s) {sorted(unknown)}; known: {', '.join(RECIPES)}")
+
+    t0 = time.time()
+    (out / "benchmark.json").write_text(json.dumps(
+        {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke,
+         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": results.hardware(args.threads)}, indent=2) + "\n")
+    data = make_data(out, SMOKE if args.smoke else FULL, env)
+    base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env)
+
+    for seed in seeds:
+        for name, main_row in RECIPES.items():
+            if name not in only or (seed != 0 and not main_row):
+                continue
+            recipe = HERE / "recipes" / f"{name}.toml"
+            cfg = tomllib.loads(recipe.read_text())
+            n = int(cfg["ranges"]["n"])
+            run_dir = out / (name if seed == 0 else f"{name}-seed{seed}")
+            sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
+                    f"merge.search_reference={json.dumps(str(data / 'holdout'))}",
+                    f"eval.reference={json.dumps(str(data / 'test'))}"]
+            if seed != 0:
+                sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
+            if args.smoke:
+                sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS // n}"]
+            else:
+                assert n * int(cfg["train"]["steps"]) == TOTAL_STEPS, f"{recipe}: total finetuning steps != {TOTAL_STEPS}"
+            sets += args.sets
+            cmd = [sys.executable, "-m", "deme_cli", "run", str(recipe.relative_to(Path.cwd()) if recipe.is_relative_to(
+                Path.cwd()) else recipe), "--out", str(run_dir)]
+            for s in sets:
+                cmd += ["--set", s]
+            seed_reference_cache(out, run_dir)
+            t1 = time.time()
+            run_cmd(cmd, env)
+            wall = time.time() - t1
+            record_file = run_dir / "command.json"
+            old = json.loads(record_file.read_text()) if record_file.is_file() else {}
+            run_json = run_dir / "run.json"
+            stages = {k: v.get("seconds") for k, v in json.loads(run_json.read_text())["stages"].items()} \
+                if run_json.is_file() else {}
+            # run.json keeps only the last call's stage times: every call is logged here, so that the table can say
+            # how long the work took and on which hardware, also when a run was interrupted and resumed elsewhere
+            calls = old.get("calls", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t1)),
+                                             "wall_s": round(wall, 1), "stages": stages,
+                                             "hardware": results.hardware(args.threads)}]
+            record = {"command": shlex.join(["deme"] + cmd[3:]), "recipe": name, "seed": seed, "smoke": args.smoke,
+                      "calls": calls}
+            record_file.write_text(json.dumps(record, indent=2) + "\n")
+            log(f"{name} (seed {seed}): {wall:.0f} s")
+
+    dest = results.write(out)
+    log(f"done in {time.time() - t0:.0f} s; table: {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
