@@ -33,7 +33,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from . import ui
-from .data import HFImages, ImageDataset, augment_rng
+from .data import HFImages, ImageDataset, ImageFiles, augment_rng
 from .errors import UsageError
 from .text2image import FrozenEncoders
 
@@ -56,21 +56,11 @@ def _caption(value, where: str) -> str:
     return value
 
 
-class MetadataFolder:
+class MetadataFolder(ImageFiles):
     """The images listed in data.path/metadata.jsonl, in file order (loader: len() and loader(i) -> PIL image)."""
 
     def __init__(self, files: list[Path]):
         self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __call__(self, i: int):
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            im.load()
-            return im
 
 
 def _folder_pairs(data) -> tuple[Any, list[str]]:

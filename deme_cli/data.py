@@ -29,17 +29,10 @@ _ORDER_STREAM = 0x0D3
 # --- sources: each returns a picklable loader with len() and loader(i) -> PIL image ---------------------------------
 # (picklable so DataLoader workers also work where they are spawned rather than forked)
 
-class FolderImages:
-    """Every image file under data.path (recursive, sorted), png/jpg/jpeg/webp/bmp."""
+class ImageFiles:
+    """A list of image files as a loader: len() and loader(i) -> PIL image (loaded, file closed)."""
 
-    def __init__(self, data):
-        root = Path(data.path).expanduser()
-        if not root.is_dir():
-            raise UsageError(f"data.path '{data.path}' is not a folder; point it at a folder of images")
-        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.files:
-            raise UsageError(f"data.path '{data.path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or "
-                             f"point data.path elsewhere")
+    files: list
 
     def __len__(self) -> int:
         return len(self.files)
@@ -50,6 +43,19 @@ class FolderImages:
         with Image.open(self.files[i]) as im:
             im.load()
             return im
+
+
+class FolderImages(ImageFiles):
+    """Every image file under data.path (recursive, sorted), png/jpg/jpeg/webp/bmp."""
+
+    def __init__(self, data):
+        root = Path(data.path).expanduser()
+        if not root.is_dir():
+            raise UsageError(f"data.path '{data.path}' is not a folder; point it at a folder of images")
+        self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not self.files:
+            raise UsageError(f"data.path '{data.path}' holds no images ({', '.join(IMAGE_SUFFIXES)}); add some or "
+                             f"point data.path elsewhere")
 
 
 def _load_hf(name: str, split: str):
