@@ -6,23 +6,9 @@ from deme_cli.cli import app
 
 
 @pytest.fixture
-def recipe_file(tmp_path, tiny_ddpm, tiny_images):
+def recipe_file(tmp_path, make_recipe):
     f = tmp_path / "r.toml"
-    f.write_text(f'''name = "bad"
-[model]
-pretrained = "{tiny_ddpm}"
-[data]
-path = "{tiny_images}"
-resolution = 16
-[ranges]
-n = 2
-[train]
-steps = 2
-batch_size = 4
-mixed_precision = "no"
-[output]
-dir = "{tmp_path / 'run'}"
-''')
+    f.write_text(make_recipe(train={"steps": 2}).to_toml())  # run dir: tmp_path / "run"
     return f
 
 
