@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -26,16 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from throughput import ARCHS  # noqa: E402  (the same architecture configs)
+from throughput import ARCHS, _sync, bench_device, device_info  # noqa: E402  (shared with the training benchmark)
 
 VARIANTS = ("eager_autocast", "eager", "compiled")
-
-
-def _sync(dev) -> None:
-    import torch
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def eager_autocast(model, dev, batch: int, steps: int, batches: int, precision: str):
@@ -88,26 +80,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
 
-    import diffusers
     import torch
 
     from deme_cli.sample import resolve_precision
 
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if args.threads or dev.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    dev = bench_device(args.device, args.threads)
     batch = args.batch or (8 if args.quick else 1024)
     steps = args.steps or (5 if args.quick else 50)
     batches = args.batches or (1 if args.quick else 2)
     precision = resolve_precision(args.precision, dev)
-    out = {"benchmark": "sample_throughput", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "device_type": dev.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "arch": "cifar10", "scheduler": "ddim", "steps": steps, "batch": batch, "timed_batches": batches,
-           "precision": precision, "quick": args.quick, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": []}
+    out = {**device_info("sample_throughput", dev), "arch": "cifar10", "scheduler": "ddim", "steps": steps,
+           "batch": batch, "timed_batches": batches, "precision": precision, "quick": args.quick, "rows": []}
 
     def save():
         if args.out:

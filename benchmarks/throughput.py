@@ -64,6 +64,30 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
+def bench_device(choice: str, threads: int):
+    """The device to time on (auto: CUDA when present), with the CPU thread count set (default 1 on the CPU)."""
+    import torch
+
+    dev = torch.device("cuda" if choice == "auto" and torch.cuda.is_available() else
+                       ("cpu" if choice == "auto" else choice))
+    if threads or dev.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return dev
+
+
+def device_info(name: str, dev) -> dict:
+    """The head of a results JSON: benchmark name, device, versions, time."""
+    import diffusers
+    import torch
+
+    return {"benchmark": name, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+            else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "device_type": dev.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
 def time_steps(step, finish, dev, warmup: int, steps: int) -> dict:
     """Run `warmup` then `steps` calls of step(); finish() drains what is still queued. Seconds and peak memory."""
     import torch
@@ -247,19 +271,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    import diffusers
 
-    dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if args.device == "auto" else args.device))
-    if args.threads or dev.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    dev = bench_device(args.device, args.threads)
     T0 = time.perf_counter()
-    out = {"benchmark": "throughput", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-           else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-           "device_type": dev.type, "torch": torch.__version__, "diffusers": diffusers.__version__,
-           "quick": args.quick, "data": args.data, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": [],
+    out = {**device_info("throughput", dev), "quick": args.quick, "data": args.data, "rows": [],
            "ratios": {}}
 
     def save():
