@@ -80,8 +80,15 @@ def torchscript_extractor(path: Path, device) -> FeatureExtractor:
         raise UsageError(f"'{path}' is not a TorchScript feature extractor ({str(e).splitlines()[0]})") from None
 
     def fn(x):
-        with torch.no_grad():
-            return net((x.to(device) - 128.0) / 128.0)
+        # full fp32 on CUDA too: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and the FID
+        # network is the one place where numbers must match other tools' (CPU) features
+        tf32 = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            with torch.no_grad():
+                return net((x.to(device) - 128.0) / 128.0)
+        finally:
+            torch.backends.cudnn.allow_tf32 = tf32
 
     return FeatureExtractor(fn, path.name, {"name": path.name, "path": str(path), "bytes": path.stat().st_size,
                                             "input": "(x - 128) / 128"}, _file_key(path))

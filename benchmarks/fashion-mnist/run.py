@@ -99,6 +99,49 @@ def seed_reference_cache(out: Path, run_dir: Path) -> None:
             shutil.copy2(f, dest / f.name)
 
 
+def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, args) -> None:
+    """Append this call (start, wall time, stage times, hardware) to <run_dir>/command.json."""
+    wall = time.time() - t1
+    record_file = run_dir / "command.json"
+    old = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    run_json = run_dir / "run.json"
+    stages = {k: v.get("seconds") for k, v in json.loads(run_json.read_text())["stages"].items()} \
+        if run_json.is_file() else {}
+    # run.json keeps only the last call's stage times: every call is logged here, so that the table can say
+    # how long the work took and on which hardware, also when a run was interrupted and resumed elsewhere
+    calls = old.get("calls", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t1)),
+                                     "wall_s": round(wall, 1), "stages": stages,
+                                     "hardware": results.hardware(args.threads), "parallel": args.parallel}]
+    record = {"command": shlex.join(["deme"] + cmd[3:]), "recipe": name, "seed": seed, "smoke": args.smoke,
+              "calls": calls}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"{name} (seed {seed}): {wall:.0f} s")
+
+
+def precompute_reference(out: Path, cmd: list[str], env) -> None:
+    """The reference set's Inception features into <out>/reference/eval/cache/ (eval's own cache file, same key),
+    through the recipe's own eval settings, so that seed_reference_cache can hand them to every run dir."""
+    recipe_args = cmd[cmd.index("run") + 1:]
+    code = (
+        "import sys\n"
+        "from deme_cli import metrics, recipe as R\n"
+        "from deme_cli.sample import pick_device\n"
+        "path, out, sets = sys.argv[1], sys.argv[2], [a for a in sys.argv[3:]]\n"
+        "sets = [sets[i + 1] for i in range(len(sets)) if sets[i] == '--set']\n"
+        "r = R.load_recipe(path, sets)\n"
+        "e = r.eval\n"
+        "dev = pick_device(r.train.device)\n"
+        "ext = metrics.load_extractor(e.feature_extractor, e.mode, dev)\n"
+        "ref = metrics.load_reference(e.reference, ext, e.mode, batch_size=e.batch_size, device=dev,\n"
+        "                             cache_dir=out, want_feats=True)\n"
+        "print(f'reference: {ref.num_images} images, features cached in {out}')\n"
+    )
+    t0 = time.time()
+    run_cmd([sys.executable, "-c", code, recipe_args[0], str(out / "reference" / "eval" / "cache"),
+             *recipe_args[1:]], env)
+    log(f"reference features: {time.time() - t0:.0f} s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -112,6 +155,9 @@ def main(argv=None) -> int:
                    "(N = 1 and DeMe) with seed s and sample.seed s * 1,000,000")
     p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the child processes")
+    p.add_argument("--parallel", action="store_true", help="run the recipes side by side (one `deme run` process "
+                   "each, logs in <run dir>/deme-run.log), after computing the reference features once; for a GPU "
+                   "that one tiny model leaves idle")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra `deme run --set` for every recipe")
     args = p.parse_args(argv)
 
@@ -133,6 +179,7 @@ def main(argv=None) -> int:
     data = make_data(out, SMOKE if args.smoke else FULL, env)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env)
 
+    jobs = []                                       # (name, seed, run dir, command)
     for seed in seeds:
         for name, main_row in RECIPES.items():
             if name not in only or (seed != 0 and not main_row):
@@ -155,24 +202,36 @@ def main(argv=None) -> int:
                 Path.cwd()) else recipe), "--out", str(run_dir)]
             for s in sets:
                 cmd += ["--set", s]
-            seed_reference_cache(out, run_dir)
+            jobs.append((name, seed, run_dir, cmd))
+
+    if args.parallel and jobs:
+        # the test set's features once, before the runs start, so that no two runs compute them side by side
+        precompute_reference(out, jobs[0][3], env)
+    for name, seed, run_dir, cmd in jobs:
+        seed_reference_cache(out, run_dir)
+    if args.parallel:
+        started = []
+        for name, seed, run_dir, cmd in jobs:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            logf = open(run_dir / "deme-run.log", "a")
+            log("$ " + shlex.join(cmd) + f"  > {logf.name}")
+            started.append((name, seed, run_dir, cmd, time.time(), subprocess.Popen(cmd, env=env, stdout=logf,
+                                                                                  stderr=subprocess.STDOUT), logf))
+        failed = []
+        for name, seed, run_dir, cmd, t1, proc, logf in started:
+            rc = proc.wait()
+            logf.close()
+            record_call(name, seed, run_dir, cmd, t1, args)
+            if rc != 0:
+                failed.append(f"{name} (exit {rc}, log {logf.name})")
+        if failed:
+            log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
+            return 1
+    else:
+        for name, seed, run_dir, cmd in jobs:
             t1 = time.time()
             run_cmd(cmd, env)
-            wall = time.time() - t1
-            record_file = run_dir / "command.json"
-            old = json.loads(record_file.read_text()) if record_file.is_file() else {}
-            run_json = run_dir / "run.json"
-            stages = {k: v.get("seconds") for k, v in json.loads(run_json.read_text())["stages"].items()} \
-                if run_json.is_file() else {}
-            # run.json keeps only the last call's stage times: every call is logged here, so that the table can say
-            # how long the work took and on which hardware, also when a run was interrupted and resumed elsewhere
-            calls = old.get("calls", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t1)),
-                                             "wall_s": round(wall, 1), "stages": stages,
-                                             "hardware": results.hardware(args.threads)}]
-            record = {"command": shlex.join(["deme"] + cmd[3:]), "recipe": name, "seed": seed, "smoke": args.smoke,
-                      "calls": calls}
-            record_file.write_text(json.dumps(record, indent=2) + "\n")
-            log(f"{name} (seed {seed}): {wall:.0f} s")
+            record_call(name, seed, run_dir, cmd, t1, args)
 
     dest = results.write(out)
     log(f"done in {time.time() - t0:.0f} s; table: {dest}")
