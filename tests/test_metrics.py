@@ -265,3 +265,34 @@ def test_default_extractor_gives_2048_inception_features(folders):
     ext = load_extractor(None, "clean", torch.device("cpu"))
     f = files_features(image_files(folders[0])[:2], ext, batch_size=2)
     assert f.shape == (2, 2048) and np.isfinite(f).all() and ext.cache_key
+
+
+def test_frechet_distance_matches_clean_fid_and_survives_scipy_without_disp(monkeypatch):
+    """SciPy 1.18 removed sqrtm's `disp` argument, which clean-fid 0.1.35 passes (a GPU image with SciPy 1.18 crashed
+    in eval): our formula must give clean-fid's value and never pass `disp`, also for a singular covariance product."""
+    import numpy as np
+    import scipy.linalg
+    from cleanfid import fid
+
+    from deme_cli.metrics import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(0.3, 1.2, size=(50, 6))
+    low = rng.normal(size=(3, 6))                                   # 3 samples in 6-D: a singular covariance
+    cases = [(a, b), (low, b)]
+    want = [fid.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+            for x, y in cases]
+
+    real_sqrtm = scipy.linalg.sqrtm
+
+    def sqrtm_without_disp(A, **kw):
+        if "disp" in kw:
+            raise TypeError("sqrtm() got an unexpected keyword argument 'disp'")
+        return real_sqrtm(A, **kw)
+
+    monkeypatch.setattr(scipy.linalg, "sqrtm", sqrtm_without_disp)
+    for (x, y), w in zip(cases, want):
+        got = frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+        assert np.isfinite(got) and got == pytest.approx(w, rel=1e-9, abs=1e-9)
+    with pytest.raises(TypeError):                                  # the patch does reject clean-fid's call
+        fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
