@@ -5,8 +5,9 @@
 
 One row per (run dir, model): the row's meaning (paper Table 1 / Table 3), FID, KID, number of images, sampler, the
 merge weights (merged rows), the exact `deme run` command and the hardware that ran it (command.json, written by
-run.py). A benchmark folder made with --smoke (benchmark.json "smoke": true) is never written to RESULTS.md: its table
-goes to <out>/RESULTS-smoke.md.
+run.py). A block between <!-- notes:begin --> and <!-- notes:end --> in an existing table (the reading of the
+numbers, written by hand) is kept when the table is rebuilt. A benchmark folder made with --smoke (benchmark.json
+"smoke": true) is never written to RESULTS.md: its table goes to <out>/RESULTS-smoke.md.
 """
 from __future__ import annotations
 
@@ -142,6 +143,18 @@ def render(out: Path, rows: list[dict], bench: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOTES = re.compile(r"<!-- notes:begin -->.*?<!-- notes:end -->", re.S)
+
+
+def _notes(dest: Path) -> str:
+    """The <!-- notes:begin --> ... <!-- notes:end --> block of an existing table (kept when it is rebuilt)."""
+    try:
+        m = NOTES.search(Path(dest).read_text())
+    except OSError:
+        return ""
+    return m.group(0) if m else ""
+
+
 def write(out: Path, dest: Path | None = None) -> Path:
     out = Path(out)
     bench = _read(out / "benchmark.json") or {}
@@ -153,6 +166,10 @@ def write(out: Path, dest: Path | None = None) -> Path:
     rows = collect(out)
     text = render(out, rows, bench)
     dest = Path(dest)
+    notes = _notes(dest)
+    if notes:                     # the hand-written reading of the numbers stays, right under the title
+        head, _, rest = text.partition("\n\n")
+        text = f"{head}\n\n{notes}\n\n{rest}"
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, dest)
