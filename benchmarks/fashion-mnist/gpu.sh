@@ -13,6 +13,8 @@
 #   call 2:      carry [.gpuB]:        bash benchmarks/fashion-mnist/gpu.sh run [SECONDS [run.py args]]
 #                (joins the Inception and checks its sha256, unpacks the data, runs
 #                `run.py --parallel` in fp32 without compile, and packs the results into $OUT)
+#                Arguments after SECONDS go to run.py, e.g. `gpu.sh run 560 --pretrain-steps 30000` pretrains a
+#                longer base on the GPU first (from the carried PNGs) and finetunes that one instead.
 #
 # All four recipes run side by side on the one GPU: the 1M-parameter model leaves it idle, so one process at a time
 # would be launch-bound. Training and sampling run in fp32 (`train.mixed_precision=no`, `sample.precision=fp32`):
@@ -88,9 +90,9 @@ timeout $((LIMIT - 30)) $PY benchmarks/fashion-mnist/run.py --parallel --threads
 echo "run.py exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s"
 # what comes back: the table, every run dir without weights, checkpoints and sample images (grids kept), the logs;
 # the sample images in a second archive
+tar -C runs -czf "$OUT/fmnist-runs.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoints' \
+  --exclude='data' --exclude='cache' --exclude='[0-9][0-9][0-9][0-9][0-9][0-9].png' fmnist-bench
 cp benchmarks/fashion-mnist/RESULTS.md "$OUT/" 2>/dev/null
-tar -C runs -czf "$OUT/fmnist-runs.tar.gz" --exclude='*.safetensors' --exclude='checkpoints' --exclude='data' --exclude='cache' \
-  --exclude='[0-9][0-9][0-9][0-9][0-9][0-9].png' fmnist-bench
 for d in runs/fmnist-bench/*/samples; do    # one archive per run dir: each stays under the 16 MiB a file may have
   r=$(basename "$(dirname "$d")"); tar -C runs -czf "$OUT/samples-$r.tar.gz" "fmnist-bench/$r/samples"
 done

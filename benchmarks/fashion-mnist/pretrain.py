@@ -10,7 +10,8 @@ DDPMPipeline folder (safetensors).
 Writes, under --work: loss.csv (step, mean loss of the last --log-every steps, lr, EMA decay, seconds),
 checkpoint/ (resumable: re-running the same command continues from it), grid-<step>.png (DDIM-50 samples from the EMA
 weights); and the pipeline under --out with grid.png and loss.csv next to it. Every random draw is a pure function of
-(--seed, step), so a resumed run continues the run it stopped.
+(--seed, step), made on the CPU, so a resumed run continues the run it stopped. It trains on CUDA when available
+(`--device`); `--image-dirs DIR...` reads already-resized PNGs (make_assets.py's folders) instead of the IDX files.
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ UNET = dict(                                        # 1.06M parameters, 4.3 MB i
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=fmnist.DEFAULT_DIR, help="folder with the IDX .gz files")
+    p.add_argument("--image-dirs", type=Path, nargs="+", default=None,
+                   help="train on these folders of grayscale PNGs at --resolution instead (make_assets.py's train/ "
+                        "and holdout/ hold the same 60,000 images, already resized), e.g. on a machine without "
+                        "the Debian package")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available; the random draws are made on the CPU either way")
     p.add_argument("--out", type=Path, default=Path("assets/fmnist-ddpm"), help="pipeline folder written at the end")
     p.add_argument("--work", type=Path, default=Path("runs/fmnist-pretrain"), help="checkpoint, loss log, grids")
     p.add_argument("--resolution", type=int, default=16, help="pixels (28 -> resolution, PIL bilinear)")
@@ -66,6 +73,19 @@ def ema_decay(k: int, max_decay: float, power: float) -> float:
     return min(max_decay, 1.0 - (1.0 + k) ** -power)
 
 
+def load_images(dirs: list[Path], res: int) -> np.ndarray:
+    """uint8 (N, res, res) from folders of PNGs, sorted by name within each folder, folders in the given order."""
+    from PIL import Image
+
+    files = [f for d in dirs for f in sorted(Path(d).glob("*.png"))]
+    if not files:
+        raise SystemExit(f"no PNG images in {', '.join(map(str, dirs))}")
+    out = np.stack([np.asarray(Image.open(f).convert("L")) for f in files])
+    if out.shape[1:] != (res, res):
+        raise SystemExit(f"images are {out.shape[1]} x {out.shape[2]} px, not --resolution {res}")
+    return out
+
+
 def sample_grid(unet, steps: int, path: Path, n: int = 64, seed: int = 1234) -> None:
     """DDIM (eta 0) samples of `unet`, an 8 x 8 grid scaled up 4x (nearest), grayscale PNG."""
     import torch
@@ -75,12 +95,13 @@ def sample_grid(unet, steps: int, path: Path, n: int = 64, seed: int = 1234) -> 
     sched = DDIMScheduler.from_config(DDPMScheduler(num_train_timesteps=1000).config)
     sched.set_timesteps(steps)
     res = unet.config.sample_size
-    x = torch.randn(n, 1, res, res, generator=torch.Generator().manual_seed(seed))
+    dev = next(unet.parameters()).device
+    x = torch.randn(n, 1, res, res, generator=torch.Generator().manual_seed(seed)).to(dev)
     unet.eval()
     with torch.no_grad():
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x).prev_sample
-    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
+    imgs = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].cpu().numpy()
     side = int(math.ceil(math.sqrt(n)))
     grid = np.zeros((side * res, side * res), np.uint8)
     for i, im in enumerate(imgs):
@@ -101,8 +122,14 @@ def main(argv=None):
     (args.work / "args.json").write_text(json.dumps(vars(args), indent=2, default=str) + "\n")
 
     # Load dataset.
-    x_all, _ = fmnist.load("train", args.data_dir)
-    x_all = torch.from_numpy(fmnist.resize(x_all, args.resolution)).float().div_(127.5).sub_(1.0).unsqueeze(1)
+    if args.image_dirs:
+        x_all = load_images(args.image_dirs, args.resolution)
+    else:
+        x_all, _ = fmnist.load("train", args.data_dir)
+        x_all = fmnist.resize(x_all, args.resolution)
+    x_all = torch.from_numpy(x_all).float().div_(127.5).sub_(1.0).unsqueeze(1)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
     n_data = len(x_all)
     print(f"data: {tuple(x_all.shape)} in [{x_all.min():.0f}, {x_all.max():.0f}] ({time.time() - t_start:.1f} s)", flush=True)
 
@@ -112,6 +139,8 @@ def main(argv=None):
     ema_unet = UNet2DModel(**{**UNET, "sample_size": args.resolution})
     ema_unet.load_state_dict(unet.state_dict())
     ema_unet.requires_grad_(False)
+    unet.to(device)
+    ema_unet.to(device)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     params, ema_params = list(unet.parameters()), list(ema_unet.parameters())
@@ -121,9 +150,9 @@ def main(argv=None):
     ckpt = args.work / "checkpoint"
     step = 0
     if (ckpt / "state.json").is_file():
-        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors")))
-        ema_unet.load_state_dict(load_file(str(ckpt / "ema.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        unet.load_state_dict(load_file(str(ckpt / "unet.safetensors"), device=str(device)))
+        ema_unet.load_state_dict(load_file(str(ckpt / "ema.safetensors"), device=str(device)))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device))
         step = json.loads((ckpt / "state.json").read_text())["step"]
         print(f"resumed at step {step}", flush=True)
 
@@ -160,6 +189,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed * 1_000_003 + step + 1)
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -197,13 +227,13 @@ def main(argv=None):
 
     # Save the EMA weights as a diffusers pipeline.
     args.out.mkdir(parents=True, exist_ok=True)
-    DDPMPipeline(unet=ema_unet, scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)
+    DDPMPipeline(unet=ema_unet.to("cpu"), scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)
     sample_grid(ema_unet, args.grid_steps, args.out / "grid.png")
     (args.out / "loss.csv").write_bytes(log_path.read_bytes())
     (args.out / "pretrain.json").write_text(json.dumps(
         {"script": "benchmarks/fashion-mnist/pretrain.py", "steps": step, "weights": "ema",
          "args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "data_dir", "max_minutes")},
-         "unet": UNET, "torch": torch.__version__}, indent=2) + "\n")
+         "unet": UNET, "torch": torch.__version__, "device": str(device)}, indent=2, default=str) + "\n")
     print(f"saved {args.out} ({time.time() - t_start:.0f} s)", flush=True)
 
 

@@ -12,7 +12,7 @@ Steps:
 1. data: make_assets.py writes <out>/data/{train,holdout,test}/ (16 px PNGs): training images 0-54,999 (finetuning),
    55,000-59,999 (held out: the merge weight search), and all 10,000 test images (the FID/KID reference only).
 2. base: assets/fmnist-ddpm, or with --pretrain-steps N a DDPM pretrained from scratch for N steps by pretrain.py
-   (<out>/base-N; CPU only).
+   (<out>/base-N; on CUDA when available), from the PNGs of step 1 (train/ + holdout/ = all 60,000 training images).
 3. every recipe, in order, through `python -m deme_cli run RECIPE --out <out>/<name> --set ...` (the --set values
    are the data/base paths above and, with --smoke, the tiny sizes); each run dir gets command.json (the exact command,
    the hardware, wall time). Extra seeds (--seeds 0,1) repeat the main rows' recipes in <out>/<name>-seed<s>.
@@ -74,7 +74,7 @@ def make_data(out: Path, sizes: dict, env) -> Path:
     return data
 
 
-def make_base(out: Path, steps: int, smoke: bool, threads: int | None, env) -> str:
+def make_base(out: Path, steps: int, smoke: bool, threads: int | None, env, data: Path) -> str:
     if not steps:
         return "assets/fmnist-ddpm"
     base = out / f"base-{steps}"
@@ -82,7 +82,8 @@ def make_base(out: Path, steps: int, smoke: bool, threads: int | None, env) -> s
         log(f"base: kept {base}")
         return str(base)
     cmd = [sys.executable, str(HERE / "pretrain.py"), "--steps", str(steps), "--out", str(base),
-           "--work", str(out / f"pretrain-{steps}"), "--threads", str(threads or os.cpu_count() or 1)]
+           "--work", str(out / f"pretrain-{steps}"), "--threads", str(threads or os.cpu_count() or 1),
+           "--image-dirs", str(data / "train"), str(data / "holdout")]    # all 60,000 training images
     if smoke:
         cmd += ["--checkpoint-every", "2", "--log-every", "1", "--grid-steps", "2", "--warmup", "1"]
     run_cmd(cmd, env)
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="benchmark folder (default runs/fmnist-bench, or "
                    "runs/fmnist-bench-smoke with --smoke)")
     p.add_argument("--pretrain-steps", type=int, default=0, help="pretrain a base from scratch for this many steps "
-                   "(pretrain.py, CPU) instead of using assets/fmnist-ddpm (2,250 steps); 0: use the asset")
+                   "(pretrain.py; CUDA when available) instead of using assets/fmnist-ddpm (2,250 steps); 0: use "
+                   "the asset")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; seeds other than 0 repeat the main rows "
                    "(N = 1 and DeMe) with seed s and sample.seed s * 1,000,000")
     p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke,
          "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": results.hardware(args.threads)}, indent=2) + "\n")
     data = make_data(out, SMOKE if args.smoke else FULL, env)
-    base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env)
+    base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
     jobs = []                                       # (name, seed, run dir, command)
     for seed in seeds:
