@@ -211,7 +211,8 @@ def make_teacher(unet, acc, compile_: bool = False):
 
     teacher = copy.deepcopy(unet).to(acc.device)
     if acc.mixed_precision in ("bf16", "fp16") and acc.device.type == "cuda":
-        teacher.to(torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
+        # nn.Module.to: diffusers' own .to() warns about fp32-only modules even when there are none
+        torch.nn.Module.to(teacher, torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float16)
     teacher.eval().requires_grad_(False)
     if compile_:
         compile_module(teacher)
