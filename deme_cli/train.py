@@ -109,8 +109,6 @@ def optimizer_step(acc, student, teacher, optimizer, params: list, noise_schedul
 
     Returns device tensors: loss, denoise_loss, consistency_loss (None without teacher), grad_norm (before clipping).
     """
-    import torch
-
     total = {"loss": 0.0, "denoise_loss": 0.0, "consistency_loss": None if teacher is None else 0.0}
     for j, (x0, kwargs, t, noise) in enumerate(micro_batches):
         sync = j == n_micro - 1 or acc.num_processes == 1

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.table import Table
