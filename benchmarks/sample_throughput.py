@@ -6,7 +6,7 @@
 Variants (random weights in the google/ddpm-cifar10-32 architecture; timing only):
   eager_autocast  the usual eager loop: fp32 weights under bf16 autocast (../shared/tools/gpu_baseline.py's sampling
                   row: 186 img/s on an H200 at batch 1024).
-  eager           `deme sample` with sample.compile = off: sample.generate_batches, precision bf16 = a bf16 copy of
+  eager           `deme sample` with sample.compile = off: denoise.generate_batches, precision bf16 = a bf16 copy of
                   the weights without autocast, per-image seeds.
   compiled        `deme sample` as it runs on CUDA by default (sample.compile = auto): the same, torch.compile'd.
 The first batch of each variant is a warm-up (compilation included) and is not timed. Ratios: compiled / eager_autocast
@@ -52,8 +52,8 @@ def eager_autocast(model, dev, batch: int, steps: int, batches: int, precision: 
 
 
 def deme_generate(model, dev, batch: int, steps: int, batches: int, precision: str, compile_: bool):
-    """sample.generate_batches, as `deme sample` calls it: (warm-up seconds, timed seconds)."""
-    from deme_cli.sample import UNetDenoiser, generate_batches
+    """denoise.generate_batches, as `deme sample` calls it: (warm-up seconds, timed seconds)."""
+    from deme_cli.denoise import UNetDenoiser, generate_batches
 
     seeds = list(range(batch * (1 + batches)))
     it = generate_batches(UNetDenoiser(model), "ddim", steps, seeds, scheduler_config={"num_train_timesteps": 1000},
@@ -82,7 +82,7 @@ def main() -> None:
 
     import torch
 
-    from deme_cli.sample import resolve_precision
+    from deme_cli.denoise import resolve_precision
 
     dev = bench_device(args.device, args.threads)
     batch = args.batch or (8 if args.quick else 1024)

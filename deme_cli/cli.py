@@ -266,7 +266,8 @@ def sample(recipe: Path = RecipeArg,
     Re-running skips images already written with the same settings; --force regenerates them. Under
     `accelerate launch --num_processes P` the P processes share the images as --processes P does."""
     def body():
-        from .sample import Shard, parse_model_spec
+        from .model_specs import parse_model_spec
+        from .sample import Shard
 
         parse_model_spec(model)
         if processes < 1:

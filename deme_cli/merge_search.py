@@ -276,7 +276,7 @@ class SampleMetricObjective:
 
     def __call__(self, model) -> float:
         from .metrics import array_features, score_features
-        from .sample import sample_images
+        from .model_specs import sample_images
 
         m, ev = self.recipe.merge, self.recipe.eval
         images = sample_images(model, self.recipe, m.search_num_images, steps=m.search_steps, device=self.device)

@@ -460,7 +460,8 @@ class _Job:
 
 def _plan(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list[_Job]:
     """Check every model's samples before any heavy work; bad input is a UsageError."""
-    from .sample import SAMPLES_JSON, existing_images, parse_model_spec
+    from .model_specs import parse_model_spec
+    from .sample import SAMPLES_JSON, existing_images
 
     requested = recipe.eval.num_images or recipe.sample.num_images
     jobs = []
@@ -514,7 +515,7 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
              extractor: Optional[FeatureExtractor] = None) -> dict:
     """Score each model's samples; writes run.eval_json(model). `extractor` overrides eval.feature_extractor."""
     from . import ui
-    from .sample import pick_device
+    from .denoise import pick_device
 
     e = recipe.eval
     if e.mode not in MODES:

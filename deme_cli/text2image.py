@@ -3,7 +3,7 @@
 `FrozenEncoders` holds a pipeline's VAE, tokenizer and text encoder (frozen, fp32): latents for training
 (`captions.py`), text embeddings, and the decoder for sampling.
 
-`TextToImageDenoiser` plugs a Stable Diffusion UNet into `sample.py`'s denoising loop: per-image prompts become text
+`TextToImageDenoiser` plugs a Stable Diffusion UNet into `denoise.py`'s denoising loop: per-image prompts become text
 embeddings (`condition`), classifier-free guidance combines the unconditional (negative prompt, default "") and the
 conditional predictions,
 
@@ -119,7 +119,7 @@ class FrozenEncoders:
 class TextToImageDenoiser:
     """A UNet denoiser (one model or the timestep-wise ensemble) with prompts, classifier-free guidance and the VAE.
 
-    Implements sample.py's denoiser interface: sample_shape (latents), condition(prompts), __call__(x, t, ctx),
+    Implements denoise.py's denoiser interface: sample_shape (latents), condition(prompts), __call__(x, t, ctx),
     decode(latents) -> images in [-1, 1]. The inner denoiser is called with ctx = UNet keyword arguments.
     """
 
@@ -180,7 +180,7 @@ def text_to_image(recipe, device, load):
     """
     from .models import resolve_pretrained
     from .prompts import load_prompts, prompt_for
-    from .sample import Loaded
+    from .model_specs import Loaded
 
     s = recipe.sample
     prompts = load_prompts(s)                   # bad prompts and a pipeline without encoders fail before load()

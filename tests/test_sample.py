@@ -18,7 +18,7 @@ def test_scheduler_registry(tiny_ddpm):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
     from deme_cli.models import scheduler_config
-    from deme_cli.sample import SCHEDULERS, make_scheduler
+    from deme_cli.denoise import SCHEDULERS, make_scheduler
 
     cfg = scheduler_config(tiny_ddpm)
     want = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver++": DPMSolverMultistepScheduler,
@@ -37,7 +37,7 @@ def test_scheduler_registry(tiny_ddpm):
 @pytest.mark.parametrize("scheduler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm-solver++", 0.0)])
 def test_batch_8_vs_3_bit_identical(base, scheduler, eta):
     """Image k depends on seed + k only: batch 8 and batch 3 (3 + 3 + 2) give the same bytes."""
-    from deme_cli.sample import UNetDenoiser, generate
+    from deme_cli.denoise import UNetDenoiser, generate
 
     model, cfg = base
     seeds = [100 + k for k in range(8)]
@@ -53,7 +53,7 @@ def test_batch_8_vs_3_bit_identical(base, scheduler, eta):
 
 def test_stochastic_samplers_use_per_step_noise(base):
     """DDIM with eta > 0 draws noise at every step (from the image's own generator), eta = 0 does not."""
-    from deme_cli.sample import UNetDenoiser, generate
+    from deme_cli.denoise import UNetDenoiser, generate
 
     model, cfg = base
     a = generate(UNetDenoiser(model), "ddim", 4, [0, 1], scheduler_config=cfg, eta=0.0, batch_size=2)
@@ -85,7 +85,7 @@ class _Const:
 def test_ensemble_routes_each_step_to_the_range_owning_t(tiny_ddpm):
     from deme_cli.models import scheduler_config
     from deme_cli.ranges import Range
-    from deme_cli.sample import EnsembleDenoiser, UNetDenoiser, generate
+    from deme_cli.denoise import EnsembleDenoiser, UNetDenoiser, generate
 
     ranges = [Range(0, 0, 250), Range(1, 250, 600), Range(2, 600, 1000)]
     fakes = [_Const(0.1), _Const(0.2), _Const(0.3)]

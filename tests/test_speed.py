@@ -101,7 +101,7 @@ def test_compiled_sampling_gives_the_same_images(precision):
     1 level, on well under 1% of the values. A real fault (a lost projection, a wrong seed or timestep) changes nearly
     every value by many levels.
     """
-    from deme_cli.sample import UNetDenoiser, generate
+    from deme_cli.denoise import UNetDenoiser, generate
 
     m = _perturbed_model()
     cfg, seeds = {"num_train_timesteps": 1000}, list(range(5))

@@ -148,7 +148,7 @@ def test_sampling_matches_the_diffusers_pipeline(tiny_sd, guidance):
     from diffusers import StableDiffusionPipeline
 
     from deme_cli.models import load_base, scheduler_config
-    from deme_cli.sample import UNetDenoiser, generate
+    from deme_cli.denoise import UNetDenoiser, generate
     from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
 
     pipe_dir = tiny_sd["pipeline"]
@@ -171,7 +171,7 @@ def test_guidance_pushes_away_from_the_negative_prompt(tiny_sd):
     import torch
 
     from deme_cli.models import load_base
-    from deme_cli.sample import UNetDenoiser
+    from deme_cli.denoise import UNetDenoiser
     from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
 
     inner, enc = UNetDenoiser(load_base(str(tiny_sd["pipeline"])).eval()), FrozenEncoders(tiny_sd["pipeline"])

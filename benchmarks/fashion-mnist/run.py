@@ -126,7 +126,7 @@ def precompute_reference(out: Path, cmd: list[str], env) -> None:
     code = (
         "import sys\n"
         "from deme_cli import metrics, recipe as R\n"
-        "from deme_cli.sample import pick_device\n"
+        "from deme_cli.denoise import pick_device\n"
         "path, out, sets = sys.argv[1], sys.argv[2], [a for a in sys.argv[3:]]\n"
         "sets = [sets[i + 1] for i in range(len(sets)) if sets[i] == '--set']\n"
         "r = R.load_recipe(path, sets)\n"
