@@ -218,7 +218,8 @@ def merge(recipe: Path = RecipeArg,
     def body():
         if processes < 1 or (processes > 1 and not search):
             raise UsageError("--processes scores the candidates of --search and must be at least 1")
-        from .merge import MERGE_METHODS, parse_weights, resolve_weights
+        from .merge import parse_weights, resolve_weights
+        from .merge_methods import MERGE_METHODS
         from .recipe import load_recipe
 
         if method is not None and method not in MERGE_METHODS:

@@ -366,7 +366,8 @@ def _pool_worker(recipe, run, env: dict, tasks, results) -> None:
     os.environ.update(env)                    # before torch initialises CUDA: this worker's GPU (or none)
     try:
         ui.console.quiet = True               # the main process reports; warnings would repeat once per worker
-        from .merge import MergeSpec, load_inputs
+        from .merge import load_inputs
+        from .merge_methods import MergeSpec
 
         inputs = load_inputs(recipe, run)
         objective, merger, evaluate = candidate_evaluator(recipe, run, inputs, MergeSpec.from_recipe(recipe))

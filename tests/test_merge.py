@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deme_cli import merge, merge_search, models
+from deme_cli import merge, merge_methods, merge_search, models
 from deme_cli.errors import UsageError
 from deme_cli.runs import RunDir
 from deme_cli.safetensors_stream import TensorFileReader, TensorFileWriter
@@ -86,7 +86,7 @@ def test_one_hot_weight_gives_that_range_exactly(setup, method):
     for i in range(N):
         w = [0.0] * N
         w[i] = 1.0
-        got = merge.merged_state(inputs, w, merge.MergeSpec.from_recipe(recipe))
+        got = merge.merged_state(inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
         want = _state(run.final(i))
         assert got.keys() == want.keys()
         for k in want:
@@ -131,21 +131,21 @@ def test_raw_weights_and_mixed_projections(make_recipe, tmp_path, tiny_ddpm):
 def test_ties_trim_keeps_density_fraction_by_magnitude():
     tau = torch.randn(1000, dtype=torch.float64)
     for density in (0.05, 0.2, 0.5):
-        kept = merge.trim_by_magnitude(tau, density)
+        kept = merge_methods.trim_by_magnitude(tau, density)
         mask = kept != 0
         assert mask.sum().item() == round(density * 1000)
         assert kept[mask].abs().min() >= tau[~mask].abs().max()  # the largest magnitudes are the ones kept
         assert torch.equal(kept[mask], tau[mask])
-    assert (merge.trim_by_magnitude(torch.randn(3, dtype=torch.float64), 0.01) != 0).sum() == 1  # at least one
+    assert (merge_methods.trim_by_magnitude(torch.randn(3, dtype=torch.float64), 0.01) != 0).sum() == 1  # at least one
 
 
 def test_ties_elects_sign_and_averages_agreeing_entries():
     gen = torch.Generator().manual_seed(0)
     taus = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
     w = [0.5, 1.0, 0.2, 0.7]
-    spec = merge.MergeSpec("ties", density=0.3)
-    out = merge.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
-    trimmed = torch.stack([wi * merge.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
+    spec = merge_methods.MergeSpec("ties", density=0.3)
+    out = merge_methods.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
+    trimmed = torch.stack([wi * merge_methods.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
     elected = torch.sign(trimmed.sum(0))
     nz = out != 0
     assert nz.any()
@@ -157,7 +157,7 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     a = torch.tensor([3.0, -1.0], dtype=torch.float64)
     b = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     c = torch.tensor([2.0, 5.0], dtype=torch.float64)
-    out = merge.combine(merge.MergeSpec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
+    out = merge_methods.combine(merge_methods.MergeSpec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
     assert torch.equal(out, torch.tensor([2.5, 5.0], dtype=torch.float64))
 
 
@@ -165,11 +165,11 @@ def test_ties_one_range_density_one_is_task_arithmetic(setup):
     recipe, run = setup()
     inputs = merge.load_inputs(recipe, run)
     w = [0.0, 0.7, 0.0]
-    ta = merge.merged_state(inputs, w, merge.MergeSpec("task_arithmetic"))
-    ties = merge.merged_state(inputs, w, merge.MergeSpec("ties", density=1.0))
+    ta = merge.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
+    ties = merge.merged_state(inputs, w, merge_methods.MergeSpec("ties", density=1.0))
     assert all(torch.equal(ta[k], ties[k]) for k in ta)
     tau = torch.randn(50, dtype=torch.float64)
-    assert torch.equal(merge.combine(merge.MergeSpec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
+    assert torch.equal(merge_methods.combine(merge_methods.MergeSpec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
 
 
 # --- DARE ---------------------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_dare_preserves_expectation_and_keeps_density():
     gen = torch.Generator().manual_seed(1)
     tau = torch.randn(2000, generator=gen, dtype=torch.float64)
     density, seeds = 0.3, 400
-    outs = torch.stack([merge.combine(merge.MergeSpec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
+    outs = torch.stack([merge_methods.combine(merge_methods.MergeSpec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
                         for s in range(seeds)])
     kept = (outs != 0).double().mean().item()
     assert abs(kept - density) < 0.01
@@ -194,17 +194,17 @@ def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
     recipe, run = setup()
     inputs = merge.load_inputs(recipe, run)
     w = [0.3, 0.5, 0.2]
-    ta = merge.merged_state(inputs, w, merge.MergeSpec("task_arithmetic"))
-    d1 = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=1.0, seed=5))
+    ta = merge.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
+    d1 = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=1.0, seed=5))
     assert all(torch.equal(ta[k], d1[k]) for k in ta)
-    a = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
-    b = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
-    c = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=6))
+    a = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    b = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    c = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     # the drop of each tensor depends on its name only, not on the order tensors are streamed in
     inputs.entries = list(reversed(inputs.entries))
-    r = merge.merged_state(inputs, w, merge.MergeSpec("dare", density=0.5, seed=5))
+    r = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
     assert all(torch.equal(a[k], r[k]) for k in a)
 
 
@@ -216,7 +216,7 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
     w = [0.1, 0.2, 0.5]
     merge.run_merge(recipe, run, weights=w)
     inputs = merge.load_inputs(recipe, run)
-    mem = merge.merged_state(inputs, w, merge.MergeSpec.from_recipe(recipe))
+    mem = merge.merged_state(inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
     unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
     proj = load_file(str(run.merged / models.PROJECTION_FILE))
     disk = {**{"unet." + k: v for k, v in unet.items()}, **{"projections." + k: v for k, v in proj.items()}}
@@ -225,7 +225,7 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
     # the folder loads back as a model, and computes what the in-memory merge computes
     loaded = models.load_model_folder(run.merged)
     cand = merge.new_candidate_model(inputs)
-    merge.load_merged_into(cand, inputs, w, merge.MergeSpec.from_recipe(recipe))
+    merge.load_merged_into(cand, inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, cand(x, t).sample)
@@ -348,7 +348,7 @@ class PlantedObjective:
     device = torch.device("cpu")
 
     def __init__(self, recipe, run, inputs):
-        want = merge.merged_state(inputs, self.TARGET, merge.MergeSpec.from_recipe(recipe))
+        want = merge.merged_state(inputs, self.TARGET, merge_methods.MergeSpec.from_recipe(recipe))
         self.want = {k: v.double() for k, v in want.items()}
 
     def __call__(self, model):
@@ -418,7 +418,7 @@ def test_candidate_merger_matches_streamed_merge(setup, method):
     """The search's in-memory merges equal the streamed float64 merge up to float32 rounding."""
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 1})
     inputs = merge.load_inputs(recipe, run)
-    spec = merge.MergeSpec.from_recipe(recipe)
+    spec = merge_methods.MergeSpec.from_recipe(recipe)
     merger = merge.CandidateMerger(inputs, spec)
     model = merge.new_candidate_model(inputs)
     assert merge.CandidateMerger.nbytes(inputs) == 4 * sum(t.numel() for t in model.state_dict().values()) * (1 + N)

@@ -1,0 +1,164 @@
+"""Merge methods of `deme merge`: how the N task vectors tau_i = theta_i - theta combine into one (Eq. 8).
+
+Methods are data in `MERGE_METHODS` (mergekit's design: a sparsification of each tau, then a consensus across
+ranges), each with its paper's link:
+- task_arithmetic: no sparsification, weighted sum. The paper's merge.
+- ties: per tensor and per range, keep the `density` fraction of tau's entries with the largest magnitude (at least
+  one entry; ties in magnitude broken by torch.topk), scale the trimmed tau by w_i, elect each entry's sign as the
+  sign of the sum of the scaled trimmed taus, and take the mean of the scaled entries whose sign agrees with the
+  elected one (entries where no range agrees, or the sum is exactly 0, get 0). With one range and density 1 this is
+  task arithmetic; with N ranges it averages the agreeing ranges instead of summing them (TIES' "disjoint mean").
+- dare: per tensor and per range, drop each entry of tau with probability 1 - density and divide the kept ones by
+  density (so E[dropped tau] = tau), then the weighted sum. The random drop of range i, tensor k is seeded by
+  (merge.seed, i, k) alone, so the result does not depend on tensor order, on which other ranges take part, or on
+  streaming.
+`combine(spec, name, taus)` applies one method to one tensor's (range index, weight, tau) triples; merge.py streams
+the tensors through it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+from .errors import UsageError
+
+
+# --- methods -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    url: str                  # the paper
+    summary: str
+    sparsify: Optional[str]   # key of SPARSIFIERS, or None: every entry of tau is kept
+    consensus: str            # key of CONSENSUS
+
+    @property
+    def uses_density(self) -> bool:
+        return self.sparsify is not None
+
+    @property
+    def uses_seed(self) -> bool:
+        return self.sparsify == "random"
+
+
+def trim_by_magnitude(tau, density: float, generator=None):
+    """TIES trim: keep the round(density * numel) entries (at least one) of largest |tau|, zero the others."""
+    import torch
+
+    n = tau.numel()
+    k = max(1, int(density * n + 0.5)) if n else 0
+    if k >= n:
+        return tau
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[torch.topk(tau.abs().reshape(-1), k, sorted=False).indices] = True
+    return tau * keep.reshape(tau.shape)
+
+
+def drop_and_rescale(tau, density: float, generator=None):
+    """DARE: drop each entry with probability 1 - density, divide the kept ones by density."""
+    import torch
+
+    if density >= 1.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator) < density
+    return tau * keep / density
+
+
+def weighted_sum(pairs: Iterable[tuple[Any, float]]) -> Optional[Any]:
+    """sum_i w_i tau_i over (tau_i, w_i) pairs (None when no range takes part)."""
+    total = None
+    for tau, w in pairs:
+        total = tau * w if total is None else total.add_(tau, alpha=w)
+        del tau  # one task vector in flight at a time
+    return total
+
+
+def disjoint_mean(pairs: Iterable[tuple[Any, float]]) -> Optional[Any]:
+    """TIES: elect sign(sum_i w_i tau_i) per entry, average the w_i tau_i entries that agree with it."""
+    import torch
+
+    scaled = [tau * w for tau, w in pairs]
+    if not scaled:
+        return None
+    stacked = torch.stack(scaled)
+    del scaled
+    elected = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == elected) & (elected != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+SPARSIFIERS: dict[str, Callable] = {"magnitude": trim_by_magnitude, "random": drop_and_rescale}
+CONSENSUS: dict[str, Callable] = {"sum": weighted_sum, "sign_mean": disjoint_mean}
+
+MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in [
+    MergeMethod("task_arithmetic", "https://arxiv.org/abs/2212.04089",
+                "theta + sum_i w_i tau_i (task arithmetic; DeMe Eq. 8)", None, "sum"),
+    MergeMethod("ties", "https://arxiv.org/abs/2306.01708",
+                "trim each tau to the top density by magnitude, elect signs, disjoint mean (TIES-merging)",
+                "magnitude", "sign_mean"),
+    MergeMethod("dare", "https://arxiv.org/abs/2311.03099",
+                "drop tau entries with probability 1 - density, rescale by 1/density, weighted sum (DARE)",
+                "random", "sum"),
+]}
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method '{name}' (known: {', '.join(MERGE_METHODS)})") from None
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How to combine the task vectors (weights excluded)."""
+    method: str = "task_arithmetic"
+    density: float = 0.2   # ties: fraction kept by magnitude; dare: keep probability
+    seed: int = 0          # dare
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "MergeSpec":
+        return cls(recipe.merge.method, recipe.merge.density, recipe.merge.seed)
+
+    def describe(self) -> dict:
+        m = get_method(self.method)
+        d: dict = {"method": m.name, "method_url": m.url}
+        if m.uses_density:
+            d["density"] = self.density
+        if m.uses_seed:
+            d["seed"] = self.seed
+        return d
+
+
+def tensor_seed(seed: int, range_index: int, name: str) -> int:
+    """The seed of range `range_index`'s random drop on tensor `name` (independent of order and of other ranges)."""
+    digest = hashlib.sha256(f"{seed}/{range_index}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
+
+
+def sparsify(spec: MergeSpec, name: str, index: int, tau):
+    """tau of range `index`, tensor `name`, after the method's sparsification (TIES trim, DARE drop; else as is)."""
+    import torch
+
+    method = get_method(spec.method)
+    if method.sparsify is None:
+        return tau
+    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, index, name)) if method.uses_seed else None
+    return SPARSIFIERS[method.sparsify](tau, spec.density, gen)
+
+
+def consensus(spec: MergeSpec, pairs: Iterable[tuple[Any, float]]):
+    """The merged delta from (sparsified tau_i, w_i) pairs; None when none takes part."""
+    return CONSENSUS[get_method(spec.method).consensus](pairs)
+
+
+def combine(spec: MergeSpec, name: str, taus: Iterable[tuple[int, float, Any]]):
+    """The merged delta of one tensor from (range index, weight, tau) triples; None when none takes part."""
+    def sparsified():
+        for index, w, tau in taus:
+            tau = sparsify(spec, name, index, tau)
+            yield tau, w
+            del tau
+    return consensus(spec, sparsified())
