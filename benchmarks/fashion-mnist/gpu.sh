@@ -55,7 +55,7 @@ if ! $PY -c "import diffusers, pydantic, tomli_w, cleanfid" 2>/dev/null; then
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-nvidia-smi -L 2>/dev/null | tee "$OUT/gpu.txt"
+nvidia-smi -L 2>/dev/null
 
 if [ "$1" = check ]; then
   if [ -f .gpuA/inception.part-a ]; then mkdir -p /tmp/fidA && cp .gpuA/inception.part-a /tmp/fidA/; fi
@@ -88,13 +88,24 @@ export PYTHONPATH=/tmp/site:$PYTHONPATH
 timeout $((LIMIT - 30)) $PY benchmarks/fashion-mnist/run.py --parallel --threads 4 --set train.mixed_precision=no \
   --set sample.precision=fp32 --set train.compile=off --set sample.compile=off "${@:3}" 2>&1 | tee "$OUT/run.log"
 echo "run.py exit ${PIPESTATUS[0]} after $(( $(date +%s) - T0 )) s"
-# what comes back: the table, every run dir without weights, checkpoints and sample images (grids kept), the logs;
-# the sample images in a second archive
+# what comes back: the table, every run dir without weights, checkpoints and sample images (grids kept), the logs,
+# and the sample images as arrays
 tar -C runs -czf "$OUT/fmnist-runs.tar.gz" --exclude='*.safetensors' --exclude='*.pt' --exclude='checkpoints' \
   --exclude='data' --exclude='cache' --exclude='[0-9][0-9][0-9][0-9][0-9][0-9].png' fmnist-bench
 cp benchmarks/fashion-mnist/RESULTS.md "$OUT/" 2>/dev/null
-for d in runs/fmnist-bench/*/samples; do    # one archive per run dir: each stays under the 16 MiB a file may have
-  r=$(basename "$(dirname "$d")"); tar -C runs -czf "$OUT/samples-$r.tar.gz" "fmnist-bench/$r/samples"
-done
+# every model's samples as one uint8 array (N, H, W) in one file: what comes back is at most 8 files of 16 MiB
+$PY - "$OUT/samples.npz" <<'PYEOF'
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+arrays = {}
+for folder in sorted(Path("runs/fmnist-bench").glob("*/samples/*")):
+    files = sorted(folder.glob("[0-9]" * 6 + ".png"))
+    if files:
+        arrays[f"{folder.parent.parent.name}/{folder.name}"] = np.stack([np.asarray(Image.open(f)) for f in files])
+np.savez_compressed(sys.argv[1], **arrays)
+print("samples.npz:", {k: v.shape for k, v in arrays.items()})
+PYEOF
 ls -la "$OUT"
 echo "total $(( $(date +%s) - T0 )) s"

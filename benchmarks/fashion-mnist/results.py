@@ -31,6 +31,7 @@ ROWS = [
     ("ablation-sampling", "merged", "Table 3: N = 4, prob. sampling only, merged"),
     ("ablation-consistency", "ensemble", "Table 3: N = 4, + consistency loss, ensemble"),
     ("ablation-consistency", "merged", "Table 3: N = 4, + consistency loss, merged"),
+    ("n1-projection", "range:0", "Table 3: N = 1, + channel-wise projection only"),
 ]
 
 

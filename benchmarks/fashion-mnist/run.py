@@ -36,7 +36,8 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
 # recipe name -> is it a main row (repeated for --seeds)
-RECIPES = {"n1-all-timesteps": True, "deme": True, "ablation-sampling": False, "ablation-consistency": False}
+RECIPES = {"n1-all-timesteps": True, "deme": True, "ablation-sampling": False, "ablation-consistency": False,
+           "n1-projection": False}
 TOTAL_STEPS = 4000          # finetuning steps per recipe, shared by its ranges (equal for every row)
 
 FULL = dict(train=55000, holdout=5000, test=10000)
