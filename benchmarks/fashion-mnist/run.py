@@ -120,28 +120,20 @@ def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, 
     log(f"{name} (seed {seed}): {wall:.0f} s")
 
 
-def precompute_reference(out: Path, cmd: list[str], env) -> None:
+def precompute_reference(out: Path, recipe: Path, sets: list[str]) -> None:
     """The reference set's Inception features into <out>/reference/eval/cache/ (eval's own cache file, same key),
     through the recipe's own eval settings, so that seed_reference_cache can hand them to every run dir."""
-    recipe_args = cmd[cmd.index("run") + 1:]
-    code = (
-        "import sys\n"
-        "from deme_cli import metrics, recipe as R\n"
-        "from deme_cli.denoise import pick_device\n"
-        "path, out, sets = sys.argv[1], sys.argv[2], [a for a in sys.argv[3:]]\n"
-        "sets = [sets[i + 1] for i in range(len(sets)) if sets[i] == '--set']\n"
-        "r = R.load_recipe(path, sets)\n"
-        "e = r.eval\n"
-        "dev = pick_device(r.train.device)\n"
-        "ext = metrics.load_extractor(e.feature_extractor, e.mode, dev)\n"
-        "ref = metrics.load_reference(e.reference, ext, e.mode, batch_size=e.batch_size, device=dev,\n"
-        "                             cache_dir=out, want_feats=True)\n"
-        "print(f'reference: {ref.num_images} images, features cached in {out}')\n"
-    )
+    from deme_cli import metrics
+    from deme_cli.denoise import pick_device
+    from deme_cli.recipe import load_recipe
+
     t0 = time.time()
-    run_cmd([sys.executable, "-c", code, recipe_args[0], str(out / "reference" / "eval" / "cache"),
-             *recipe_args[1:]], env)
-    log(f"reference features: {time.time() - t0:.0f} s")
+    r = load_recipe(recipe, sets)
+    dev = pick_device(r.train.device)
+    ext = metrics.load_extractor(r.eval.feature_extractor, r.eval.mode, dev)
+    ref = metrics.load_reference(r.eval.reference, ext, r.eval.mode, batch_size=r.eval.batch_size, device=dev,
+                                 cache_dir=out / "reference" / "eval" / "cache", want_feats=True)
+    log(f"reference features: {ref.num_images} images, {time.time() - t0:.0f} s")
 
 
 def main(argv=None) -> int:
@@ -182,7 +174,7 @@ def main(argv=None) -> int:
     data = make_data(out, SMOKE if args.smoke else FULL, env)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
-    jobs = []                                       # (name, seed, run dir, command)
+    jobs = []                                       # (name, seed, run dir, command, recipe, --set values)
     for seed in seeds:
         for name, main_row in RECIPES.items():
             if name not in only or (seed != 0 and not main_row):
@@ -205,16 +197,16 @@ def main(argv=None) -> int:
                 Path.cwd()) else recipe), "--out", str(run_dir)]
             for s in sets:
                 cmd += ["--set", s]
-            jobs.append((name, seed, run_dir, cmd))
+            jobs.append((name, seed, run_dir, cmd, recipe, sets))
 
     if args.parallel and jobs:
         # the test set's features once, before the runs start, so that no two runs compute them side by side
-        precompute_reference(out, jobs[0][3], env)
-    for name, seed, run_dir, cmd in jobs:
+        precompute_reference(out, jobs[0][4], jobs[0][5])
+    for name, seed, run_dir, cmd, *_ in jobs:
         seed_reference_cache(out, run_dir)
     if args.parallel:
         started = []
-        for name, seed, run_dir, cmd in jobs:
+        for name, seed, run_dir, cmd, *_ in jobs:
             run_dir.mkdir(parents=True, exist_ok=True)
             logf = open(run_dir / "deme-run.log", "a")
             log("$ " + shlex.join(cmd) + f"  > {logf.name}")
@@ -231,7 +223,7 @@ def main(argv=None) -> int:
             log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
             return 1
     else:
-        for name, seed, run_dir, cmd in jobs:
+        for name, seed, run_dir, cmd, *_ in jobs:
             t1 = time.time()
             run_cmd(cmd, env)
             record_call(name, seed, run_dir, cmd, t1, args)
