@@ -531,7 +531,7 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
     clip = None
 
     ref = None
-    results = {}
+    results, scored = {}, []                    # scored: the models computed now, not reused
     for job in jobs:
         out_path = run.eval_json(job.model)
         fp = _fingerprint(job, recipe, e.reference if need_ref else None, ext_id)
@@ -580,7 +580,8 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
             ui.warn(n)
         write_json(out_path, record)
         results[job.model] = record
-    return {"reference": e.reference, "mode": e.mode, "results": results}
+        scored.append(job.model)
+    return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored}
 
 
 def _version(dist: str) -> Optional[str]:

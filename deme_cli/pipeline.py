@@ -35,8 +35,8 @@ def _split(recipe, run, force, models):
 def _train(recipe, run, force, models):
     from .train import train_ranges
 
-    train_ranges(recipe, run, None, force=force)
-    return "done"
+    summaries = train_ranges(recipe, run, None, force=force)
+    return "kept" if all(r["skipped"] for r in summaries) else "done"
 
 
 def _merge(recipe, run, force, models):
@@ -127,7 +127,7 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
         status = stage.run(recipe, run, force, models)
         seconds = time.time() - t0
         if stage.name == "eval":
-            eval_result, status = status, "done"
+            eval_result, status = status, "done" if status.get("scored") else "kept"
         stages.append({"stage": stage.name, "status": status, "seconds": round(seconds, 2)})
         record["stages"][stage.name] = {"inputs": stage_inputs(recipe, stage), "seconds": round(seconds, 2)}
         write_json(record_file, record)  # after the stage: an interrupted stage is simply redone (and resumes)

@@ -54,6 +54,7 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert [s["stage"] for s in out["stages"]] == ["split", "train", "merge", "sample", "eval"]
+    assert all(s["status"] == "done" for s in out["stages"])
     for m in ("base", "ensemble", "merged"):
         assert out["models"][m]["num_images"] == 6
         assert set(out["models"][m]["metrics"]) >= {"fid", "kid"}
@@ -66,7 +67,7 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
     r = runner.invoke(app, ["run", str(run_recipe), "--json"])
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)
-    assert {s["stage"]: s["status"] for s in again["stages"]}["sample"] == "kept"
+    assert {s["stage"]: s["status"] for s in again["stages"]} == {s["stage"]: "kept" for s in out["stages"]}
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == mtimes
     assert {p: p.stat().st_mtime_ns for p in (run / "samples").rglob("0*.png")} == pngs
     assert again["models"] == out["models"]
