@@ -78,3 +78,36 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
     assert "'train' stage" in r.output and "deme.p" in r.output and "--force" in r.output
     assert "Traceback" not in r.output
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == mtimes
+
+
+def test_run_interrupted_mid_stage_finishes_without_redoing_work(run_recipe, tmp_path, monkeypatch):
+    """Ctrl-C while `deme run` samples its second model: the next `deme run` keeps the split, the trained ranges, the
+    merge and the first model's images, and does only what is missing."""
+    from deme_cli import sample
+
+    real = sample.run_sample
+
+    def interrupted(recipe, run, model, **kw):
+        if model == "ensemble":
+            raise KeyboardInterrupt
+        return real(recipe, run, model, **kw)
+
+    runner = CliRunner()
+    monkeypatch.setattr(sample, "run_sample", interrupted)
+    r = runner.invoke(app, ["run", str(run_recipe), "--json"])
+    assert r.exit_code != 0
+    run = tmp_path / "run"
+    assert not (run / "eval").exists() and not (run / "samples" / "ensemble").exists()
+    weights = {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")}
+    base_pngs = {p: p.stat().st_mtime_ns for p in (run / "samples" / "base").glob("0*.png")}
+    assert len(base_pngs) == 6 and any("merged" in str(p) for p in weights)
+
+    monkeypatch.setattr(sample, "run_sample", real)
+    r = runner.invoke(app, ["run", str(run_recipe), "--json"])
+    assert r.exit_code == 0, r.output
+    status = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
+    assert status == {"split": "kept", "train": "kept", "merge": "kept", "sample": "done", "eval": "done"}
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == weights
+    assert {p: p.stat().st_mtime_ns for p in (run / "samples" / "base").glob("0*.png")} == base_pngs
+    assert len(list((run / "samples" / "ensemble").glob("0*.png"))) == 6
+    assert (run / "eval" / "ensemble.json").is_file()
