@@ -117,3 +117,19 @@ def test_compiled_sampling_gives_the_same_images(precision):
                      precision=precision, compile=True)
     assert np.abs(other.astype(int) - comp.astype(int)).mean() > 10    # the check can see a wrong seed
     assert next(m.parameters()).dtype == torch.float32                  # the caller's model was not cast
+
+
+def test_quickstart_runs_bf16_on_cuda_and_fp32_on_cpu():
+    """Issue 6: the quickstart uses bf16 on a GPU. Its recipe leaves both precisions on "auto", which resolve to bf16
+    for a CUDA device (this path ran on an H200: benchmarks/results/h200-*.json, "precision": "bf16")."""
+    import torch
+
+    from deme_cli.denoise import resolve_precision
+    from deme_cli.recipe import load_recipe
+
+    from pathlib import Path
+
+    r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.toml")
+    assert r.train.mixed_precision == "auto" and r.sample.precision == "auto"
+    assert resolve_precision(r.sample.precision, torch.device("cuda")) == "bf16"
+    assert resolve_precision(r.sample.precision, torch.device("cpu")) == "fp32"
