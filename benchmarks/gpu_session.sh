@@ -9,8 +9,9 @@
 #      writes $OUT/throughput-cifar10.json, $OUT/sample_throughput.json, $OUT/throughput-lsun256.json,
 #      $OUT/gpu.txt and $OUT/RESULTS-gpu.md (the rows), each step under its own time limit so a slow step
 #      leaves the earlier results in place
-#   3. here:  python benchmarks/results_md.py --update benchmarks/RESULTS.md <the returned .json files>
-#      and copy the .json files into benchmarks/results/ (the command that produced each number stays with it)
+#   3. here:  copy the returned .json files into benchmarks/results/ as <card>-runN-<name>.json, then
+#      python benchmarks/results_md.py --update benchmarks/RESULTS.md benchmarks/results/<card>-run*.json
+#      (this rewrites the whole GPU block: name every run's files; each table names its file and time)
 #
 # Budget: the device time of a session is 15 minutes, machine start included; this script stops itself after
 # DEME_GPU_BUDGET_S seconds (default 560).

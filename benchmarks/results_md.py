@@ -21,11 +21,18 @@ def _num(v, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
-def throughput_md(d: dict) -> list[str]:
+def _source(d: dict, name: str) -> str:
+    """Where a table's numbers live: the run's start time and the JSON file (as kept in benchmarks/results/)."""
+    when = d["created"].replace("T", " ")[:16] if d.get("created") else None
+    return ", ".join(x for x in (when, f"`results/{name}`" if name else None) if x)
+
+
+def throughput_md(d: dict, name: str = "") -> list[str]:
     archs = sorted({r["arch"] for r in d["rows"]}, key=[r["arch"] for r in d["rows"]].index)
     args = f" --archs {','.join(archs)}" + (" --quick" if d.get("quick") else "")
+    src = _source(d, name)
     out = [f"**Training step throughput**, {d['device']} (torch {d['torch']}, diffusers {d['diffusers']}), "
-           f"`{COMMANDS['throughput']}{args}`:", "",
+           f"`{COMMANDS['throughput']}{args}`" + (f" ({src})" if src else "") + ":", "",
            "| arch | batch | variant | img/s | ms/step | peak GiB | notes |", "|---|---:|---|---:|---:|---:|---|"]
     for r in d["rows"]:
         notes = ", ".join(f"{k} {r[k]}" for k in ("precision", "compile", "fused_adamw", "teacher_dtype") if k in r)
@@ -43,10 +50,12 @@ def throughput_md(d: dict) -> list[str]:
     return out + [""]
 
 
-def sample_md(d: dict) -> list[str]:
+def sample_md(d: dict, name: str = "") -> list[str]:
     args = " --quick" if d.get("quick") else ""
+    src = _source(d, name)
     out = [f"**Sampling throughput**, DDIM-{d['steps']}, CIFAR10 UNet, batch {d['batch']}, {d['precision']}, "
-           f"{d['device']} (torch {d['torch']}), `{COMMANDS['sample_throughput']}{args}`:", "",
+           f"{d['device']} (torch {d['torch']}), `{COMMANDS['sample_throughput']}{args}`"
+           + (f" ({src})" if src else "") + ":", "",
            "| variant | img/s | warm-up batch s |", "|---|---:|---:|"]
     for r in d["rows"]:
         out.append(f"| {r['variant']} | {_num(r['img_per_s'], 2)} | {_num(r['warmup_s'])} |")
@@ -68,7 +77,7 @@ def render(files: list[Path]) -> dict[str, list[str]]:
             continue
         d = json.loads(f.read_text())
         key = "gpu" if d.get("device_type") == "cuda" else "cpu"
-        blocks.setdefault(key, []).extend(RENDER[d["benchmark"]](d))
+        blocks.setdefault(key, []).extend(RENDER[d["benchmark"]](d, f.name))
     return blocks
 
 

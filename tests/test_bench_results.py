@@ -1,19 +1,25 @@
 """benchmarks/fashion-mnist/results.py: the table is rebuilt from the run dirs, a hand-written notes block survives,
-and a smoke run never writes the real RESULTS.md."""
+and a smoke run never writes the real RESULTS.md. benchmarks/results_md.py: JSON -> the GPU/CPU blocks of
+benchmarks/RESULTS.md."""
 import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion-mnist" / "results.py"
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPT = BENCH / "fashion-mnist" / "results.py"
 
 
-def _results():
-    spec = importlib.util.spec_from_file_location("fmnist_results", SCRIPT)
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _results():
+    return _load("fmnist_results", SCRIPT)
 
 
 def test_notes_block_survives_a_rebuild(tmp_path):
@@ -40,3 +46,33 @@ def test_smoke_folder_never_writes_results_md(tmp_path):
     with pytest.raises(SystemExit):
         results.write(out, results.RESULTS_MD)
     assert results.write(out) == out / "RESULTS-smoke.md"
+
+
+def test_results_md_replaces_only_the_gpu_block_and_names_each_source(tmp_path):
+    md = _load("results_md", BENCH / "results_md.py")
+    head = {"device": "NVIDIA H200", "device_type": "cuda", "torch": "2.11.0", "diffusers": "0.42.1"}
+    train = dict(head, benchmark="throughput", created="2026-11-26T15:28:47", quick=False,
+                 rows=[{"arch": "lsun256", "res": 256, "batch": 16, "variant": v, "img_per_s": ips,
+                        "ms_per_step": 16000 / ips, "peak_gib": 1.0} for v, ips in (("authors", 55.55), ("ours", 112.15))],
+                 ratios={"lsun256": {"ours_over_authors": 2.019}})
+    sample = dict(head, benchmark="sample_throughput", steps=50, batch=1024, precision="bf16", quick=False,
+                  rows=[{"variant": "compiled", "img_per_s": 499.53, "warmup_s": 37.2}],
+                  ratios={"compiled_over_eager": 2.216})
+    (tmp_path / "run2-train.json").write_text(json.dumps(train))
+    (tmp_path / "run2-sample.json").write_text(json.dumps(sample))
+    dest = tmp_path / "RESULTS.md"
+    cpu = "<!-- cpu-results:begin -->\nCPU rows stay\n<!-- cpu-results:end -->"
+    dest.write_text(f"intro\n<!-- gpu-results:begin -->\nold GPU rows\n<!-- gpu-results:end -->\nnotes\n{cpu}\n")
+    md.update(dest, md.render([tmp_path / "run2-train.json", tmp_path / "missing.json", tmp_path / "run2-sample.json"]))
+    text = dest.read_text()
+    assert "old GPU rows" not in text and cpu in text and text.startswith("intro\n") and "\nnotes\n" in text
+    assert "`python benchmarks/throughput.py --archs lsun256` (2026-11-26 15:28, `results/run2-train.json`):" in text
+    assert "| lsun256 | 16 | ours | 112.15 |" in text and "ours / authors = **2.02x**" in text
+    assert "`python benchmarks/sample_throughput.py` (`results/run2-sample.json`):" in text
+    assert text.index("run2-train.json") < text.index("run2-sample.json")     # the order the files were given
+    assert "compiled / eager = **2.22x**" in text
+    other = tmp_path / "no-blocks.md"
+    other.write_text("no markers here\n")
+    with pytest.raises(SystemExit):                 # a file without the block is refused, not appended to
+        md.update(other, md.render([tmp_path / "run2-sample.json"]))
+    assert other.read_text() == "no markers here\n"
