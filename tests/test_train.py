@@ -41,8 +41,28 @@ def _metric_lines(run: RunDir, i: int = 0) -> list[dict]:
     return [json.loads(x) for x in run.metrics(i).read_text().splitlines() if x.strip()]
 
 
-def test_consistency_loss_zero_at_first_step_and_teacher_stays_frozen(make_recipe, tiny_ddpm):
-    tr = _trainer(make_recipe(train={"lr": 1e-3, "grad_accum": 2}), tiny_ddpm)
+def _compile_setting(compile_: str, monkeypatch) -> dict:
+    """train.compile for a test; "on" compiles with the aot_eager backend (the same graph capture as CUDA's inductor:
+    UNet, projection hooks, autograd) in seconds on this CPU."""
+    if compile_ == "on":
+        monkeypatch.setenv("DEME_COMPILE_BACKEND", "aot_eager")
+    return {"compile": compile_}
+
+
+def _count_compiles(monkeypatch) -> list:
+    """Calls of train.py's compile_module (student and teacher: two per trainer)."""
+    import deme_cli.train as train_mod
+
+    calls, real = [], train_mod.compile_module
+    monkeypatch.setattr(train_mod, "compile_module", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("compile_", ["off", "on"])
+def test_consistency_loss_zero_at_first_step_and_teacher_stays_frozen(make_recipe, tiny_ddpm, compile_, monkeypatch):
+    train = {"lr": 1e-3, "grad_accum": 2, **_compile_setting(compile_, monkeypatch)}
+    tr = _trainer(make_recipe(train=train), tiny_ddpm)
+    assert tr.compiled == (compile_ == "on")
     calls = []
     tr.teacher.register_forward_hook(lambda *a: calls.append(1))
     before = _state_hash(tr.teacher)
@@ -141,11 +161,13 @@ def test_train_writes_final_models_metrics_and_skips_when_done(make_recipe, tiny
         train_ranges(recipe, run, 2)
 
 
-def test_resume_is_bit_exact(make_recipe, tmp_path):
+@pytest.mark.parametrize("compile_", ["off", "on"])
+def test_resume_is_bit_exact(make_recipe, tmp_path, compile_, monkeypatch):
     # random crops + flips, 2 micro-batches per step, warm-up LR, EMA: 2K steps at once == K, then K more
     common = dict(data={"center_crop": False, "random_flip": True},
                   train={"grad_accum": 2, "lr": 1e-3, "lr_warmup_steps": 2, "checkpoint_every": 2,
-                         "keep_checkpoints": 1})
+                         "keep_checkpoints": 1, **_compile_setting(compile_, monkeypatch)})
+    compiles = _count_compiles(monkeypatch)
     K = 3
     one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
     one = one.model_copy(update={"train": one.train.model_copy(update={"steps": 2 * K})})
@@ -166,6 +188,7 @@ def test_resume_is_bit_exact(make_recipe, tmp_path):
     la, lb = _metric_lines(a), _metric_lines(b)
     assert [x["step"] for x in lb] == list(range(1, 2 * K + 1))
     assert [x["loss"] for x in la] == [x["loss"] for x in lb]
+    assert len(compiles) == (6 if compile_ == "on" else 0)     # three trainers, student and teacher each
 
 
 def test_sigkill_leaves_a_checkpoint_that_resumes(make_recipe, tmp_path):
