@@ -58,8 +58,24 @@ def _visible_gpu_count() -> int:
     return torch.cuda.device_count()
 
 
-def device_slots(spec: str, per_job: int = 1) -> list[Slot]:
-    """Slots from --gpus: a count ("4"), a list ("0,1,2,3"), "cpu" / "cpu:P" (P CPU processes) or "auto"."""
+def device_slots(spec: str, per_job: int = 1, check: bool = False) -> list[Slot]:
+    """Slots from --gpus: a count ("4"), a list ("0,1,2,3"), "cpu" / "cpu:P" (P CPU processes) or "auto".
+
+    check: the GPUs asked for must be visible on this machine (for jobs about to start here; a plan or a script for
+    another machine leaves it off)."""
+    slots = _slots(spec, per_job)
+    if check and slots[0].gpus:
+        want, visible = max(g for s in slots for g in s.gpus), _visible_gpu_count()
+        if visible == 0:
+            raise UsageError(f"--gpus {spec} asks for GPUs but none is visible on this machine; "
+                             f"use --gpus cpu:P to run P CPU processes")
+        if want >= visible:
+            raise UsageError(f"--gpus {spec} asks for GPU {want} but only {visible} GPU(s) are visible "
+                             f"(numbered 0 to {visible - 1})")
+    return slots
+
+
+def _slots(spec: str, per_job: int) -> list[Slot]:
     spec = (spec or "auto").strip().lower()
     if per_job < 1:
         raise UsageError(f"--gpus-per-range must be at least 1, got {per_job}")
@@ -386,7 +402,7 @@ def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool
     from .splitting import load_ranges
     from .train import trained_meta
 
-    slots = device_slots(gpus, per_range)
+    slots = device_slots(gpus, per_range, check=True)
     ranges = load_ranges(recipe, run)          # ranges.json exists before any job starts: no job computes it
     recipe_file = write_launch_recipe(recipe, run)
     jobs, kept = [], {}

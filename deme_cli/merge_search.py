@@ -396,7 +396,7 @@ class SearchPool:
         from .launch import device_slots
 
         on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
-        slots = device_slots(f"cpu:{processes}" if on_cpu else gpus)
+        slots = device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
         ctx = mp.get_context("spawn")         # fork after torch initialised is unsafe; spawn starts clean
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         threads = str(max(1, (os.cpu_count() or 1) // processes))

@@ -284,7 +284,7 @@ def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int,
     from . import launch
 
     on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
-    slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus)
+    slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
     on_cpu = on_cpu or not slots[0].gpus
     # the model is loaded here for its identity (settings) and the checks only: on the CPU, GPUs stay free for workers
     job = _Job(recipe, run, spec, torch.device("cpu"), target=torch.device("cpu" if on_cpu else "cuda"))

@@ -39,6 +39,15 @@ def test_device_slots(monkeypatch):
             launch.device_slots(bad)
     with pytest.raises(UsageError, match="needs at least 2"):
         launch.device_slots("1", per_job=2)
+    # jobs about to start here: the GPUs asked for must be visible (a plan for another machine is not checked)
+    assert len(launch.device_slots("0,3", check=True)) == 2 and launch.device_slots("cpu:2", check=True)
+    with pytest.raises(UsageError, match="asks for GPU 4 but only 4 GPU"):
+        launch.device_slots("5", check=True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert len(launch.device_slots("2")) == 2
+    with pytest.raises(UsageError, match="none is visible on this machine; use --gpus cpu:P"):
+        launch.device_slots("2", check=True)
+    assert [s.name for s in launch.device_slots("auto", check=True)] == ["cpu 0"]
     cmd = launch.deme_command(["train", "r.toml", "--range", "1"], processes=2, port=29601)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"] and "29601" in cmd
 
@@ -99,9 +108,11 @@ def test_launcher_misuse_is_a_usage_error(make_recipe, tmp_path):
     for args, msg in ((["--range", "0", "--launcher", "local"], "use it with --all"),
                       (["--all", "--emit"], "--launcher slurm"),
                       (["--all", "--launcher", "ssh"], "unknown launcher"),
-                      (["--all", "--launcher", "local", "--gpus", "cpu:0"], "not valid")):
-        r = CliRunner().invoke(app, ["train", str(path), *args])
+                      (["--all", "--launcher", "local", "--gpus", "cpu:0"], "not valid"),
+                      (["--all", "--launcher", "local", "--gpus", "2"], "none is visible")):
+        r = CliRunner().invoke(app, ["train", str(path), *args], env={"CUDA_VISIBLE_DEVICES": ""})
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+    assert not RunDir(make_recipe().out_dir).range_dir(0).exists()       # nothing was started
 
 
 def test_one_range_data_parallel_under_torchrun(make_recipe, tmp_path):
