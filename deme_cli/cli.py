@@ -76,10 +76,6 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _not_yet(name: str) -> None:
-    raise UsageError(f"'deme {name}' is not yet available in this version")
-
-
 # --- split ---------------------------------------------------------------------------------------------------------
 @app.command()
 def split(recipe: Path = RecipeArg,
