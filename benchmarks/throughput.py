@@ -205,7 +205,6 @@ class FixedBatches:
 def ours_step(cfg, dev, batch, workdir: Path, data: str, compile_: str):
     """`deme train`'s step: RangeTrainer.launch_step, metrics read one step late; returns (step, finish, info)."""
     import numpy as np
-    import torch
     from diffusers import DDPMPipeline, DDPMScheduler
     from PIL import Image
 
@@ -322,7 +321,7 @@ def main() -> None:
                 del step, finish
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-        if "ours" in rates:
+        if "ours" in rates and len(rates) > 1:
             out["ratios"][arch] = {f"ours_over_{k}": round(rates["ours"] / v, 3) for k, v in rates.items()
                                    if k != "ours"}
             if dev.type == "cpu":  # by process CPU time: what the step costs, whatever else runs on the machine

@@ -146,7 +146,7 @@ def main() -> None:
               "plain_img_per_s": args.batch / med["plain"], "deme_img_per_s": args.batch / med["deme"]}
     print(f"{result['device']} {result['precision']} {args.arch} ({result['params_M']}M params) batch {args.batch} "
           f"@ {args.res}px, median of {args.steps} steps")
-    print(f"                       wall median    wall best   CPU median")
+    print("                       wall median    wall best   CPU median")
     for label, k in (("plain diffusers step", "plain"), ("DeMe step", "deme"), ("teacher forward", "teacher_forward")):
         print(f"  {label:20s} : {med[k] * 1e3:9.1f} ms {best[k] * 1e3:9.1f} ms {cpu[k] * 1e3:9.1f} ms  "
               f"({args.batch / med[k]:.0f} img/s)")

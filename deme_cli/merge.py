@@ -271,7 +271,7 @@ def merged_tensors(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -
             continue
         theta = base.to(torch.float64)
 
-        def taus():
+        def taus(theta=theta):
             for r, w in active:
                 tau = r.read(group, key)
                 if tau is not None:
@@ -280,7 +280,7 @@ def merged_tensors(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -
                     del tau  # keep one range's tensor in flight, not two
         delta = combine(spec, f"{group}.{key}", taus())
         out = (theta if delta is None else delta.add_(theta)).to(out_dtype)
-        del delta, theta
+        del delta, theta, taus  # taus' default holds theta too
         yield group, key, out
 
 

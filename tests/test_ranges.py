@@ -1,5 +1,4 @@
 """Uniform split and the timestep sampler (Eq. 6): statistical checks over many draws."""
-import math
 
 import pytest
 import torch

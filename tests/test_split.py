@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deme_cli.errors import UsageError
-from deme_cli.ranges import affinity_split, contiguous_clusters, interval_scores, snr_split, split
+from deme_cli.ranges import affinity_split, contiguous_clusters, interval_scores, split
 
 
 def planted(sizes, within=0.8, between=-0.3, noise=0.05, seed=0):
