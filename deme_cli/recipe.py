@@ -89,7 +89,7 @@ class MergeSection(_Section):
     seed: int = 0                                  # dare: random drop
     search: Literal["grid", "coordinate", "greedy"] = "grid"  # used with `deme merge --search`
     candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # values each weight may take in the search
-    objective: Literal["kid", "fid", "loss"] = "loss"         # search proxy
+    objective: Literal["kid", "fid", "loss", "range_loss"] = "loss"  # search proxy (range_loss: per range, vs theta)
     search_num_images: int = Field(64, ge=2)       # images per candidate (kid/fid) or per loss estimate
     search_steps: int = Field(10, ge=1)            # sampler steps per candidate (kid/fid)
     search_reference: Optional[str] = None         # held-out reference folder for the search (kid/fid)

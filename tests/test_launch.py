@@ -149,10 +149,13 @@ def test_sampling_with_2_processes_is_bit_identical_to_one(make_recipe, tmp_path
     assert again["generated"] == 0 and again["skipped"] == 5
 
 
-def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, tiny_images, tmp_path, monkeypatch):
+@pytest.mark.parametrize("objective", ["loss", "range_loss"])
+def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, tiny_images, tmp_path, monkeypatch,
+                                                      objective):
     """`deme merge --search --processes 2`: the same candidates, scores (exactly) and best weights as one process.
 
-    Coordinate search: its sweeps are scored in parallel, its decisions stay sequential."""
+    Coordinate search: its sweeps are scored in parallel, its decisions stay sequential. range_loss: each process
+    computes theta's losses itself."""
     import shutil
 
     import torch
@@ -166,7 +169,7 @@ def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, ti
     try:
         write_ranges(tmp_path / "serial", tiny_ddpm)
         shutil.copytree(tmp_path / "serial", tmp_path / "parallel")
-        m = {"search": "coordinate", "candidates": [0.0, 0.5, 1.0], "objective": "loss", "search_num_images": 6,
+        m = {"search": "coordinate", "candidates": [0.0, 0.5, 1.0], "objective": objective, "search_num_images": 6,
              "search_reference": str(tiny_images)}
         runs = {}
         for name, procs in (("serial", 1), ("parallel", 2)):

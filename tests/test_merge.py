@@ -393,6 +393,40 @@ def test_search_with_loss_objective_and_reference_warning(setup, tiny_images, ca
     assert "tuned on the images eval reports on" in " ".join(capsys.readouterr().err.split())
 
 
+def test_search_with_range_loss_objective(setup, tiny_images):
+    """range_loss = mean over ranges of (candidate's held-out loss in the range) / (theta's): theta scores exactly 1;
+    a candidate's score equals the hand computation from the plain objective's per-image losses."""
+    m = {"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6, "search_reference": str(tiny_images)}
+    recipe, run = setup(merge={**m, "objective": "range_loss"})
+    res = merge.run_merge(recipe, run, search=True)
+    log = res["search"]
+    assert log["objective"] == "range_loss" and log["evaluations"] == 8
+    assert log["ranges"] == [[0, 333], [333, 666], [666, 1000]] and log["timesteps_per_range"] == [2, 2, 2]
+    scores = {tuple(c["weights"]): c["score"] for c in log["candidates"]}
+    assert scores[(0.0, 0.0, 0.0)] == 1.0 and len(set(scores.values())) > 1
+    assert log["best"]["score"] == min(scores.values())
+
+    # by hand: t_k = floor((k + 1/2) 1000 / 6) = 83, 250, 416, 583, 750, 916 -> two images per range
+    plain, _ = setup(merge={**m, "objective": "loss"})
+    inputs = merge.load_inputs(plain, run)
+    with inputs.open():
+        objective, merger, _ = merge_search.candidate_evaluator(plain, run, inputs,
+                                                                merge_methods.MergeSpec.from_recipe(plain))
+        model = merge.new_candidate_model(inputs).eval()
+        merger.load_into(model, [0.0, 0.0, 0.0])
+        theta = objective.losses(model)
+        merger.load_into(model, [1.0, 0.0, 1.0])
+        cand = objective.losses(model)
+        assert objective(model) == pytest.approx(float(cand.mean()), rel=1e-12)
+    want = sum(float(cand[2 * r:2 * r + 2].mean() / theta[2 * r:2 * r + 2].mean()) for r in range(3)) / 3
+    assert scores[(1.0, 0.0, 1.0)] == pytest.approx(want, rel=1e-9)
+    assert want != pytest.approx(float(cand.mean() / theta.mean()), rel=1e-6)   # not the plain ratio
+
+    few, _ = setup(merge={**m, "objective": "range_loss", "search_num_images": 2})   # t = 250, 750: range 1 empty
+    with pytest.raises(UsageError, match="leaves range 1 without a search timestep; use at least 3 images"):
+        merge.run_merge(few, run, search=True, force=True)
+
+
 def test_search_with_kid_objective(setup, tiny_images, tmp_path):
     from deme_cli.metrics import tiny_feature_net
 
