@@ -537,7 +537,8 @@ def search_weights(recipe, run, inputs, spec, start: list[float], processes: int
         objective, merger, evaluate = candidate_evaluator(recipe, run, inputs, spec)
         described, merges, evaluate_many = objective.describe(), type(merger).kind, None
     try:
-        with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges", every=1) as bar:
+        with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges",
+                         every=max(1, budget // 20)) as bar:   # plain logs: ~20 lines, not one per merge
             scorer = Scorer(evaluate, bar, evaluate_many)
             strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
     finally:
