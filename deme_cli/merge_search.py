@@ -179,13 +179,11 @@ def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
 
 
 class LossObjective:
-    """Held-out denoising loss of a candidate: fixed images, noise and timesteps (see the module docstring).
-
-    per_range: score by range_loss (each range's loss relative to theta's; set_baseline gives theta's losses)."""
+    """Held-out denoising loss of a candidate: fixed images, noise and timesteps (see the module docstring)."""
 
     name = "loss"
 
-    def __init__(self, recipe, run, inputs, per_range: bool = False):
+    def __init__(self, recipe, run, inputs):
         import numpy as np
         import torch
         from diffusers import DDPMScheduler
@@ -235,60 +233,70 @@ class LossObjective:
             self.batches.append((x0, kwargs, t, noise))
             k0 += x0.shape[0]
         self.n, self.seed = n, m.seed
-        self.per_range, self.baseline = per_range, None
-        if per_range:
-            self.name = "range_loss"
-            bounds = [((r.meta.get("range") or {}).get("lo"), (r.meta.get("range") or {}).get("hi"))
-                      for r in inputs.ranges]
-            if any(lo is None or hi is None for lo, hi in bounds):
-                raise UsageError("merge.objective = \"range_loss\" needs each range model's timestep range in its "
-                                 "deme.json; retrain the ranges with this version or use merge.objective = \"loss\"")
-            t_all = torch.cat([t.cpu() for _, _, t, _ in self.batches])
-            self.groups = [((t_all >= lo) & (t_all < hi)).nonzero().flatten() for lo, hi in bounds]
-            self.bounds = [[int(lo), int(hi)] for lo, hi in bounds]
-            empty = [i for i, g in enumerate(self.groups) if len(g) == 0]
-            if empty:
-                raise UsageError(f"merge.search_num_images = {n} leaves range {empty[0]} without a search timestep; "
-                                 f"use at least {len(bounds)} images")
 
     def losses(self, model):
         """The n per-image denoising losses (mean squared error of the prediction), in search order, on the CPU."""
         import torch
 
-        from .train import TARGETS
+        from .train import noisy_and_target
 
         out = []
         with torch.no_grad():
             for x0, kwargs, t, noise in self.batches:
-                x_t = self.scheduler.add_noise(x0, noise, t)
-                target = TARGETS[self.scheduler.config.prediction_type](self.scheduler, x0, noise, t)
+                x_t, target = noisy_and_target(self.scheduler, x0, noise, t)
                 err = (model(x_t, t, **kwargs).sample.float() - target.float()).pow(2)
-                out.append(err.flatten(1).mean(1).double().cpu())
-        return torch.cat(out)
+                out.append(err.flatten(1).mean(1))
+        return torch.cat(out).double().cpu()      # one device-to-host copy per candidate
+
+    def __call__(self, model) -> float:
+        return float(self.losses(model).mean())
+
+    def describe(self) -> dict:
+        return {"images": self.images, "num_images": self.n, "image_indices": self.indices,
+                "timesteps": "t_k = floor((k + 1/2) T / n)", "noise_seed": self.seed}
+
+
+class RangeLossObjective(LossObjective):
+    """range_loss: the held-out losses grouped by timestep range, each range's mean divided by theta's (from
+    set_baseline, which candidate_evaluator calls with theta loaded), averaged over ranges."""
+
+    name = "range_loss"
+
+    def __init__(self, recipe, run, inputs):
+        import torch
+
+        super().__init__(recipe, run, inputs)
+        self.baseline = None
+        bounds = [((r.meta.get("range") or {}).get("lo"), (r.meta.get("range") or {}).get("hi"))
+                  for r in inputs.ranges]
+        if any(lo is None or hi is None for lo, hi in bounds):
+            raise UsageError("merge.objective = \"range_loss\" needs each range model's timestep range in its "
+                             "deme.json; retrain the ranges with this version or use merge.objective = \"loss\"")
+        t_all = torch.cat([t.cpu() for _, _, t, _ in self.batches])
+        self.groups = [((t_all >= lo) & (t_all < hi)).nonzero().flatten() for lo, hi in bounds]
+        self.bounds = [[int(lo), int(hi)] for lo, hi in bounds]
+        empty = [i for i, g in enumerate(self.groups) if len(g) == 0]
+        if empty:
+            raise UsageError(f"merge.search_num_images = {self.n} leaves range {empty[0]} without a search timestep; "
+                             f"use at least {len(bounds)} images")
 
     def range_losses(self, model) -> list[float]:
         per_image = self.losses(model)
         return [float(per_image[g].mean()) for g in self.groups]
 
     def set_baseline(self, model) -> None:
-        """theta's loss per range: the denominators of range_loss."""
+        """theta's loss per range: the denominators."""
         self.baseline = self.range_losses(model)
 
     def __call__(self, model) -> float:
-        if not self.per_range:
-            return float(self.losses(model).mean())
         if self.baseline is None:
             raise RuntimeError("range_loss needs theta's losses first (set_baseline)")
         return sum(c / b for c, b in zip(self.range_losses(model), self.baseline)) / len(self.baseline)
 
     def describe(self) -> dict:
-        d = {"images": self.images, "num_images": self.n, "image_indices": self.indices,
-             "timesteps": "t_k = floor((k + 1/2) T / n)", "noise_seed": self.seed}
-        if self.per_range:
-            d.update(score="mean over ranges of candidate loss / theta loss", ranges=self.bounds,
-                     timesteps_per_range=[len(g) for g in self.groups],
-                     theta_range_losses=None if self.baseline is None else [round(b, 6) for b in self.baseline])
-        return d
+        return {**super().describe(), "score": "mean over ranges of candidate loss / theta loss",
+                "ranges": self.bounds, "timesteps_per_range": [len(g) for g in self.groups],
+                "theta_range_losses": None if self.baseline is None else [round(b, 6) for b in self.baseline]}
 
 
 class SampleMetricObjective:
@@ -337,7 +345,7 @@ class SampleMetricObjective:
 
 OBJECTIVES: dict[str, Callable[..., Any]] = {
     "loss": LossObjective,
-    "range_loss": lambda recipe, run, inputs: LossObjective(recipe, run, inputs, per_range=True),
+    "range_loss": RangeLossObjective,
     "kid": lambda recipe, run, inputs: SampleMetricObjective(recipe, run, inputs, "kid"),
     "fid": lambda recipe, run, inputs: SampleMetricObjective(recipe, run, inputs, "fid"),
 }
@@ -397,7 +405,7 @@ def candidate_evaluator(recipe, run, inputs, spec):
     model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
     merger = make_merger(inputs, spec, objective.device)
 
-    if getattr(objective, "per_range", False):
+    if hasattr(objective, "set_baseline"):          # an objective relative to theta (range_loss)
         merger.load_into(model, [0.0] * inputs.n)   # all weights 0: theta itself
         objective.set_baseline(model)
 

@@ -77,6 +77,12 @@ TARGETS = {  # scheduler prediction_type -> what the UNet should predict
 }
 
 
+def noisy_and_target(noise_scheduler, x0, noise, t):
+    """(x_t, what the UNet should predict for it) under the scheduler's prediction_type."""
+    x_t = noise_scheduler.add_noise(x0, noise, t)
+    return x_t, TARGETS[noise_scheduler.config.prediction_type](noise_scheduler, x0, noise, t)
+
+
 def deme_loss(student, teacher, noise_scheduler, x0, noise, t, unet_kwargs: dict, consistency_weight: float,
               autocast=nullcontext):
     """Eq. 5 on one micro-batch: (loss, denoising loss, consistency loss or None), mean squared errors per element.
@@ -87,8 +93,7 @@ def deme_loss(student, teacher, noise_scheduler, x0, noise, t, unet_kwargs: dict
     import torch
     import torch.nn.functional as F
 
-    x_t = noise_scheduler.add_noise(x0, noise, t)
-    target = TARGETS[noise_scheduler.config.prediction_type](noise_scheduler, x0, noise, t)
+    x_t, target = noisy_and_target(noise_scheduler, x0, noise, t)
     with autocast():
         pred = student(x_t, t, **unet_kwargs).sample
         if teacher is not None:
