@@ -81,7 +81,9 @@ def _main_process() -> bool:
 def split(recipe: Path = RecipeArg,
           strategy: Optional[str] = typer.Option(None, help="uniform | snr | affinity (overrides ranges.strategy)."),
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
-          as_json: bool = JsonOpt):
+          as_json: bool = JsonOpt,
+          force: bool = typer.Option(False, "--force", help="Replace a ranges.json that trained range models were "
+                                     "trained on.")):
     """Cut [0, T) into N contiguous timestep ranges; writes <run>/ranges.json."""
     def body():
         sets = list(set_ or []) + ([f'ranges.strategy="{strategy}"'] if strategy else [])
@@ -90,7 +92,7 @@ def split(recipe: Path = RecipeArg,
             return
         from .splitting import run_split
 
-        result = run_split(ctx.recipe, ctx.run)
+        result = run_split(ctx.recipe, ctx.run, force=force)
         if as_json:
             ui.emit_json(result)
         else:

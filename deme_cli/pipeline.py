@@ -28,7 +28,7 @@ def _split(recipe, run, force, models):
 
     if run.ranges_json.is_file() and not force:
         return "kept"
-    run_split(recipe, run)
+    run_split(recipe, run, force=True)    # a forced run retrains every range on the new ranges
     return "done"
 
 

@@ -53,12 +53,34 @@ def split_evidence(recipe, run: RunDir, T: int) -> dict:
     return provide(recipe, run, T) if provide is not None else {}
 
 
-def run_split(recipe, run: RunDir) -> dict:
+def trained_on(run: RunDir) -> list[int]:
+    """Indices of the ranges with a checkpoint or a final model in the run."""
+    root = run.root / "ranges"
+    if not root.is_dir():
+        return []
+    return sorted(int(d.name) for d in root.iterdir() if d.name.isdigit()
+                  and ((d / "final").is_dir() or (d / "final-raw").is_dir() or (d / "checkpoints").is_dir()))
+
+
+def run_split(recipe, run: RunDir, force: bool = False) -> dict:
+    """Compute the ranges and write ranges.json. A ranges.json with other ranges that range models were trained on is
+    not replaced without `force` (the models would no longer match it)."""
     pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
     T = num_train_timesteps(pipeline_dir)
     ranges, info = split(recipe.ranges.strategy, T, recipe.ranges.n, **split_evidence(recipe, run, T))
     result = {"strategy": recipe.ranges.strategy, "T": T, "n": len(ranges),
               "ranges": [r.as_dict() for r in ranges], **({"evidence": info} if info else {})}
+    if run.ranges_json.is_file() and not force:
+        try:
+            old = read_json(run.ranges_json)
+            same = old.get("T") == T and old.get("ranges") == result["ranges"]
+        except (ValueError, AttributeError):
+            same = False
+        trained = trained_on(run)
+        if not same and trained:
+            raise UsageError(f"'{run.ranges_json}' holds other ranges, and range{'s' if len(trained) > 1 else ''} "
+                             f"{', '.join(map(str, trained))} {'were' if len(trained) > 1 else 'was'} trained on them; re-run with --force to replace "
+                             f"it (then 'deme train --force' retrains them), or use another --out")
     write_json(run.ranges_json, result)
     return result
 

@@ -133,6 +133,35 @@ def test_run_split_affinity_writes_evidence(make_recipe, tmp_path):
     assert [(r.lo, r.hi) for r in load_ranges(recipe, run)] == [(0, 300), (300, 1000)]
 
 
+def test_split_keeps_the_ranges_trained_models_were_trained_on(make_recipe, tmp_path):
+    """Other ranges over a ranges.json whose ranges have models: refused (file untouched) unless --force; the same
+    ranges, or other ranges before any training, are written."""
+    from typer.testing import CliRunner
+
+    from deme_cli.cli import app
+    from deme_cli.runs import RunDir
+
+    recipe = make_recipe(ranges={"n": 2, "strategy": "uniform"})
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe.to_toml())
+    run = RunDir(recipe.out_dir)
+
+    def split_cli(*args):
+        return CliRunner().invoke(app, ["split", str(path), *args])
+    assert split_cli("--strategy", "snr").exit_code == 0                 # nothing trained: replaced freely
+    assert json.loads(run.ranges_json.read_text())["strategy"] == "snr"
+    assert split_cli().exit_code == 0
+    uniform = run.ranges_json.read_text()
+    (run.final(1) / "unet").mkdir(parents=True)                          # range 1 has a model now
+    assert split_cli().exit_code == 0 and run.ranges_json.read_text() == uniform      # same ranges: fine
+    r = split_cli("--strategy", "snr")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "holds other ranges, and range 1 was trained on them; re-run with --force" in " ".join(r.output.split())
+    assert run.ranges_json.read_text() == uniform                         # untouched
+    assert split_cli("--strategy", "snr", "--force").exit_code == 0
+    assert json.loads(run.ranges_json.read_text())["strategy"] == "snr"
+
+
 def test_run_split_affinity_without_matrix_is_usage_error(make_recipe):
     from deme_cli.runs import RunDir
     from deme_cli.splitting import run_split
