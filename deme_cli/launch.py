@@ -400,7 +400,7 @@ def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool
     """
     from .models import read_meta
     from .splitting import load_ranges
-    from .train import trained_meta
+    from .train import reexport_if_stale, trained_meta
 
     slots = device_slots(gpus, per_range, check=True)
     ranges = load_ranges(recipe, run)          # ranges.json exists before any job starts: no job computes it
@@ -409,6 +409,7 @@ def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool
     for r in ranges:
         meta = None if force else trained_meta(recipe, run, r)
         if meta is not None:
+            reexport_if_stale(run, r)
             kept[r.index] = meta
             continue
         jobs.append(Job(f"range {r.index}", _range_args(recipe_file, r.index, force), run.range_dir(r.index) /

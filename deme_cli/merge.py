@@ -39,6 +39,7 @@ from typing import Any, Iterator, Optional
 
 from . import ui
 from .errors import UsageError
+from .exports import refuse_stale
 from .merge_methods import MergeSpec, combine, consensus, get_method, sparsify
 from .models import META_FILE, PROJECTION_FILE, UNET_WEIGHTS
 from .runs import RunDir, read_json
@@ -170,6 +171,8 @@ def _find_range_models(recipe, run: RunDir) -> list[RangeModel]:
                f"to merge those)" if other else ""
         raise UsageError(f"range model{'s' if len(missing) > 1 else ''} {which} not found in "
                          f"'{folders[missing[0]].parent.parent}'{hint}; run '{cmd}' first")
+    if use_ema:
+        refuse_stale(run, range(n))
     out = []
     for i, folder in enumerate(folders):
         files = unet_weight_files(folder / "unet")

@@ -16,6 +16,7 @@ import numpy as np
 
 from .denoise import EnsembleDenoiser, UNetDenoiser, generate
 from .errors import UsageError
+from .exports import refuse_stale
 from .runs import RunDir
 from .text2image import text_to_image
 
@@ -69,6 +70,9 @@ def _load_merged(recipe, run: RunDir, device) -> Loaded:
 
 
 def _range_folder(recipe, run: RunDir, i: int) -> Path:
+    """Range i's final/ (EMA, refused when exported before the EMA fix) or final-raw/ (merge.use_ema = false)."""
+    if recipe.merge.use_ema:
+        refuse_stale(run, [i])
     return run.final(i, ema=recipe.merge.use_ema)
 
 

@@ -23,6 +23,9 @@ from .errors import UsageError
 PROJECTION_FILE = "projection.safetensors"
 META_FILE = "deme.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# deme.json's "export_format": 2 = the UNet weights are the given state (EMA in final/). Folders without it were
+# written by deme 0.1.0, whose final/unet held the raw weights next to EMA projections (see exports.py).
+EXPORT_FORMAT = 2
 
 
 # --- locating pretrained pipelines -----------------------------------------------------------------------------
@@ -214,10 +217,13 @@ def model_copy(model, dtype=None):
 # --- model folders -----------------------------------------------------------------------------------------------
 
 def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = None) -> None:
-    """Write a model folder atomically (to folder.tmp, then rename). `state` overrides the model's weights (EMA)."""
-    import shutil
+    """Write a model folder atomically (to folder.tmp, then rename) holding exactly `state` (default: the model's
+    own weights; train passes the EMA state). `model` gives the UNet's config.
 
-    from safetensors.torch import save_file
+    The UNet's weights are written with safetensors directly, not with `unet.save_pretrained(..., state_dict=...)`:
+    diffusers' save_pretrained has no `state_dict` parameter, swallows it in **kwargs and saves the live module's
+    weights instead (which put the raw weights into every final/ before EXPORT_FORMAT 2)."""
+    import shutil
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -226,11 +232,36 @@ def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = N
     tmp.mkdir(parents=True)
     sd = state if state is not None else model.state_dict()
     unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-    proj_sd = {k[len("projections."):]: v.contiguous() for k, v in sd.items() if k.startswith("projections.")}
-    model.unet.save_pretrained(tmp / "unet", safe_serialization=True, state_dict=unet_sd)
+    proj_sd = {k[len("projections."):]: v for k, v in sd.items() if k.startswith("projections.")}
+    expected = set(model.unet.state_dict())
+    if set(unet_sd) != expected:
+        missing = sorted(expected - set(unet_sd)) or sorted(set(unet_sd) - expected)
+        raise ValueError(f"the state to save does not fit the UNet ({len(expected ^ set(unet_sd))} tensor names "
+                         f"differ, e.g. '{missing[0]}')")
+    (tmp / "unet").mkdir()
+    model.unet.save_config(tmp / "unet")
+    write_weights(tmp, unet_sd, proj_sd)
+    (tmp / META_FILE).write_text(json.dumps({**meta, "export_format": EXPORT_FORMAT}, indent=2) + "\n")
+    swap_in(tmp, folder)
+
+
+def write_weights(folder: Path, unet_sd: dict, proj_sd: dict) -> None:
+    """unet/diffusion_pytorch_model.safetensors (what diffusers' from_pretrained reads) and, when there are
+    projections, projection.safetensors, each holding exactly the given tensors (on the CPU, contiguous)."""
+    from safetensors.torch import save_file
+
+    def cpu(sd: dict) -> dict:
+        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+    save_file(cpu(unet_sd), str(folder / "unet" / UNET_WEIGHTS), metadata={"format": "pt"})
     if proj_sd:
-        save_file(proj_sd, str(tmp / PROJECTION_FILE))
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_file(cpu(proj_sd), str(folder / PROJECTION_FILE))
+
+
+def swap_in(tmp: Path, folder: Path) -> None:
+    """Put the finished folder `tmp` at `folder`; an old `folder` is removed only once the new one is in place."""
+    import shutil
+
     if folder.exists():
         old = folder.with_name(folder.name + ".old")
         if old.exists():

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from . import checkpoints, ui
+from . import checkpoints, exports, ui
 from .captions import TextToImageTask
 from .data import EpochBatches, build_dataset
 from .errors import UsageError
@@ -503,6 +504,18 @@ def trained_meta(recipe, run: RunDir, r: Range) -> Optional[dict]:
     return None
 
 
+def reexport_if_stale(run: RunDir, r: Range) -> bool:
+    """Re-export a finished range's final/ that was exported before the EMA fix (exports.py) from its last
+    checkpoint, saying so in one line; True when it did. UsageError when no checkpoint is left to do it from."""
+    # under accelerate launch only the main process rewrites the folder; the others see it finished
+    if not exports.is_stale(run.final(r.index)) or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    ck = exports.reexport(run, r.index)
+    ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA weights "
+            f"from checkpoints/{ck.name} without training")
+    return True
+
+
 def train_range(recipe, run: RunDir, r: Range, pipeline_dir: Path, T: int, force: bool = False) -> dict:
     """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint."""
     tr = recipe.train
@@ -516,8 +529,9 @@ def train_range(recipe, run: RunDir, r: Range, pipeline_dir: Path, T: int, force
     resume = checkpoints.latest(ckpt_dir)
     meta = trained_meta(recipe, run, r)
     if meta is not None:
-        ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
-                f"use --force to train it again")
+        if not reexport_if_stale(run, r):
+            ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
+                    f"use --force to train it again")
         return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
 
     # Build the trainer and resume.
