@@ -328,7 +328,23 @@ def eval_(recipe: Path = RecipeArg,
         if r.get("reference"):
             ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
         ui.table("eval", ["metric"] + list(res), rows)
+        _loss_table(res, r.get("loss_plot"))
     _guard(body)
+
+
+def _loss_table(results: dict, plot: Optional[str]) -> None:
+    """The held-out loss by timestep bin: the base's loss, then each model's ratio to it."""
+    curves = {m: v["loss_by_t"] for m, v in results.items() if v.get("loss_by_t")}
+    if not curves:
+        return
+    first = next(iter(curves.values()))
+    rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for c in curves.values()]
+            for b, (lo, hi) in enumerate(first["bins"])]
+    rows.append(["mean of ratios", None] + [c["ratio_mean"] for c in curves.values()])
+    ui.table(f"held-out loss by timestep ({first['num_images']} images): base loss, and each model / base",
+             ["t", "base loss"] + list(curves), rows)
+    if plot:
+        ui.info(f"plot: {plot}")
 
 
 # --- analyze-gradients ---------------------------------------------------------------------------------------------
@@ -393,7 +409,8 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
             return
         keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
         ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
-                 ["model"] + [{"clip_score": "CLIP score"}.get(k, k.upper()) for k in keys] + ["images"],
+                 ["model"] + [{"clip_score": "CLIP score", "loss_ratio": "loss / base"}.get(k, k.upper())
+                              for k in keys] + ["images"],
                  [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
         ui.table("stages", ["stage", "status", "seconds"],
                  [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])

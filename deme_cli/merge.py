@@ -46,6 +46,7 @@ from .runs import RunDir, read_json
 from .safetensors_stream import TensorFileReader, TensorFileWriter, dtype_name, read_header, torch_dtype
 
 MERGE_JSON = "merge.json"
+SEARCH_PLOT = "merge-search.png"          # every candidate of a weight search and its score
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -395,6 +396,9 @@ def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSp
                 bar.update()
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MERGE_JSON).write_text(json.dumps(merge_json, indent=2, default=str) + "\n")
+        if merge_json.get("search"):
+            from .plots import search_plot
+            search_plot(merge_json["search"], tmp / SEARCH_PLOT)
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

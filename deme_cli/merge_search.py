@@ -7,8 +7,12 @@ float32 (`merge.CandidateMerger`, about N + 1 models of memory; when that does n
 disk with `merge.load_merged_into`, as `merged/` is written). Every candidate and its score goes into merge.json's
 "search" log; the best one is written as merged/ by the exact streaming path.
 
-Strategies (`merge.search`), over the values in `merge.candidates` for each of the N weights:
-- grid: every combination, |candidates|^N merges (the paper's).
+Strategies (`merge.search`):
+- scaled (default): theta (all weights 0, the yardstick), then each weight shape of `merge.shapes` at each scale of
+  `merge.scales` (the shape's weights times the scale: a sweep of the weights' sum). Default shapes: the uniform
+  average (1/N each), the release's kind of weights (N = 4: 0.1, 0.1, 0.2, 0.5, low t first; more weight on noisier
+  ranges) and its mirror; default scales 0.5, 0.75, 1, 1.25, 1.5. 1 + shapes x scales merges, all independent.
+- grid: every combination of `merge.candidates` for the N weights, |candidates|^N merges (the paper's "grid search").
 - coordinate: coordinate descent from the given weights (`--weights` / merge.weights, else 1/N each): sweep each
   weight over the candidates with the others fixed and keep the best, until a round brings no improvement (at most
   3 rounds). About 3 * N * |candidates| merges, and it can stop in a local optimum.
@@ -16,19 +20,20 @@ Strategies (`merge.search`), over the values in `merge.candidates` for each of t
   (all weights 0); give each range alone its best non-zero candidate; then, in order of those solo scores, add each
   range at its value if that improves the score of the merge so far. 1 + N * |candidates| + N merges.
 
-Objectives (`merge.objective`):
-- loss: held-out denoising loss. merge.search_num_images fixed images (from merge.search_reference when set, else the
-  training data, evenly spaced through it), fixed noise (merge.seed), fixed timesteps spread over [0, T)
-  (t_k = floor((k + 1/2) T / n)); the score is the mean squared error of the prediction (the same loss `train`
-  computes, without the consistency term).
+Objectives (`merge.objective`), all on merge.search_reference, a folder of held-out training images (required; the
+search refuses eval.reference, the images `deme eval` reports on):
+- kid (default) / fid: generate merge.search_num_images images (default 1,000) with merge.search_steps sampler steps
+  (default: sample.steps, the eval's sampler; the recipe's [sample] scheduler, seeds sample.seed + k) and score them
+  against the reference with eval's feature extractor. What FID measures, at a size where KID ranks merges.
+- loss: held-out denoising loss. merge.search_num_images images evenly spaced through the folder, fixed noise
+  (merge.seed), fixed timesteps spread over [0, T) (t_k = floor((k + 1/2) T / n)); the score is the mean squared error
+  of the prediction (the loss `train` computes, without the consistency term). Dominated by the low-t ranges: an
+  epsilon-prediction's error is ~150x larger at small t (in-range losses 0.13, 0.025, 0.006, 0.0013 in the
+  Fashion-MNIST benchmark), so it mostly weighs how the merge does there.
 - range_loss: the same held-out losses, grouped by the timestep range each t_k falls in; the score is the mean over
   ranges of (candidate's loss in range r) / (theta's loss in range r), so theta scores 1 and every range counts
-  equally. The plain loss is dominated by the low-t ranges (an epsilon-prediction's error is largest there: in-range
-  losses 0.13, 0.025, 0.006, 0.0013 in the Fashion-MNIST benchmark), so it mostly weighs how the merge does there.
-- kid / fid: generate merge.search_num_images images with merge.search_steps sampler steps (the recipe's [sample]
-  scheduler, seeds sample.seed + k) and score them against merge.search_reference, a held-out image folder.
-A warning is printed when merge.search_reference is eval.reference: the search would be tuned on the images that
-`deme eval` reports on (mergekit-evolve refuses the same thing without a loud flag).
+  equally.
+Every candidate and its score goes into merge.json's "search" log, drawn as merged/merge-search.png.
 """
 from __future__ import annotations
 
@@ -43,11 +48,58 @@ from . import ui
 from .errors import UsageError
 
 MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy any more
+DEFAULT_SEARCH_IMAGES = 1000  # per candidate (and per loss estimate): FID and KID are noisy far below this
 
 
 # --- strategies --------------------------------------------------------------------------------------------------
 
 Score = Callable[[tuple], float]
+RELEASE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)  # the authors' LSUN Church weights, low t first (release merge.py)
+
+
+def rising_shape(n: int) -> list[float]:
+    """The release's kind of weights for N ranges: more weight on noisier ranges. N = 4: exactly the release's
+    (0.1, 0.1, 0.2, 0.5); other N: a geometric ramp with the same sum (0.9) and last-to-first ratio (5)."""
+    if n == len(RELEASE_WEIGHTS):
+        return list(RELEASE_WEIGHTS)
+    if n == 1:
+        return [sum(RELEASE_WEIGHTS)]
+    r = 5.0 ** (1.0 / (n - 1))
+    total = sum(r ** i for i in range(n))
+    return [sum(RELEASE_WEIGHTS) * r ** i / total for i in range(n)]
+
+
+def default_shapes(n: int) -> list[list[float]]:
+    """merge.shapes when unset: the uniform average (1/N each), the release's kind (rising), and its mirror."""
+    rising = rising_shape(n)
+    shapes = [[1.0 / n] * n, rising, rising[::-1]]
+    return [list(w) for w in dict.fromkeys(tuple(w) for w in shapes)]
+
+
+@dataclass(frozen=True)
+class Space:
+    """What a strategy searches over: N weights; `candidates` (the values each weight may take: grid, coordinate,
+    greedy); `shapes` x `scales` (scaled); at most `rounds` rounds of coordinate descent."""
+    n: int
+    candidates: tuple
+    shapes: tuple
+    scales: tuple
+    rounds: int = 3
+
+    @staticmethod
+    def from_recipe(m, n: int) -> "Space":
+        shapes = m.shapes if m.shapes is not None else default_shapes(n)
+        bad = [w for w in shapes if len(w) != n]
+        if bad:
+            raise UsageError(f"merge.shapes has a weight vector of {len(bad[0])} values but there are {n} ranges; "
+                             f"give one weight per range, low t first")
+        return Space(n, tuple(sorted({float(c) for c in m.candidates})), tuple(tuple(map(float, w)) for w in shapes),
+                     tuple(float(c) for c in m.scales))
+
+    def scaled(self) -> list[tuple]:
+        """theta (all weights 0, the yardstick), then every shape times every scale, in that order."""
+        out = [(0.0,) * self.n] + [tuple(c * w for w in shape) for shape in self.shapes for c in self.scales]
+        return list(dict.fromkeys(out))
 
 
 def _prefetch(score: Score, weights: list) -> None:
@@ -57,19 +109,29 @@ def _prefetch(score: Score, weights: list) -> None:
         prefetch(weights)
 
 
-def grid_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+def scaled_search(space: Space, start: tuple, score: Score) -> None:
+    """Each weight shape (merge.shapes: the uniform average, the release's rising kind and its mirror) at each scale
+    of its sum (merge.scales), and theta as the yardstick: one merge per candidate, all independent."""
+    weights = space.scaled()
+    _prefetch(score, weights)
+    for w in weights:
+        score(w)
+
+
+def grid_search(space: Space, start: tuple, score: Score) -> None:
     """Every combination of the candidates for the N weights."""
-    grid = list(itertools.product(candidates, repeat=n))
+    grid = list(itertools.product(space.candidates, repeat=space.n))
     _prefetch(score, grid)
     for w in grid:
         score(w)
 
 
-def coordinate_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+def coordinate_search(space: Space, start: tuple, score: Score) -> None:
     """Coordinate descent from `start`: each weight in turn takes its best candidate value, others fixed."""
+    n, candidates = space.n, space.candidates
     current = tuple(start)
     best = score(current)
-    for _ in range(rounds):
+    for _ in range(space.rounds):
         improved = False
         for i in range(n):
             # the trials of weight i do not depend on each other: an improvement changes only weight i of `current`
@@ -83,8 +145,9 @@ def coordinate_search(n: int, candidates: list[float], start: tuple, score: Scor
             break
 
 
-def greedy_search(n: int, candidates: list[float], start: tuple, score: Score, rounds: int = 3) -> None:
+def greedy_search(space: Space, start: tuple, score: Score) -> None:
     """Model-soups greedy: ranges ranked by their best solo score are added one by one while the score improves."""
+    n, candidates = space.n, space.candidates
     current = (0.0,) * n
     current_score = score(current)
     _prefetch(score, [current[:i] + (c,) + current[i + 1:] for i in range(n) for c in candidates if c != 0])
@@ -104,16 +167,19 @@ def greedy_search(n: int, candidates: list[float], start: tuple, score: Score, r
 @dataclass(frozen=True)
 class SearchStrategy:
     name: str
-    run: Callable[..., None]
-    budget: Callable[[int, int, int], int]   # (N, |candidates|, rounds) -> most merges it scores
+    run: Callable[[Space, tuple, Score], None]
+    budget: Callable[[Space], int]            # the most merges it scores
     summary: str
 
 
 STRATEGIES: dict[str, SearchStrategy] = {s.name: s for s in [
-    SearchStrategy("grid", grid_search, lambda n, c, r: c ** n, "every combination of the candidates (the paper's)"),
-    SearchStrategy("coordinate", coordinate_search, lambda n, c, r: 1 + r * n * c,
+    SearchStrategy("scaled", scaled_search, lambda sp: len(sp.scaled()),
+                   "theta, and each weight shape (merge.shapes) at each scale of its sum (merge.scales)"),
+    SearchStrategy("grid", grid_search, lambda sp: len(sp.candidates) ** sp.n,
+                   "every combination of the candidates (the paper's)"),
+    SearchStrategy("coordinate", coordinate_search, lambda sp: 1 + sp.rounds * sp.n * len(sp.candidates),
                    "coordinate descent from the given weights, at most 3 rounds"),
-    SearchStrategy("greedy", greedy_search, lambda n, c, r: 1 + n * c + n,
+    SearchStrategy("greedy", greedy_search, lambda sp: 1 + sp.n * len(sp.candidates) + sp.n,
                    "model-soups greedy: add ranges in order of solo score while the score improves"),
 ]}
 
@@ -179,81 +245,33 @@ def _same_folder(a: Optional[str], b: Optional[str]) -> bool:
 
 
 class LossObjective:
-    """Held-out denoising loss of a candidate: fixed images, noise and timesteps (see the module docstring)."""
+    """Held-out denoising loss of a candidate: fixed images, noise and timesteps (heldout.py; see the module
+    docstring)."""
 
     name = "loss"
 
     def __init__(self, recipe, run, inputs):
-        import numpy as np
-        import torch
-        from diffusers import DDPMScheduler
-
-        from .models import resolve_pretrained, scheduler_config
-        from .train import TARGETS, make_task
+        from .heldout import load_heldout, spread_timesteps
 
         m = recipe.merge
         self.device = _device(recipe)
-        pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-        if m.search_reference:
-            ref = Path(m.search_reference).expanduser()
-            if not ref.is_dir():
-                raise UsageError(f"merge.search_reference '{m.search_reference}' is not a folder; point it at a "
-                                 f"held-out image folder")
-            data = recipe.data.model_copy(update={"source": "imagefolder", "path": str(ref), "max_samples": None,
-                                                  "center_crop": True, "random_flip": False})
-            recipe = recipe.model_copy(update={"data": data})
-            self.images = f"merge.search_reference ({ref})"
-        else:
-            ui.warn("merge.search_reference is not set: the loss objective uses training images (recipe.data); set "
-                    "it to a held-out image folder")
-            self.images = "training data (recipe.data)"
-        task = make_task(recipe, pipeline_dir, inputs.base_unet, self.device)
-        dataset = task.dataset()
-        n = min(m.search_num_images, len(dataset))
-        if n < m.search_num_images:
-            ui.warn(f"the search images hold {len(dataset)} images, fewer than merge.search_num_images = "
-                    f"{m.search_num_images}; using {n}")
-        self.indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, n).round()})
-        n = len(self.indices)
-        self.scheduler = DDPMScheduler.from_config(scheduler_config(pipeline_dir))
-        if self.scheduler.config.prediction_type not in TARGETS:
-            raise UsageError(f"the scheduler's prediction_type '{self.scheduler.config.prediction_type}' is not "
-                             f"supported (known: {', '.join(TARGETS)})")
-        T = int(self.scheduler.config.num_train_timesteps)
-        gen = torch.Generator().manual_seed(m.seed)
-        self.batches = []  # (x0, unet kwargs, t, noise) on the device
-        bs = recipe.train.batch_size
-        items = [dataset[(i, 0)] for i in self.indices]
-        k0 = 0
-        for b in range(0, n, bs):
-            x0, kwargs = task.prepare(torch.utils.data.default_collate(items[b:b + bs]))
-            k = torch.arange(k0, k0 + x0.shape[0])
-            t = ((k.double() + 0.5) * T / n).floor().long().clamp(0, T - 1).to(self.device)
-            noise = torch.randn(x0.shape, generator=gen).to(self.device, x0.dtype)
-            self.batches.append((x0, kwargs, t, noise))
-            k0 += x0.shape[0]
-        self.n, self.seed = n, m.seed
+        self.held = load_heldout(recipe, m.search_reference, inputs.base_unet, self.device,
+                                 num_images=search_num_images(m), seed=m.seed, timesteps=spread_timesteps,
+                                 timesteps_rule="t_k = floor((k + 1/2) T / n)", batch_size=recipe.train.batch_size,
+                                 what="merge.search_reference")
+        self.n, self.seed, self.indices = self.held.n, m.seed, self.held.indices
 
     def losses(self, model):
         """The n per-image denoising losses (mean squared error of the prediction), in search order, on the CPU."""
-        import torch
+        from .heldout import model_predict, per_image_losses
 
-        from .train import noisy_and_target
-
-        out = []
-        with torch.no_grad():
-            for x0, kwargs, t, noise in self.batches:
-                x_t, target = noisy_and_target(self.scheduler, x0, noise, t)
-                err = (model(x_t, t, **kwargs).sample.float() - target.float()).pow(2)
-                out.append(err.flatten(1).mean(1))
-        return torch.cat(out).double().cpu()      # one device-to-host copy per candidate
+        return per_image_losses(model_predict(model), self.held)
 
     def __call__(self, model) -> float:
         return float(self.losses(model).mean())
 
     def describe(self) -> dict:
-        return {"images": self.images, "num_images": self.n, "image_indices": self.indices,
-                "timesteps": "t_k = floor((k + 1/2) T / n)", "noise_seed": self.seed}
+        return {**self.held.describe(), "image_indices": self.indices}
 
 
 class RangeLossObjective(LossObjective):
@@ -263,8 +281,6 @@ class RangeLossObjective(LossObjective):
     name = "range_loss"
 
     def __init__(self, recipe, run, inputs):
-        import torch
-
         super().__init__(recipe, run, inputs)
         self.baseline = None
         bounds = [((r.meta.get("range") or {}).get("lo"), (r.meta.get("range") or {}).get("hi"))
@@ -272,7 +288,7 @@ class RangeLossObjective(LossObjective):
         if any(lo is None or hi is None for lo, hi in bounds):
             raise UsageError("merge.objective = \"range_loss\" needs each range model's timestep range in its "
                              "deme.json; retrain the ranges with this version or use merge.objective = \"loss\"")
-        t_all = torch.cat([t.cpu() for _, _, t, _ in self.batches])
+        t_all = self.held.t
         self.groups = [((t_all >= lo) & (t_all < hi)).nonzero().flatten() for lo, hi in bounds]
         self.bounds = [[int(lo), int(hi)] for lo, hi in bounds]
         empty = [i for i, g in enumerate(self.groups) if len(g) == 0]
@@ -309,9 +325,6 @@ class SampleMetricObjective:
         from .models import is_text_to_image, resolve_pretrained
 
         m, ev = recipe.merge, recipe.eval
-        if not m.search_reference:
-            raise UsageError(f"merge.objective = '{metric}' needs merge.search_reference, a held-out image folder; "
-                             f"set it, or use merge.objective = \"loss\"")
         if is_text_to_image(resolve_pretrained(recipe.model.pretrained, recipe.model.revision)):
             raise UsageError(f"merge.objective = '{metric}' samples unconditional models only; use merge.objective = "
                              f"\"loss\" for text-to-image models")
@@ -330,16 +343,17 @@ class SampleMetricObjective:
         from .metrics import array_features, score_features
         from .model_specs import sample_images
 
-        m, ev = self.recipe.merge, self.recipe.eval
-        images = sample_images(model, self.recipe, m.search_num_images, steps=m.search_steps, device=self.device)
+        ev = self.recipe.eval
+        images = sample_images(model, self.recipe, search_num_images(self.recipe.merge), steps=search_steps(self.recipe),
+                               device=self.device)
         feats = array_features(images, self.extractor, ev.mode, ev.batch_size, self.device)
         return float(score_features(feats, self.ref, [self.metric], seed=self.recipe.seed)[0][self.metric])
 
     def describe(self) -> dict:
         s = self.recipe.sample
         return {"reference": self.ref.describe(), "feature_extractor": self.extractor.info or self.extractor.name,
-                "mode": self.recipe.eval.mode, "num_images": self.recipe.merge.search_num_images,
-                "sampler": {"scheduler": s.scheduler, "steps": self.recipe.merge.search_steps, "eta": s.eta,
+                "mode": self.recipe.eval.mode, "num_images": search_num_images(self.recipe.merge),
+                "sampler": {"scheduler": s.scheduler, "steps": search_steps(self.recipe), "eta": s.eta,
                             "seeds": f"{s.seed} + k"}}
 
 
@@ -383,12 +397,12 @@ def make_merger(inputs, spec, device):
 def search_settings(recipe, start: list[float]) -> dict:
     """What determines a search's outcome (part of the merge fingerprint)."""
     m = recipe.merge
-    s = {"strategy": m.search, "objective": m.objective, "candidates": list(m.candidates),
-         "num_images": m.search_num_images, "seed": m.seed, "reference": m.search_reference}
+    s = {"strategy": m.search, "objective": m.objective, "num_images": search_num_images(m), "seed": m.seed,
+         "reference": m.search_reference, **_space_log(m.search, Space.from_recipe(m, recipe.ranges.n))}
     if m.search == "coordinate":
         s["start"] = list(start)
     if m.objective in ("kid", "fid"):
-        s.update(steps=m.search_steps, sample={k: v for k, v in recipe.sample.model_dump().items()
+        s.update(steps=search_steps(recipe), sample={k: v for k, v in recipe.sample.model_dump().items()
                                                 if k in ("scheduler", "eta", "seed", "precision")},
                  eval={k: v for k, v in recipe.eval.model_dump().items() if k in ("mode", "feature_extractor")},
                  kid_seed=recipe.seed)
@@ -508,6 +522,37 @@ class SearchPool:
                 p.terminate()
 
 
+def _space_log(strategy: str, space: Space) -> dict:
+    if strategy == "scaled":
+        return {"shapes": [list(w) for w in space.shapes], "scales": list(space.scales)}
+    return {"candidate_values": list(space.candidates)}
+
+
+def search_num_images(m) -> int:
+    """merge.search_num_images, or its default: 1,000 images, enough for KID to rank candidates."""
+    return m.search_num_images if m.search_num_images is not None else DEFAULT_SEARCH_IMAGES
+
+
+def search_steps(recipe) -> int:
+    """merge.search_steps, or its default: the eval's sampler (sample.steps)."""
+    return recipe.merge.search_steps if recipe.merge.search_steps is not None else recipe.sample.steps
+
+
+def check_search_reference(recipe) -> None:
+    """The search scores candidates on held-out images: merge.search_reference must be set and must not be the
+    images `deme eval` reports on (eval.reference)."""
+    m = recipe.merge
+    if not m.search_reference:
+        raise UsageError("the weight search needs merge.search_reference, a folder of held-out training images (not "
+                         "the test set eval reports on); set it, or give merge.weights")
+    if _same_folder(m.search_reference, recipe.eval.reference):
+        raise UsageError(f"merge.search_reference is eval.reference ('{m.search_reference}'): the search would be "
+                         f"tuned on the images eval reports on; point it at held-out training images")
+    if recipe.data.source == "imagefolder" and _same_folder(m.search_reference, recipe.data.path):
+        ui.warn("merge.search_reference is data.path: the search scores merges on the images the ranges were "
+                "finetuned on; a held-out folder ranks them more honestly")
+
+
 def search_weights(recipe, run, inputs, spec, start: list[float], processes: int = 1, gpus: str = "auto") -> dict:
     """Score candidate merges of `inputs` with the recipe's strategy and objective; the log for merge.json.
 
@@ -522,17 +567,16 @@ def search_weights(recipe, run, inputs, spec, start: list[float], processes: int
         OBJECTIVES[m.objective]
     except KeyError as e:
         raise UsageError(f"unknown search setting {e}") from None
-    candidates = sorted({float(c) for c in m.candidates})
-    if not candidates:
+    space = Space.from_recipe(m, inputs.n)
+    if m.search == "scaled" and not (space.shapes and space.scales):
+        raise UsageError("merge.shapes and merge.scales must not be empty for merge.search = \"scaled\"")
+    if m.search != "scaled" and not space.candidates:
         raise UsageError("merge.candidates is empty; give the values each weight may take, like [0.0, 0.5, 1.0]")
-    n, rounds = inputs.n, 3
-    budget = strategy.budget(n, len(candidates), rounds)
+    budget = strategy.budget(space)
     if m.search == "grid" and budget > MAX_GRID:
-        raise UsageError(f"a grid over {len(candidates)} candidates for {n} weights is {budget} merges; use "
-                         f"merge.search = \"coordinate\" or fewer merge.candidates")
-    if _same_folder(m.search_reference, recipe.eval.reference):
-        ui.warn("merge.search_reference is eval.reference: the search is tuned on the images eval reports on; "
-                "use a held-out folder for the search")
+        raise UsageError(f"a grid over {len(space.candidates)} candidates for {space.n} weights is {budget} merges; "
+                         f"use merge.search = \"scaled\" or \"coordinate\", or fewer merge.candidates")
+    check_search_reference(recipe)
 
     t0 = time.time()
     pool = None
@@ -548,7 +592,7 @@ def search_weights(recipe, run, inputs, spec, start: list[float], processes: int
         with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges",
                          every=max(1, budget // 20)) as bar:   # plain logs: ~20 lines, not one per merge
             scorer = Scorer(evaluate, bar, evaluate_many)
-            strategy.run(n, candidates, tuple(start), scorer, rounds=rounds)
+            strategy.run(space, tuple(start), scorer)
     finally:
         if pool is not None:
             pool.close()
@@ -559,6 +603,6 @@ def search_weights(recipe, run, inputs, spec, start: list[float], processes: int
             torch.cuda.empty_cache()
     best_score, best_weights = scorer.best
     return {"strategy": m.search, "strategy_summary": strategy.summary, "objective": m.objective,
-            **described, "merges": merges, "candidate_values": candidates, "evaluations": len(scorer.log),
+            **described, "merges": merges, **_space_log(m.search, space), "evaluations": len(scorer.log),
             "seconds": round(time.time() - t0, 3), "best": {"weights": list(best_weights), "score": best_score},
             "candidates": scorer.log, **({"processes": processes} if processes > 1 else {})}

@@ -506,41 +506,53 @@ def _fingerprint(job: _Job, recipe, reference: Optional[str], extractor_id: Opti
         samples["model_info"] = {k: v for k, v in samples["model_info"].items() if k != "calls_per_range"}
     blob = {"samples": samples,
             "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor_id,
-            "mode": recipe.eval.mode, "metrics": list(recipe.eval.metrics), "clip": recipe.eval.clip_model,
+            "mode": recipe.eval.mode, "metrics": [m for m in recipe.eval.metrics if m in SAMPLE_METRICS],
+            "clip": recipe.eval.clip_model,
             "seed": recipe.seed}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+SAMPLE_METRICS = ("fid", "kid", "clip")          # scored on sample folders; "loss" needs no samples (loss_by_t.py)
+
+
 def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = False, force: bool = False,
              extractor: Optional[FeatureExtractor] = None) -> dict:
-    """Score each model's samples; writes run.eval_json(model). `extractor` overrides eval.feature_extractor."""
-    from . import ui
+    """Score each model; writes run.eval_json(model). `extractor` overrides eval.feature_extractor.
+
+    FID / KID / CLIP score need the model's samples; "loss" (loss_by_t.py) needs only the models. A model's JSON
+    keeps the parts not asked for this time (each carries its own fingerprint)."""
+    from . import loss_by_t, ui
     from .denoise import pick_device
+    from .model_specs import parse_model_spec
 
     e = recipe.eval
     if e.mode not in MODES:
         raise UsageError(f"unknown eval.mode '{e.mode}' (known: {', '.join(MODES)})")
+    for m in models:
+        parse_model_spec(m)
     need_ref = any(m in e.metrics for m in ("fid", "kid"))
+    want_samples = any(m in e.metrics for m in SAMPLE_METRICS)
+    want_loss = "loss" in e.metrics
     if need_ref:
         reference_kind(e.reference)
-    jobs = _plan(recipe, run, models, allow_fewer)
+    if want_loss:
+        loss_by_t.check_reference(recipe)
+    jobs = _plan(recipe, run, models, allow_fewer) if want_samples else []
     device = pick_device(recipe.train.device)
     # the networks (the Inception, CLIP) are loaded only once a model needs scoring: an up-to-date re-run loads none
     ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor)) \
         if need_ref else None
     clip = None
+    old = {m: (read_json(run.eval_json(m)) if run.eval_json(m).is_file() else {}) for m in models}
 
     ref = None
-    results, scored = {}, []                    # scored: the models computed now, not reused
+    results, scored = {m: dict(old[m]) for m in models}, []     # scored: the models computed now, not reused
     for job in jobs:
-        out_path = run.eval_json(job.model)
         fp = _fingerprint(job, recipe, e.reference if need_ref else None, ext_id)
-        if not force and fp is not None and out_path.is_file():
-            old = read_json(out_path)
-            if old.get("fingerprint") == fp:
-                ui.info(f"eval {job.model}: up to date ({out_path}); --force recomputes it")
-                results[job.model] = old
-                continue
+        prev = old[job.model]
+        if not force and fp is not None and prev.get("fingerprint") == fp:
+            ui.info(f"eval {job.model}: up to date ({run.eval_json(job.model)}); --force recomputes it")
+            continue
         if extractor is None:
             extractor = load_extractor(e.feature_extractor, e.mode, device) if need_ref \
                 else FeatureExtractor(lambda x: x, "none")
@@ -563,7 +575,9 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
             prompts = job.samples["prompts"][:len(job.files)]
             values["clip_score"] = clip_score(job.files, prompts, clip, device, e.batch_size)
         s = job.samples
-        record = {
+        # the sample part is replaced whole; a loss_by_t scored earlier keeps its own fingerprint
+        results[job.model] = {k: v for k, v in old[job.model].items() if k == "loss_by_t"}
+        results[job.model].update({
             "model": job.model, "metrics": values, "backend": BACKEND, "backend_version": _version("clean-fid"),
             "mode": e.mode, "feature_extractor": extractor.info if need_ref else None,
             "clip_model": e.clip_model if clip is not None else None,
@@ -575,13 +589,30 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
             "model_hash": (s.get("settings") or {}).get("model_hash"), "kid_seed": recipe.seed, "notes": notes,
             "time_s": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "fingerprint": fp,
-        }
+        })
         for n in notes:
             ui.warn(n)
-        write_json(out_path, record)
-        results[job.model] = record
         scored.append(job.model)
-    return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored}
+    loss_plot = None
+    if want_loss:
+        records = loss_by_t.score(recipe, run, models, device,
+                                  {m: old[m].get("loss_by_t") for m in models if old[m].get("loss_by_t")}, force)
+        for m in models:
+            if records[m] is not (old[m].get("loss_by_t")) and m not in scored:
+                scored.append(m)
+            results[m]["loss_by_t"] = records[m]
+        loss_plot = loss_by_t.plot(run, records, recipe)
+    for m in models:
+        r = results[m]
+        r.setdefault("model", m)
+        metrics = {k: v for k, v in (r.get("metrics") or {}).items() if k != "loss_ratio"}
+        if r.get("loss_by_t"):
+            metrics["loss_ratio"] = r["loss_by_t"]["ratio_mean"]
+        r["metrics"] = metrics
+        if m in scored:
+            write_json(run.eval_json(m), r)
+    return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored,
+            **({"loss_plot": loss_plot} if loss_plot else {})}
 
 
 def _version(dist: str) -> Optional[str]:

@@ -130,13 +130,19 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[int]]:
     raise UsageError(f"unknown model '{spec}' (use one of {', '.join(MODEL_SPECS)} or range:I)")
 
 
+def load_unets(recipe, run: RunDir, spec: str, device) -> Loaded:
+    """The UNet(s) of a model spec as a plain UNet or ensemble denoiser, without a model kind's sampling wrapper
+    (text-to-image conditions): for scoring held-out losses."""
+    kind, i = parse_model_spec(spec)
+    return _load_range(recipe, run, device, i) if kind == "range" else MODEL_SPECS[kind](recipe, run, device)
+
+
 def load_model(recipe, run: RunDir, spec: str, device) -> Loaded:
     from .models import resolve_pretrained
 
-    kind, i = parse_model_spec(spec)
+    parse_model_spec(spec)
     pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    return with_conditions(recipe, pipeline_dir, device, lambda: _load_range(recipe, run, device, i) if kind == "range"
-                           else MODEL_SPECS[kind](recipe, run, device))
+    return with_conditions(recipe, pipeline_dir, device, lambda: load_unets(recipe, run, spec, device))
 
 
 def _unconditional(recipe, device, load: Callable[[], Loaded]) -> Loaded:

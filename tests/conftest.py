@@ -65,6 +65,12 @@ def tiny_images(tmp_path_factory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("images") / "train", 32, 16)
 
 
+@pytest.fixture(scope="session")
+def heldout_images(tmp_path_factory) -> Path:
+    """Images of the same kind as tiny_images, not trained on: for weight searches and held-out losses."""
+    return write_shapes(tmp_path_factory.mktemp("heldout") / "heldout", 12, 16, seed=7)
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_ddpm, tiny_images):
     """make_recipe(**sections) -> a validated Recipe for the tiny DDPM; sections override the defaults below."""

@@ -47,13 +47,14 @@ def ranges_dir(tmp_path_factory, tiny_ddpm):
 
 
 @pytest.fixture
-def setup(make_recipe, ranges_dir, tmp_path):
-    """(recipe, run) with the module's range models copied into a fresh run dir; make(**sections) for variants."""
+def setup(make_recipe, ranges_dir, tmp_path, heldout_images):
+    """(recipe, run) with the module's range models copied into a fresh run dir; make(**sections) for variants.
+    Searches default to the loss objective on the held-out images."""
     root = tmp_path / "run"
     shutil.copytree(ranges_dir, root)
 
     def make(**sections):
-        merge_sec = {**sections.pop("merge", {})}
+        merge_sec = {"objective": "loss", "search_reference": str(heldout_images), **sections.pop("merge", {})}
         return make_recipe(ranges={"n": N}, merge=merge_sec, **sections), RunDir(root)
     return make
 
@@ -380,17 +381,30 @@ def test_search_finds_planted_optimum(setup, monkeypatch, strategy):
     assert on_disk["weights"] == PlantedObjective.TARGET
 
 
-def test_search_with_loss_objective_and_reference_warning(setup, tiny_images, capsys):
-    recipe, run = setup(merge={"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6,
-                               "search_reference": str(tiny_images)},
-                        eval={"reference": str(tiny_images)})
+def test_search_with_loss_objective(setup, tiny_images):
+    recipe, run = setup(merge={"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6})
     res = merge.run_merge(recipe, run, search=True)
     log = res["search"]
     assert log["objective"] == "loss" and log["num_images"] == 6 and log["evaluations"] == 8
     scores = {tuple(c["weights"]): c["score"] for c in log["candidates"]}
     assert scores[(1.0, 0.0, 0.0)] > 0 and len(set(scores.values())) > 1
     assert log["best"]["score"] == min(scores.values())
-    assert "tuned on the images eval reports on" in " ".join(capsys.readouterr().err.split())
+
+
+def test_search_refuses_the_eval_reference_and_a_missing_reference(setup, tiny_images, heldout_images, capsys):
+    """The search is tuned on held-out training images, never on the images eval reports on."""
+    m = {"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6}
+    recipe, run = setup(merge={**m, "search_reference": str(heldout_images)}, eval={"reference": str(heldout_images)})
+    with pytest.raises(UsageError, match="merge.search_reference is eval.reference"):
+        merge.run_merge(recipe, run, search=True)
+    recipe, run = setup(merge={**m, "search_reference": None})
+    with pytest.raises(UsageError, match="needs merge.search_reference"):
+        merge.run_merge(recipe, run, search=True)
+    assert not run.merged.exists()
+    # the training images themselves are allowed, with a warning
+    recipe, run = setup(merge={**m, "search_reference": str(tiny_images)})
+    merge.run_merge(recipe, run, search=True)
+    assert "the images the ranges were finetuned on" in " ".join(capsys.readouterr().err.split())
 
 
 def test_search_with_range_loss_objective(setup, tiny_images):
@@ -442,7 +456,7 @@ def test_search_with_kid_objective(setup, tiny_images, tmp_path):
     assert len(scores) == log["evaluations"] >= 4 and all(s == s and abs(s) < 1e6 for s in scores)
     assert log["best"]["score"] == min(scores) and res["weights"] == log["best"]["weights"]
     # no held-out reference: one clear sentence before anything is written
-    recipe, run = setup(merge={"objective": "fid"})
+    recipe, run = setup(merge={"objective": "fid", "search_reference": None})
     with pytest.raises(UsageError, match="search_reference"):
         merge.run_merge(recipe, run, search=True)
 
@@ -481,3 +495,62 @@ def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
         merge.run_merge(recipe, run, weights=[0.3, 0.1, 0.1])
     assert _snapshot(run.merged) == before
     assert not list(run.root.glob(".merged*"))
+
+
+def test_scaled_space_holds_theta_the_uniform_average_the_release_weights_and_a_sweep_of_the_sum():
+    from deme_cli.recipe import MergeSection
+
+    space = merge_search.Space.from_recipe(MergeSection(), 4)
+    cands = space.scaled()
+    assert cands[0] == (0.0,) * 4
+    assert (0.25,) * 4 in cands and (0.1, 0.1, 0.2, 0.5) in cands and (0.5, 0.2, 0.1, 0.1) in cands
+    sums = sorted({round(sum(w), 9) for w in cands})
+    assert sums == sorted({0.0} | {round(c * s, 9) for c in (0.5, 0.75, 1.0, 1.25, 1.5) for s in (1.0, 0.9)})
+    assert len(cands) == len(set(cands)) == 1 + 3 * 5
+    # other N: the uniform average, a rising ramp with the release's sum and last/first ratio, and its mirror
+    shapes = merge_search.default_shapes(3)
+    assert shapes[0] == [1 / 3] * 3 and sum(shapes[1]) == pytest.approx(0.9)
+    assert shapes[1][-1] / shapes[1][0] == pytest.approx(5.0) and shapes[2] == shapes[1][::-1]
+
+
+def test_scaled_search_logs_every_candidate_and_draws_them(setup, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    recipe, run = setup(merge={"search": "scaled", "shapes": [[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]],
+                               "scales": [0.5, 1.0, 2.0]})
+    res = merge.run_merge(recipe, run, search=True)
+    log = res["search"]
+    assert [c["weights"] for c in log["candidates"]] == [[0.0, 0.0, 0.0], [0.25, 0.0, 0.5], [0.5, 0.0, 1.0],
+                                                         [1.0, 0.0, 2.0], [0.5, 0.5, 0.5], [1.0, 1.0, 1.0],
+                                                         [2.0, 2.0, 2.0]]
+    assert res["weights"] == PlantedObjective.TARGET and log["shapes"] == [[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]]
+    png = run.merged / "merge-search.png"
+    assert png.is_file() and Image.open(png).size[0] >= 600
+
+
+def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, monkeypatch, tmp_path):
+    import numpy as np
+
+    from deme_cli import metrics, model_specs
+    from deme_cli.metrics import tiny_feature_net
+
+    ext = tmp_path / "tiny_extractor.pt"
+    torch.jit.script(tiny_feature_net()).save(str(ext))
+    seen = []
+
+    def fake_sample(model, recipe, num_images, *, steps=None, **kw):
+        seen.append((num_images, steps))
+        return np.zeros((num_images, 16, 16, 3), np.uint8)
+
+    def fake_features(images, *a, **kw):
+        return np.random.default_rng(len(images) + len(seen)).normal(size=(len(images), 16))
+
+    monkeypatch.setattr(model_specs, "sample_images", fake_sample)
+    monkeypatch.setattr(metrics, "array_features", fake_features)
+    recipe, run = setup(merge={"objective": "kid", "shapes": [[1.0, 0.0, 0.0]], "scales": [1.0]},
+                        sample={"steps": 7}, eval={"feature_extractor": str(ext)})
+    assert recipe.merge.search == "scaled" and recipe.merge.search_num_images is None
+    log = merge.run_merge(recipe, run, search=True)["search"]
+    assert seen == [(1000, 7), (1000, 7)]                       # theta and the one candidate
+    assert log["num_images"] == 1000 and log["sampler"]["steps"] == 7

@@ -52,8 +52,14 @@ def parse_args(argv=None):
     p.add_argument("--resolution", type=int, default=16, help="pixels (28 -> resolution, PIL bilinear)")
     p.add_argument("--steps", type=int, default=2250, help="optimizer steps in total")
     p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate, constant after the warm-up")
+    p.add_argument("--lr", type=float, default=4e-4, help="AdamW learning rate after the warm-up")
     p.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up, steps")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant, or cosine decay from --lr to --min-lr at the last step")
+    p.add_argument("--min-lr", type=float, default=0.0, help="cosine: the learning rate at the last step")
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from this pipeline's UNet weights (e.g. assets/fmnist-ddpm) instead of a random "
+                        "init; the EMA starts from them too (a fresh optimizer: the pipeline holds no AdamW state)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clip (0: off)")
     p.add_argument("--ema-max-decay", type=float, default=0.9995, help="EMA decay cap")
@@ -71,6 +77,15 @@ def parse_args(argv=None):
 def ema_decay(k: int, max_decay: float, power: float) -> float:
     """Decay of EMA update k (0-based): min(max_decay, 1 - (1 + k)^-power); update 0 copies the weights."""
     return min(max_decay, 1.0 - (1.0 + k) ** -power)
+
+
+def learning_rate(step: int, args) -> float:
+    """lr of optimizer step `step` (0-based): linear warm-up, then constant or cosine down to --min-lr."""
+    warm = min(1.0, (step + 1) / max(1, args.warmup))
+    if args.lr_schedule == "constant" or step < args.warmup:
+        return args.lr * warm
+    progress = (step - args.warmup) / max(1, args.steps - 1 - args.warmup)
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def load_images(dirs: list[Path], res: int) -> np.ndarray:
@@ -136,7 +151,12 @@ def main(argv=None):
     # Construct network.
     torch.manual_seed(args.seed)
     unet = UNet2DModel(**{**UNET, "sample_size": args.resolution})
-    ema_unet = UNet2DModel(**{**UNET, "sample_size": args.resolution})
+    if args.init is not None:
+        unet = UNet2DModel.from_pretrained(args.init, subfolder="unet")
+        if unet.config.sample_size != args.resolution:
+            raise SystemExit(f"--init {args.init} makes {unet.config.sample_size} px images, not --resolution "
+                             f"{args.resolution}")
+    ema_unet = UNet2DModel.from_config(unet.config)
     ema_unet.load_state_dict(unet.state_dict())
     ema_unet.requires_grad_(False)
     unet.to(device)
@@ -190,7 +210,7 @@ def main(argv=None):
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=g)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        lr = learning_rate(step, args)
         for group in opt.param_groups:
             group["lr"] = lr
 
@@ -228,12 +248,24 @@ def main(argv=None):
     # Save the EMA weights as a diffusers pipeline.
     args.out.mkdir(parents=True, exist_ok=True)
     DDPMPipeline(unet=ema_unet.to("cpu"), scheduler=scheduler).save_pretrained(args.out, safe_serialization=True)
+    # save_pretrained saves the module it is given (the EMA one); check what it wrote against the EMA state, tensor by
+    # tensor, since a library call may ignore what it does not know
+    saved = load_file(str(args.out / "unet" / "diffusion_pytorch_model.safetensors"))
+    ema_sd = ema_unet.state_dict()
+    if set(saved) != set(ema_sd) or not all(torch.equal(saved[k], ema_sd[k].cpu()) for k in ema_sd):
+        raise SystemExit(f"{args.out}/unet does not hold the EMA weights")
     sample_grid(ema_unet, args.grid_steps, args.out / "grid.png")
     (args.out / "loss.csv").write_bytes(log_path.read_bytes())
+    # what the init itself was made from (its own pretrain.json), so the whole lineage stays with the weights
+    init = None
+    if args.init is not None:
+        f = Path(args.init) / "pretrain.json"
+        init = {"path": str(args.init), "pretrain": json.loads(f.read_text()) if f.is_file() else None}
     (args.out / "pretrain.json").write_text(json.dumps(
         {"script": "benchmarks/fashion-mnist/pretrain.py", "steps": step, "weights": "ema",
-         "args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "data_dir", "max_minutes")},
-         "unet": UNET, "torch": torch.__version__, "device": str(device)}, indent=2, default=str) + "\n")
+         "args": {k: v for k, v in vars(args).items() if k not in ("out", "work", "data_dir", "max_minutes", "init")},
+         "init": init, "unet": UNET, "torch": torch.__version__, "device": str(device)}, indent=2, default=str)
+        + "\n")
     print(f"saved {args.out} ({time.time() - t_start:.0f} s)", flush=True)
 
 

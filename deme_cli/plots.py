@@ -1,0 +1,72 @@
+"""Plots that sit next to the numbers they draw: the merge weight search and the loss by timestep."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")            # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _shape_key(weights: Sequence[float]) -> tuple:
+    total = sum(weights)
+    return tuple(round(w / total, 6) for w in weights) if total else ()
+
+
+def search_plot(log: dict, path: Path) -> Path:
+    """Every scored candidate of a weight search (merge.json's "search" log): score against the sum of the weights,
+    one line per weight shape (candidates that are multiples of each other), theta as a dashed line, the best
+    starred."""
+    plt = _pyplot()
+    cands = log["candidates"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120, layout="constrained")
+    groups: dict[tuple, list] = {}
+    for c in cands:
+        groups.setdefault(_shape_key(c["weights"]), []).append(c)
+    theta = groups.pop((), None)
+    lines = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    for key, cs in lines[:8]:                        # the most-swept shapes as lines; the rest as points below
+        cs = sorted(cs, key=lambda c: sum(c["weights"]))
+        label = "shape " + ", ".join(f"{x:.3g}" for x in key) if len(cs) > 1 else None
+        ax.plot([sum(c["weights"]) for c in cs], [c["score"] for c in cs], "o-" if len(cs) > 1 else "o",
+                ms=4, label=label, color=None if len(cs) > 1 else "0.6")
+    for _, cs in lines[8:]:
+        ax.plot([sum(c["weights"]) for c in cs], [c["score"] for c in cs], "o", ms=3, color="0.6")
+    if theta:
+        ax.axhline(theta[0]["score"], ls="--", color="k", lw=1, label="theta (the base, all weights 0)")
+    best = log.get("best") or min(cands, key=lambda c: c["score"])
+    ax.plot([sum(best["weights"])], [best["score"]], "*", ms=14, color="crimson",
+            label="best: " + ", ".join(f"{w:.3g}" for w in best["weights"]))
+    ax.set_xlabel("sum of the merge weights")
+    ax.set_ylabel(f"{log.get('objective', 'score')} (lower is better)")
+    ax.set_title(f"weight search: {log.get('strategy')}, {len(cands)} merges scored", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def loss_by_t_plot(curves: dict, path: Path, title: str) -> Path:
+    """curves: {model: loss_by_t record}; each record's `ratio` (loss / the base's) against its bin centres."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120, layout="constrained")
+    ax.axhline(1.0, color="k", lw=1, ls="--")
+    for model, rec in curves.items():
+        centres = [(lo + hi) / 2 for lo, hi in rec["bins"]]
+        mean = sum(rec["ratio"]) / len(rec["ratio"])
+        ax.plot(centres, rec["ratio"], "o-" if model != "base" else "-", ms=3,
+                label=f"{model} (mean {mean:.4f})", color="k" if model == "base" else None)
+    ax.set_xlabel("timestep t (bin centre)")
+    ax.set_ylabel("held-out loss / base model's loss")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
