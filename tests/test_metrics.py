@@ -75,9 +75,31 @@ def test_kid_matches_clean_fid_and_is_reproducible(folders, tiny):
     fa, fb, fn = _feats(a, tiny), _feats(b, tiny), _feats(noise, tiny)
     np.random.seed(3)
     theirs = fid.kernel_distance(fa, fn)
-    assert kid_score(fa, fn, seed=3) == pytest.approx(theirs, rel=1e-9)
+    assert kid_score(fa, fn, seed=3) == pytest.approx(theirs, rel=1e-5)     # clean-fid sums in float32
     assert kid_score(fa, fn, seed=3) == kid_score(fa, fn, seed=3)
     assert abs(kid_score(fa, fb)) < kid_score(fa, fn)
+
+
+def test_kid_std_is_the_spread_of_clean_fids_subset_estimates(folders, tiny):
+    """kid_std: the standard deviation (ddof 0) of the 100 subset estimates whose mean is KID; the subsets are the
+    ones clean-fid draws, so 100 one-subset calls of clean-fid's kernel_distance give the same values."""
+    from cleanfid import fid
+
+    from deme_cli.metrics import Reference, kid_subsets, score_features
+
+    rng = np.random.default_rng(0)
+    fa, fn = rng.normal(size=(60, 8)), rng.normal(0.3, 1.0, size=(80, 8))
+    np.random.seed(5)
+    theirs = np.array([fid.kernel_distance(fa, fn, num_subsets=1, max_subset_size=20) for _ in range(100)])
+    ours = kid_subsets(fa, fn, seed=5, max_subset_size=20)
+    assert ours == pytest.approx(theirs, rel=1e-9) and theirs.std() > 0.1 * abs(theirs.mean())
+    # what eval reports: the mean and this spread, for the default subsets (here all images of each set)
+    a, _, noise = folders
+    f1, f2 = _feats(a, tiny), _feats(noise, tiny)
+    ref = Reference("noise", "folder", f2.mean(0), np.cov(f2, rowvar=False), f2, len(f2))
+    values, _ = score_features(f1, ref, ["kid"], seed=5)
+    per_subset = kid_subsets(f1, f2, seed=5)
+    assert values["kid"] == per_subset.mean() and values["kid_std"] == per_subset.std()
 
 
 def test_npz_reference(folders, tiny, tmp_path):
