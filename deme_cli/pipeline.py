@@ -107,6 +107,25 @@ def check_provenance(recipe, run: RunDir, record: dict) -> None:
                              f"({'; '.join(diff[:2])}{more}); re-run with --force to redo it, or use another --out")
 
 
+def preflight_eval(recipe) -> None:
+    """What the eval stage will need, checked before any training: a reference for FID/KID (and an image folder for
+    the loss by timestep), a CLIP model for CLIP score. A missing eval.reference fails in seconds, not after hours."""
+    from . import loss_by_t
+    from .metrics import reference_kind
+
+    e = recipe.eval
+    if any(m in e.metrics for m in ("fid", "kid")):
+        try:
+            reference_kind(e.reference)
+        except UsageError as err:
+            raise UsageError(f"{err} (checked before training: `deme run` ends with eval)") from None
+    if "loss" in e.metrics:
+        loss_by_t.check_reference(recipe)
+    if "clip" in e.metrics and not e.clip_model:
+        raise UsageError("eval.metrics has \"clip\" but eval.clip_model is not set; set it to a CLIP folder or hub id "
+                         "(checked before training: `deme run` ends with eval)")
+
+
 def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None) -> dict:
     """Run every stage in order; returns {"stages": [...], "models": {...}, "run": path}."""
     models = list(dict.fromkeys(recipe.run.models))
@@ -115,6 +134,7 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
     for m in models:
         if not (m in ("base", "merged", "ensemble") or m.startswith("range:")):
             raise UsageError(f"run.models has '{m}'; use base, merged, ensemble or range:I")
+    preflight_eval(recipe)
     record_file = run.root / "run.json"
     record = read_json(record_file) if record_file.is_file() and not force else {"stages": {}}
     check_provenance(recipe, run, record)

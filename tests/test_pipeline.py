@@ -111,3 +111,24 @@ def test_run_interrupted_mid_stage_finishes_without_redoing_work(run_recipe, tmp
     assert {p: p.stat().st_mtime_ns for p in (run / "samples" / "base").glob("0*.png")} == base_pngs
     assert len(list((run / "samples" / "ensemble").glob("0*.png"))) == 6
     assert (run / "eval" / "ensemble.json").is_file()
+
+
+@pytest.mark.parametrize("recipe_name", ["lsun-church", "lsun-bedroom"])
+def test_run_without_an_eval_reference_stops_before_training(recipe_name, tmp_path, tiny_ddpm, tiny_images):
+    """The LSUN recipes leave eval.reference to the user: `deme run` must say so in seconds, before any training."""
+    from pathlib import Path
+
+    recipe = Path(__file__).parent.parent / "recipes" / f"{recipe_name}.toml"
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", str(recipe), "--out", str(out), "--set", f'model.pretrained="{tiny_ddpm}"',
+                                 "--set", 'data.source="imagefolder"', "--set", f'data.path="{tiny_images}"',
+                                 "--set", "data.resolution=16", "--set", "train.steps=1"])
+    assert r.exit_code == 2, r.output
+    err = " ".join(r.output.split())
+    assert "eval.reference is not set" in err and "checked before training" in err and "Traceback" not in err
+    assert not (out / "ranges").exists() and not (out / "ranges.json").exists()
+    # with a reference that exists, the same check passes (and the run would go on)
+    from deme_cli.pipeline import preflight_eval
+    from deme_cli.recipe import load_recipe
+
+    preflight_eval(load_recipe(recipe, [f'eval.reference="{tiny_images}"', f'model.pretrained="{tiny_ddpm}"']))
