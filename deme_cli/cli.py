@@ -324,12 +324,15 @@ def eval_(recipe: Path = RecipeArg,
         res = r["results"]
         keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
         rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
-        rows.append(["images"] + [res[m]["num_images"] for m in res])
+        rows.append(["images"] + [res[m].get("num_images") for m in res])
         if r.get("reference"):
             ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
         ui.table("eval", ["metric"] + list(res), rows)
         _loss_table(res, r.get("loss_plot"))
     _guard(body)
+
+
+METRIC_NAMES = {"clip_score": "CLIP score", "loss_ratio": "loss / base", "kid_std": "KID std"}
 
 
 def _loss_table(results: dict, plot: Optional[str]) -> None:
@@ -409,9 +412,9 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
             return
         keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
         ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
-                 ["model"] + [{"clip_score": "CLIP score", "loss_ratio": "loss / base"}.get(k, k.upper())
-                              for k in keys] + ["images"],
+                 ["model"] + [METRIC_NAMES.get(k, k.upper()) for k in keys] + ["images"],
                  [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
+        _loss_table(r["models"], r.get("loss_plot"))
         ui.table("stages", ["stage", "status", "seconds"],
                  [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
     _guard(body)

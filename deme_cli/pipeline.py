@@ -155,5 +155,8 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
     results = (eval_result or {}).get("results", {})
     return {"run": str(run.root), "stages": stages,
             "models": {m: {"metrics": results.get(m, {}).get("metrics", {}),
-                           "num_images": results.get(m, {}).get("num_images")} for m in models},
-            "reference": (eval_result or {}).get("reference")}
+                           "num_images": results.get(m, {}).get("num_images"),
+                           **({"loss_by_t": results[m]["loss_by_t"]} if results.get(m, {}).get("loss_by_t") else {})}
+                       for m in models},
+            "reference": (eval_result or {}).get("reference"),
+            **({"loss_plot": eval_result["loss_plot"]} if (eval_result or {}).get("loss_plot") else {})}

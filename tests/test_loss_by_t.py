@@ -114,3 +114,22 @@ def test_loss_needs_an_image_folder_reference(trained_run, tmp_path):
     few = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"loss_num_images": 4})})
     with pytest.raises(UsageError, match="fewer than eval.loss_bins"):
         run_eval(few, run, ["base"], force=True)
+
+
+def test_cli_eval_loss_prints_the_bins_and_json_has_the_curves(trained_run):
+    from typer.testing import CliRunner
+
+    from deme_cli.cli import app
+
+    recipe, run = trained_run
+    f = run.root / "loss-recipe.toml"
+    f.write_text(recipe.to_toml())
+    r = CliRunner().invoke(app, ["eval", str(f), "--models", "base,ensemble", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["results"]["ensemble"]["loss_by_t"]["bins"][0] == [0, 100]
+    assert out["loss_plot"].endswith("eval/loss-by-t.png")
+    r = CliRunner().invoke(app, ["eval", str(f), "--models", "base,ensemble"])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 0 and "held-out loss by timestep" in text and "[900, 1000)" in text
+    assert "mean of ratios" in text

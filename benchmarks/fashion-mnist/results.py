@@ -3,11 +3,14 @@
     python benchmarks/fashion-mnist/results.py                               # runs/fmnist-bench -> RESULTS.md
     python benchmarks/fashion-mnist/results.py --out runs/fmnist-bench-smoke # -> runs/fmnist-bench-smoke/RESULTS-smoke.md
 
-One row per (run dir, model): the row's meaning (paper Table 1 / Table 3), FID, KID, number of images, sampler, the
-merge weights (merged rows), the exact `deme run` command and the hardware that ran it (command.json, written by
-run.py). A block between <!-- notes:begin --> and <!-- notes:end --> in an existing table (the reading of the
-numbers, written by hand) is kept when the table is rebuilt. A benchmark folder made with --smoke (benchmark.json
-"smoke": true) is never written to RESULTS.md: its table goes to <out>/RESULTS-smoke.md.
+One row per (recipe, model), with every seed of the whole finetuning side by side (run dirs <recipe> for seed 0 and
+<recipe>-seed<s>): FID, KID with its subset standard deviation, and the held-out loss relative to the base (mean of
+the ratios over the timestep bins), their mean over seeds and the spread (half the difference of two seeds, or
+the standard deviation of more); then the loss by timestep bin of every row (mean over seeds), drawn as
+loss-by-t.png next to the table; the merge weights; the exact `deme run` commands, time per stage and hardware
+(command.json, written by run.py). A block between <!-- notes:begin --> and <!-- notes:end --> in an existing table
+(the reading of the numbers, written by hand) is kept when the table is rebuilt. A benchmark folder made with
+--smoke (benchmark.json "smoke": true) is never written to RESULTS.md: its table goes to <out>/RESULTS-smoke.md.
 """
 from __future__ import annotations
 
@@ -16,23 +19,31 @@ import json
 import os
 import platform
 import re
+import statistics
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
+LOSS_PNG = "loss-by-t.png"
 
 # (recipe, model) -> row label, in table order
 ROWS = [
     ("n1-all-timesteps", "base", "(a) base: pretrained, not finetuned"),
     ("n1-all-timesteps", "range:0", "(b) finetuned on all timesteps (N = 1, no DeMe technique)"),
     ("deme", "ensemble", "(c) DeMe N = 4, ensemble (before merge)"),
-    ("deme", "merged", "(d) DeMe N = 4, merged, searched weights"),
-    ("ablation-sampling", "ensemble", "Table 3: N = 4, prob. sampling only, ensemble"),
-    ("ablation-sampling", "merged", "Table 3: N = 4, prob. sampling only, merged"),
-    ("ablation-consistency", "ensemble", "Table 3: N = 4, + consistency loss, ensemble"),
-    ("ablation-consistency", "merged", "Table 3: N = 4, + consistency loss, merged"),
+    ("deme", "merged", "(d) DeMe N = 4, merged, uniform weights"),
+    ("deme-searched", "merged", "(e) DeMe N = 4, merged, searched weights"),
+    ("deme", "range:0", "DeMe range model 0 alone, t in [0, 250)"),
+    ("deme", "range:1", "DeMe range model 1 alone, t in [250, 500)"),
+    ("deme", "range:2", "DeMe range model 2 alone, t in [500, 750)"),
+    ("deme", "range:3", "DeMe range model 3 alone, t in [750, 1000)"),
     ("n1-projection", "range:0", "Table 3: N = 1, + channel-wise projection only"),
+    ("ablation-sampling", "ensemble", "Table 3: N = 4, prob. sampling only, ensemble"),
+    ("ablation-sampling", "merged", "Table 3: N = 4, prob. sampling only, merged (uniform)"),
+    ("ablation-consistency", "ensemble", "Table 3: N = 4, + consistency loss, ensemble"),
+    ("ablation-consistency", "merged", "Table 3: N = 4, + consistency loss, merged (uniform)"),
 ]
+MAIN = {"(a)", "(b)", "(c)", "(d)", "(e)"}
 
 
 def hardware(threads=None) -> str:
@@ -72,9 +83,8 @@ def _sampler(s: dict) -> str:
 
 
 def collect(out: Path) -> list[dict]:
-    """Rows for every run dir under `out` that holds eval/*.json (seed variants `<recipe>-seed<s>` included)."""
-    rows = []
-    labels = {(r, m): (i, lab) for i, (r, m, lab) in enumerate(ROWS)}
+    """One entry per (run dir, model) with eval/*.json (seed variants `<recipe>-seed<s>` included)."""
+    found = []
     for run_dir in sorted(p for p in out.iterdir() if (p / "eval").is_dir()):
         m = re.fullmatch(r"(.+?)(?:-seed(\d+))?", run_dir.name)
         recipe, seed = m.group(1), int(m.group(2) or 0)
@@ -93,12 +103,12 @@ def collect(out: Path) -> list[dict]:
             ev = _read(f)
             if not ev or "model" not in ev:
                 continue
-            order, label = labels.get((recipe, ev["model"]), (len(ROWS), f"{recipe}: {ev['model']}"))
+            metrics = ev.get("metrics") or {}
             search = merge.get("search") or {}
-            rows.append({
-                "order": (seed, order), "label": label + (f" (seed {seed})" if seed else ""),
-                "run": run_dir.name, "model": ev["model"],
-                "fid": (ev.get("metrics") or {}).get("fid"), "kid": (ev.get("metrics") or {}).get("kid"),
+            found.append({
+                "recipe": recipe, "seed": seed, "run": run_dir.name, "model": ev["model"],
+                "fid": metrics.get("fid"), "kid": metrics.get("kid"), "kid_std": metrics.get("kid_std"),
+                "loss_ratio": metrics.get("loss_ratio"), "loss_by_t": ev.get("loss_by_t"),
                 "images": ev.get("num_images"), "reference": (ev.get("reference") or {}),
                 "sampler": _sampler(ev.get("sampler") or {}),
                 "weights": merge.get("weights") if ev["model"] == "merged" else None,
@@ -107,41 +117,149 @@ def collect(out: Path) -> list[dict]:
                 "command": cmd.get("command"), "hardware": " + ".join(hw) if hw else None, "stages": stages,
                 "calls": len(calls),
             })
-    rows.sort(key=lambda r: r["order"])
-    return rows
+    return found
+
+
+def rows(found: list[dict]) -> list[dict]:
+    """The table's rows: one per (recipe, model), its seeds in order, in ROWS order (others after)."""
+    order = {(r, m): (i, label) for i, (r, m, label) in enumerate(ROWS)}
+    grouped: dict = {}
+    for e in found:
+        grouped.setdefault((e["recipe"], e["model"]), []).append(e)
+    out = []
+    for key, es in grouped.items():
+        i, label = order.get(key, (len(ROWS), f"{key[0]}: {key[1]}"))
+        out.append({"order": i, "label": label, "recipe": key[0], "model": key[1],
+                    "seeds": sorted(es, key=lambda e: e["seed"])})
+    return sorted(out, key=lambda r: (r["order"], r["label"]))
+
+
+def mean_spread(values: list) -> tuple:
+    """(mean, spread) over seeds: half the difference of two values, the sample standard deviation of more."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None, None
+    if len(v) == 1:
+        return v[0], None
+    return statistics.fmean(v), (abs(v[0] - v[1]) / 2 if len(v) == 2 else statistics.stdev(v))
 
 
 def _fmt(x, digits):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def render(out: Path, rows: list[dict], bench: dict) -> str:
+def _ms(values, digits, scale=1.0):
+    m, s = mean_spread([None if v is None else v * scale for v in values])
+    if m is None:
+        return "-"
+    return f"{m:.{digits}f}" + ("" if s is None else f" ± {s:.{digits}f}")
+
+
+def render(out: Path, found: list[dict], bench: dict) -> str:
     smoke = bool(bench.get("smoke"))
+    table = rows(found)
+    seeds = sorted({e["seed"] for e in found})
     lines = ["# Fashion-MNIST reproduction benchmark: results" + (" (SMOKE TEST: tiny sizes, the numbers mean "
              "nothing)" if smoke else ""), ""]
-    lines += [f"Produced by `{bench.get('command', '?')}` (started {bench.get('started', '?')}); benchmark folder "
-              f"`{out}`. Plan, settings and costs: `benchmarks/fashion-mnist/PLAN.md`.", ""]
-    ref = next((r["reference"] for r in rows if r["reference"]), {})
+    lines += [f"Produced by `{bench.get('command', '?')}` (started {bench.get('started', '?')}, scale "
+              f"{bench.get('scale', '?')}); benchmark folder `{out}`. Plan, settings and costs: "
+              f"`benchmarks/fashion-mnist/PLAN.md`.", ""]
+    ref = next((e["reference"] for e in found if e["reference"]), {})
     if ref:
         lines += [f"Reference for FID/KID: {json.dumps(ref, default=str)[:300]}", ""]
-    lines += ["| row | FID | KID | images | sampler | merge weights | run dir | hardware |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        w = ", ".join(f"{x:g}" for x in r["weights"]) if r["weights"] else ""
-        if r["search"]:
-            w += f" ({r['search']})"
-        lines.append(f"| {r['label']} | {_fmt(r['fid'], 2)} | {_fmt(r['kid'], 4)} | {r['images']} | {r['sampler']} | "
-                     f"{w} | `{r['run']}` | {r['hardware'] or '?'} |")
-    lines += ["", "Commands (each run dir's exact `deme run`, from the repository root) and time per stage:", ""]
+    s_cols = " | ".join(f"seed {s}" for s in seeds)
+    lines += [f"FID, KID (x 1000, with the standard deviation of its subset estimates) and the held-out loss relative "
+              f"to the base (mean over {_bins(found)} timestep bins of the loss ratio; 1 = the base) for each seed "
+              f"of the whole finetuning ({', '.join(map(str, seeds))}), and their mean ± spread (half the "
+              f"difference of the seeds).", ""]
+    lines += [f"| row | FID {s_cols} | FID mean | KID x1000 {s_cols} | KID mean | loss / base {s_cols} | "
+              f"loss mean | images | merge weights |",
+              "|---|" + "---|" * (3 * len(seeds) + 3) + "---|---|"]
+    for r in table:
+        by = {e["seed"]: e for e in r["seeds"]}
+        fid = [by[s]["fid"] if s in by else None for s in seeds]
+        kid = [by[s]["kid"] if s in by else None for s in seeds]
+        loss = [by[s]["loss_ratio"] if s in by else None for s in seeds]
+        kid_cells = [("-" if s not in by or by[s]["kid"] is None else
+                      f"{1000 * by[s]['kid']:.2f}" + (f" ± {1000 * by[s]['kid_std']:.2f}" if by[s]["kid_std"]
+                                                       is not None else "")) for s in seeds]
+        w = "; ".join(f"s{e['seed']}: " + ", ".join(f"{x:.3g}" for x in e["weights"]) for e in r["seeds"]
+                      if e["weights"])
+        images = "/".join(sorted({str(e["images"]) for e in r["seeds"]}))
+        lines.append(f"| {r['label']} | " + " | ".join(_fmt(x, 2) for x in fid) + f" | {_ms(fid, 2)} | "
+                     + " | ".join(kid_cells) + f" | {_ms(kid, 2, 1000)} | " + " | ".join(_fmt(x, 4) for x in loss)
+                     + f" | {_ms(loss, 4)} | {images} | {w} |")
+    lines += _loss_table(table)
+    searches = [e for r in table for e in r["seeds"] if e["search"]]
+    if searches:
+        lines += ["", "Weight searches: " + "; ".join(f"`{e['run']}` {e['search']}" for e in searches)
+                  + " (every candidate and its score: `<run dir>/merged/merge.json`, plotted in "
+                  "`merged/merge-search.png`)."]
+    lines += ["", "Samplers: " + "; ".join(sorted({e["sampler"] for e in found})) + ". Hardware: "
+              + "; ".join(sorted({e["hardware"] for e in found if e["hardware"]})), ""]
+    lines += ["Commands (each run dir's exact `deme run`, from the repository root) and time per stage:", ""]
     seen = set()
-    for r in rows:
-        if r["run"] in seen:
+    for e in sorted(found, key=lambda e: (e["seed"], e["run"])):
+        if e["run"] in seen:
             continue
-        seen.add(r["run"])
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in r["stages"].items() if v is not None)
-        lines += [f"- `{r['run']}`: `{r['command'] or '?'}`",
-                  f"  - seconds per stage, summed over {r['calls']} call(s): {stages or '?'}"]
+        seen.add(e["run"])
+        stages = ", ".join(f"{k} {v:.0f}" for k, v in e["stages"].items() if v is not None)
+        lines += [f"- `{e['run']}`: `{e['command'] or '?'}`",
+                  f"  - seconds per stage, summed over {e['calls']} call(s): {stages or '?'}"]
     return "\n".join(lines) + "\n"
+
+
+def _bins(found: list[dict]) -> int:
+    return next((len(e["loss_by_t"]["bins"]) for e in found if e.get("loss_by_t")), 0)
+
+
+def mean_curves(table: list[dict]) -> dict:
+    """{row label: (bins, mean ratio per bin over seeds)} for rows with a loss by timestep."""
+    curves = {}
+    for r in table:
+        recs = [e["loss_by_t"] for e in r["seeds"] if e.get("loss_by_t")]
+        if recs:
+            curves[r["label"]] = (recs[0]["bins"], [statistics.fmean(x) for x in zip(*(rec["ratio"] for rec in recs))])
+    return curves
+
+
+def _loss_table(table: list[dict]) -> list[str]:
+    curves = mean_curves(table)
+    if not curves:
+        return []
+    bins = next(iter(curves.values()))[0]
+    lines = ["", f"Held-out loss by timestep bin, relative to the base (mean over seeds; < 1: better than the base), "
+             f"drawn in `{LOSS_PNG}`:", "",
+             "| row | " + " | ".join(f"[{lo}, {hi})" for lo, hi in bins) + " |", "|---|" + "---|" * len(bins)]
+    for label, (_, ratio) in curves.items():
+        lines.append(f"| {label} | " + " | ".join(f"{x:.4f}" for x in ratio) + " |")
+    return lines
+
+
+def plot(table: list[dict], path: Path) -> Path | None:
+    """loss-by-t.png: the main rows (a)-(e), and the range models and Table 3 rows, ratio to the base against t."""
+    curves = mean_curves(table)
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, layout="constrained", sharey=True)
+    for ax, main in zip(axes, (True, False)):
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        for label, (bins, ratio) in curves.items():
+            if (label[:3] in MAIN) != main or label.startswith("(a)"):
+                continue
+            ax.plot([(lo + hi) / 2 for lo, hi in bins], ratio, "o-", ms=3, label=label)
+        ax.set_xlabel("timestep t (bin centre)")
+        ax.set_title("rows (b)-(e)" if main else "range models alone and Table 3 rows", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("held-out loss / base model's loss (mean over seeds)")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 NOTES = re.compile(r"<!-- notes:begin -->.*?<!-- notes:end -->", re.S)
@@ -164,9 +282,10 @@ def write(out: Path, dest: Path | None = None) -> Path:
         dest = out / "RESULTS-smoke.md" if smoke else RESULTS_MD
     if smoke and Path(dest).resolve() == RESULTS_MD.resolve():
         raise SystemExit(f"{out} holds a smoke run: its table never goes to {RESULTS_MD}")
-    rows = collect(out)
-    text = render(out, rows, bench)
+    found = collect(out)
+    text = render(out, found, bench)
     dest = Path(dest)
+    plot(rows(found), dest.parent / (LOSS_PNG if dest.name == "RESULTS.md" else f"{dest.stem}-{LOSS_PNG}"))
     notes = _notes(dest)
     if notes:                     # the hand-written reading of the numbers stays, right under the title
         head, _, rest = text.partition("\n\n")

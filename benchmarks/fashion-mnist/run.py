@@ -1,5 +1,5 @@
-"""Run the Fashion-MNIST reproduction benchmark (issue 6, item 3) with one command: data, (optionally) a
-longer-pretrained base, every recipe of benchmarks/fashion-mnist/recipes/ through `deme run`, then the results table.
+"""Run the Fashion-MNIST reproduction benchmark with one command: data, (optionally) a longer-pretrained base, every
+recipe of benchmarks/fashion-mnist/recipes/ through `deme run`, for each seed of the whole finetuning, then the table.
 
     python benchmarks/fashion-mnist/run.py                  # the full benchmark -> runs/fmnist-bench, RESULTS.md
     python benchmarks/fashion-mnist/run.py --smoke          # the same pipeline shrunk to minutes -> runs/fmnist-bench-smoke
@@ -10,13 +10,17 @@ kept while their settings match). What each step runs, its settings and its cost
 
 Steps:
 1. data: make_assets.py writes <out>/data/{train,holdout,test}/ (16 px PNGs): training images 0-54,999 (finetuning),
-   55,000-59,999 (held out: the merge weight search), and all 10,000 test images (the FID/KID reference only).
-2. base: assets/fmnist-ddpm, or with --pretrain-steps N a DDPM pretrained from scratch for N steps by pretrain.py
-   (<out>/base-N; on CUDA when available), from the PNGs of step 1 (train/ + holdout/ = all 60,000 training images).
-3. every recipe, in order, through `python -m deme_cli run RECIPE --out <out>/<name> --set ...` (the --set values
-   are the data/base paths above and, with --smoke, the tiny sizes); each run dir gets command.json (the exact command,
-   the hardware, wall time). Extra seeds (--seeds 0,1) repeat the main rows' recipes in <out>/<name>-seed<s>.
-4. results.py: the table (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
+   55,000-59,999 (held out: the merge weight search uses the first 2,000 of them, holdout-2k/), and all 10,000 test
+   images (the FID/KID reference and the loss by timestep only).
+2. base: assets/fmnist-ddpm, or with --pretrain-steps N a DDPM pretrained from scratch for N steps by pretrain.py.
+3. every recipe, for every seed in --seeds (seed s: `seed = s`, `sample.seed = s * 1,000,000`, run dir
+   <out>/<name>-seed<s>, seed 0 without the suffix), through `python -m deme_cli run RECIPE --out <run dir> --set ...`
+   (the data/base paths, the scale's sizes); deme-searched runs on a copy of deme's range models (its merge searches
+   the weights: row (e)). Each run dir gets command.json (the exact command, the hardware, wall time).
+   --scale cpu (the default without CUDA): 1,000 samples per model with DDIM-50, and a smaller weight search (KID of
+   1,000 DDIM-25 samples, scales 0.5, 1, 1.5); --scale gpu: the recipes as written (5,000 samples, DDIM-100).
+4. results.py: the table, with the mean and spread over seeds and the loss-by-timestep plot of all rows
+   (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -35,10 +40,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
-# recipe name -> is it a main row (repeated for --seeds)
-RECIPES = {"n1-all-timesteps": True, "deme": True, "ablation-sampling": False, "ablation-consistency": False,
-           "n1-projection": False}
-TOTAL_STEPS = 4000          # finetuning steps per recipe, shared by its ranges (equal for every row)
+# recipe name -> run it for seeds other than 0 too (every row of the table has two seeds)
+RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "n1-projection", "ablation-sampling", "ablation-consistency"]
+DERIVED = {"deme-searched": "deme"}     # recipe -> the recipe whose range models it merges (copied, not retrained)
+TOTAL_STEPS = 2000          # finetuning steps per recipe, shared by its ranges (equal for every row)
+SEARCH_IMAGES = 2000        # holdout-2k: the first images of holdout/, the weight search's reference
 
 FULL = dict(train=55000, holdout=5000, test=10000)
 SMOKE = dict(train=300, holdout=64, test=100)
@@ -46,9 +52,14 @@ SMOKE_TOTAL_STEPS = 16      # 4 per range at N = 4, 16 at N = 1
 SMOKE_SETS = [              # everything shrunk: a few minutes on 2 CPU cores
     "train.batch_size=16", "train.checkpoint_every=2", "train.log_every=2",
     "sample.num_images=16", "sample.steps=4", "sample.batch_size=16",
-    "merge.candidates=[0.0, 1.0]", "merge.search_num_images=32",
-    "eval.batch_size=50",
+    "merge.scales=[1.0]", "merge.search_num_images=16", "merge.search_steps=2",
+    "eval.batch_size=50", "eval.loss_bins=4",
 ]
+SCALES = {                  # --scale: what changes between a CPU and a GPU run (the training never does)
+    "gpu": [],
+    "cpu": ["sample.num_images=1000", "sample.steps=50", "sample.batch_size=100",
+            "merge.search_steps=25", "merge.scales=[0.5, 1.0, 1.5]"],
+}
 
 
 def log(msg: str) -> None:
@@ -73,6 +84,35 @@ def make_data(out: Path, sizes: dict, env) -> Path:
              "--holdout", str(sizes["holdout"]), "--test", str(sizes["test"]), "--resolution", "16"], env)
     marker.write_text(json.dumps(sizes) + "\n")
     return data
+
+
+def search_subset(data: Path, k: int) -> Path:
+    """holdout-2k/: copies of the first k images of holdout/ (sorted by name), the weight search's reference."""
+    dest = data / "holdout-2k"
+    files = sorted((data / "holdout").glob("*.png"))[:k]
+    if dest.is_dir() and sorted(f.name for f in dest.glob("*.png")) == [f.name for f in files]:
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp = data / ".holdout-2k.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for f in files:
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(dest)
+    return dest
+
+
+def copy_range_models(src: Path, dest: Path) -> None:
+    """The trained range models of run dir `src` (ranges.json, ranges/<i>/final, final-raw, metrics.jsonl) into
+    `dest`, so that a second merge of the same models gets its own run dir (merged/, samples/, eval/)."""
+    if (dest / "ranges.json").is_file():
+        return
+    for f in sorted((src / "ranges").glob("*/final")):
+        i = f.parent.name
+        for part in ("final", "final-raw"):
+            shutil.copytree(src / "ranges" / i / part, dest / "ranges" / i / part, dirs_exist_ok=True)
+        shutil.copy2(src / "ranges" / i / "metrics.jsonl", dest / "ranges" / i / "metrics.jsonl")
+    shutil.copy2(src / "ranges.json", dest / "ranges.json")     # last: its presence marks a complete copy
 
 
 def make_base(out: Path, steps: int, smoke: bool, threads: int | None, env, data: Path) -> str:
@@ -113,7 +153,8 @@ def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, 
     # how long the work took and on which hardware, also when a run was interrupted and resumed elsewhere
     calls = old.get("calls", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t1)),
                                      "wall_s": round(wall, 1), "stages": stages,
-                                     "hardware": results.hardware(args.threads), "parallel": args.parallel}]
+                                     "hardware": results.hardware(args.threads), "parallel": args.parallel,
+                                     "jobs": args.jobs}]
     record = {"command": shlex.join(["deme"] + cmd[3:]), "recipe": name, "seed": seed, "smoke": args.smoke,
               "calls": calls}
     record_file.write_text(json.dumps(record, indent=2) + "\n")
@@ -136,23 +177,29 @@ def precompute_reference(out: Path, recipe: Path, sets: list[str]) -> None:
     log(f"reference features: {ref.num_images} images, {time.time() - t0:.0f} s")
 
 
+def run_dir_of(out: Path, name: str, seed: int) -> Path:
+    return out / (name if seed == 0 else f"{name}-seed{seed}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (300/64/100 images, 4 steps per range, 16 "
-                   "samples, DDIM-4, 2 search candidates); writes <out>/RESULTS-smoke.md, never RESULTS.md")
+                   "samples, DDIM-4, a 4-merge search); writes <out>/RESULTS-smoke.md, never RESULTS.md")
+    p.add_argument("--scale", choices=["auto", "cpu", "gpu"], default="auto", help="gpu: 5,000 samples per model, "
+                   "DDIM-100; cpu: 1,000 samples, DDIM-50, a smaller weight search; auto: gpu when CUDA is available")
     p.add_argument("--out", type=Path, default=None, help="benchmark folder (default runs/fmnist-bench, or "
                    "runs/fmnist-bench-smoke with --smoke)")
     p.add_argument("--pretrain-steps", type=int, default=0, help="pretrain a base from scratch for this many steps "
-                   "(pretrain.py; CUDA when available) instead of using assets/fmnist-ddpm (2,250 steps); 0: use "
-                   "the asset")
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; seeds other than 0 repeat the main rows "
-                   "(N = 1 and DeMe) with seed s and sample.seed s * 1,000,000")
+                   "(pretrain.py; CUDA when available) instead of using assets/fmnist-ddpm; 0: use the asset")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the whole finetuning (seed s also "
+                   "samples from sample.seed = s * 1,000,000)")
     p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
-    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads for the child processes")
-    p.add_argument("--parallel", action="store_true", help="run the recipes side by side (one `deme run` process "
-                   "each, logs in <run dir>/deme-run.log), after computing the reference features once; for a GPU "
-                   "that one tiny model leaves idle")
+    p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of each child process")
+    p.add_argument("--jobs", type=int, default=1, help="run dirs processed side by side (each a `deme run` process, "
+                   "its log in <run dir>/deme-run.log); on a 2-core CPU, --jobs 2 --threads 1")
+    p.add_argument("--parallel", action="store_true", help="every run dir at once (--jobs = their number): for a "
+                   "GPU that one tiny model leaves idle")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra `deme run --set` for every recipe")
     args = p.parse_args(argv)
 
@@ -166,68 +213,97 @@ def main(argv=None) -> int:
     unknown = only - set(RECIPES)
     if unknown:
         p.error(f"--only: unknown recipe(s) {sorted(unknown)}; known: {', '.join(RECIPES)}")
+    scale = args.scale
+    if scale == "auto":
+        import torch
+        scale = "gpu" if torch.cuda.is_available() else "cpu"
 
     t0 = time.time()
     (out / "benchmark.json").write_text(json.dumps(
-        {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke,
+        {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke, "scale": scale, "seeds": seeds,
          "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": results.hardware(args.threads)}, indent=2) + "\n")
     data = make_data(out, SMOKE if args.smoke else FULL, env)
+    search_ref = search_subset(data, 32 if args.smoke else SEARCH_IMAGES)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
-    jobs = []                                       # (name, seed, run dir, command, recipe, --set values)
+    chains: dict[tuple, list] = {}       # (seed, the recipe that trains) -> its jobs, in order
     for seed in seeds:
-        for name, main_row in RECIPES.items():
-            if name not in only or (seed != 0 and not main_row):
+        for name in RECIPES:
+            if name not in only:
                 continue
             recipe = HERE / "recipes" / f"{name}.toml"
             cfg = tomllib.loads(recipe.read_text())
             n = int(cfg["ranges"]["n"])
-            run_dir = out / (name if seed == 0 else f"{name}-seed{seed}")
+            run_dir = run_dir_of(out, name, seed)
             sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
-                    f"merge.search_reference={json.dumps(str(data / 'holdout'))}",
+                    f"merge.search_reference={json.dumps(str(search_ref))}",
                     f"eval.reference={json.dumps(str(data / 'test'))}"]
             if seed != 0:
                 sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
+            sets += SCALES[scale]
             if args.smoke:
                 sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS // n}"]
             else:
                 assert n * int(cfg["train"]["steps"]) == TOTAL_STEPS, f"{recipe}: total finetuning steps != {TOTAL_STEPS}"
             sets += args.sets
-            cmd = [sys.executable, "-m", "deme_cli", "run", str(recipe.relative_to(Path.cwd()) if recipe.is_relative_to(
-                Path.cwd()) else recipe), "--out", str(run_dir)]
+            rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
+            cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
             for s in sets:
                 cmd += ["--set", s]
-            jobs.append((name, seed, run_dir, cmd, recipe, sets))
+            src = DERIVED.get(name)
+            key = (seed, src or name)
+            chains.setdefault(key, []).append((name, seed, run_dir, cmd, recipe, sets,
+                                               run_dir_of(out, src, seed) if src else None))
 
-    if args.parallel and jobs:
+    jobs = [job for chain in chains.values() for job in chain]
+    if jobs and not args.smoke:
         # the test set's features once, before the runs start, so that no two runs compute them side by side
         precompute_reference(out, jobs[0][4], jobs[0][5])
-    for name, seed, run_dir, cmd, *_ in jobs:
+    for name, seed, run_dir, *_ in jobs:
         seed_reference_cache(out, run_dir)
-    if args.parallel:
-        started = []
-        for name, seed, run_dir, cmd, *_ in jobs:
+    failed: list[str] = []
+    lock = threading.Lock()
+
+    def run_chain(chain: list) -> None:
+        for name, seed, run_dir, cmd, _, _, src in chain:
+            if src is not None:
+                if not (src / "ranges.json").is_file() or any(not (f / "deme.json").is_file() for f in
+                                                               (src / "ranges").glob("*/final")):
+                    with lock:
+                        failed.append(f"{name} (seed {seed}): {src} has no trained range models")
+                    return
+                copy_range_models(src, run_dir)
+            seed_reference_cache(out, run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
-            logf = open(run_dir / "deme-run.log", "a")
-            log("$ " + shlex.join(cmd) + f"  > {logf.name}")
-            started.append((name, seed, run_dir, cmd, time.time(), subprocess.Popen(cmd, env=env, stdout=logf,
-                                                                                  stderr=subprocess.STDOUT), logf))
-        failed = []
-        for name, seed, run_dir, cmd, t1, proc, logf in started:
-            rc = proc.wait()
-            logf.close()
+            t1 = time.time()
+            with open(run_dir / "deme-run.log", "a") as logf:
+                log("$ " + shlex.join(cmd) + f"  > {logf.name}")
+                rc = subprocess.call(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
             record_call(name, seed, run_dir, cmd, t1, args)
             if rc != 0:
-                failed.append(f"{name} (exit {rc}, log {logf.name})")
-        if failed:
-            log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
-            return 1
-    else:
-        for name, seed, run_dir, cmd, *_ in jobs:
-            t1 = time.time()
-            run_cmd(cmd, env)
-            record_call(name, seed, run_dir, cmd, t1, args)
+                with lock:
+                    failed.append(f"{name} (seed {seed}, exit {rc}, log {run_dir / 'deme-run.log'})")
+                return
 
+    width = len(chains) if args.parallel else max(1, args.jobs)
+    queue = list(chains.values())
+    threads = []
+    for _ in range(min(width, len(queue))):
+        def worker():
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    chain = queue.pop(0)
+                run_chain(chain)
+        th = threading.Thread(target=worker)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    if failed:
+        log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
+        return 1
     dest = results.write(out)
     log(f"done in {time.time() - t0:.0f} s; table: {dest}")
     return 0
