@@ -43,13 +43,22 @@ def check_reference(recipe) -> None:
                          f"image folder; '{ref}' is a {'statistics file' if kind == 'npz' else 'dataset name'}")
 
 
-def _predict(recipe, run: RunDir, spec: str, device):
-    """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions)."""
+def _predict(recipe, run: RunDir, spec: str, device, base_hash: str):
+    """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions).
+
+    A model finetuned from another base than model.pretrained is refused: its ratio to this base would mislead."""
     from .denoise import EnsembleDenoiser
     from .heldout import model_predict, routed_predict
     from .model_specs import load_unets
 
     loaded = load_unets(recipe, run, spec, device)
+    info = loaded.info
+    made_from = {m.get("base_hash") for m in info.get("members", [])} | {(info.get("meta") or {}).get("base_hash")}
+    made_from.discard(None)
+    if made_from and made_from != {base_hash}:
+        raise UsageError(f"model '{spec}' was finetuned from another base model (base_hash "
+                         f"{', '.join(sorted(made_from))}) than model.pretrained = '{recipe.model.pretrained}' "
+                         f"(base_hash {base_hash}); point model.pretrained at its base, or retrain it")
     d = loaded.denoiser
     predict = routed_predict(d.models, d.ranges) if isinstance(d, EnsembleDenoiser) else model_predict(d.model)
     return predict, loaded.identity.get("hash")
@@ -74,9 +83,11 @@ def score(recipe, run: RunDir, models: Sequence[str], device, previous: dict, fo
     e = recipe.eval
     check_reference(recipe)
     ref_files = [_file_key(Path(f)) for f in image_files(Path(e.reference).expanduser())]
-    predicts = {}
-    for m in dict.fromkeys(["base", *models]):
-        predicts[m] = _predict(recipe, run, m, device)
+    predicts = {"base": _predict(recipe, run, "base", device, "")}
+    base_hash = predicts["base"][1]
+    for m in dict.fromkeys(models):
+        if m != "base":
+            predicts[m] = _predict(recipe, run, m, device, base_hash)
     prints = {m: _fingerprint(recipe, h, ref_files) for m, (_, h) in predicts.items()}
     todo = [m for m in models if force or (previous.get(m) or {}).get("fingerprint") != prints[m]]
     out = {m: previous[m] for m in models if m not in todo}

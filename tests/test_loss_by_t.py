@@ -133,3 +133,20 @@ def test_cli_eval_loss_prints_the_bins_and_json_has_the_curves(trained_run):
     text = " ".join(r.output.split())
     assert r.exit_code == 0 and "held-out loss by timestep" in text and "[900, 1000)" in text
     assert "mean of ratios" in text
+
+
+def test_models_from_another_base_are_refused(trained_run, tmp_path):
+    """A ratio to a base the model was not finetuned from would mislead (as after swapping model.pretrained)."""
+    import shutil
+
+    recipe, run = trained_run
+    other = RunDir(tmp_path / "copy")
+    shutil.copytree(run.root, other.root)
+    meta_file = other.final(1) / "deme.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "base_hash": "0123456789abcdef"}))
+    moved = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(other.root)})})
+    for spec in ("range:1", "ensemble"):
+        with pytest.raises(UsageError, match="finetuned from (another|different) base model"):
+            run_eval(moved, other, ["base", spec], force=True)
+    run_eval(moved, other, ["range:0"], force=True)          # the untouched range is still scored

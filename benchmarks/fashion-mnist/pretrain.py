@@ -5,13 +5,18 @@ Fashion-MNIST training images (Debian package `dataset-fashion-mnist`, resized 2
 T = 1000, linear betas. The EMA of the weights (warm-up decay min(max, 1 - (1 + k)^-power)) is what gets saved, as a
 DDPMPipeline folder (safetensors).
 
-    nice -n 10 python benchmarks/fashion-mnist/pretrain.py            # the defaults are the settings we used
+    python benchmarks/fashion-mnist/pretrain.py --out runs/fmnist-base-2250              # stage 1: the defaults
+    python benchmarks/fashion-mnist/pretrain.py --init runs/fmnist-base-2250 --steps 24000 \
+        --lr-schedule cosine --checkpoint-every 1000 --log-every 100 --out assets/fmnist-ddpm   # stage 2 (annealing)
+
+The shipped asset is stage 2's EMA (benchmarks/fashion-mnist/README.md has both stages' settings and costs).
 
 Writes, under --work: loss.csv (step, mean loss of the last --log-every steps, lr, EMA decay, seconds),
 checkpoint/ (resumable: re-running the same command continues from it), grid-<step>.png (DDIM-50 samples from the EMA
 weights); and the pipeline under --out with grid.png and loss.csv next to it. Every random draw is a pure function of
 (--seed, step), made on the CPU, so a resumed run continues the run it stopped. It trains on CUDA when available
-(`--device`); `--image-dirs DIR...` reads already-resized PNGs (make_assets.py's folders) instead of the IDX files.
+(`--device`); `--image-dirs DIR...` reads already-resized PNGs (make_assets.py's folders) instead of the IDX files;
+`--init` starts from a pipeline's weights, `--lr-schedule cosine` decays the lr to `--min-lr` at the last step.
 """
 from __future__ import annotations
 

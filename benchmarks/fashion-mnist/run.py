@@ -18,7 +18,8 @@ Steps:
    (the data/base paths, the scale's sizes); deme-searched runs on a copy of deme's range models (its merge searches
    the weights: row (e)). Each run dir gets command.json (the exact command, the hardware, wall time).
    --scale cpu (the default without CUDA): 1,000 samples per model with DDIM-50, and a smaller weight search (KID of
-   1,000 DDIM-25 samples, scales 0.5, 1, 1.5); --scale gpu: the recipes as written (5,000 samples, DDIM-100).
+   500 DDIM-25 samples per candidate, scales 0.5, 1, 1.5); --scale gpu: the recipes as written (5,000 samples,
+   DDIM-100; the search: 1,000 DDIM-100 samples per candidate, 5 scales).
 4. results.py: the table, with the mean and spread over seeds and the loss-by-timestep plot of all rows
    (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
 """
@@ -58,7 +59,7 @@ SMOKE_SETS = [              # everything shrunk: a few minutes on 2 CPU cores
 SCALES = {                  # --scale: what changes between a CPU and a GPU run (the training never does)
     "gpu": [],
     "cpu": ["sample.num_images=1000", "sample.steps=50", "sample.batch_size=100",
-            "merge.search_steps=25", "merge.scales=[0.5, 1.0, 1.5]"],
+            "merge.search_num_images=500", "merge.search_steps=25", "merge.scales=[0.5, 1.0, 1.5]"],
 }
 
 
