@@ -228,33 +228,31 @@ def main(argv=None) -> int:
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
     chains: dict[tuple, list] = {}       # (seed, the recipe that trains) -> its jobs, in order
-    for seed in seeds:
-        for name in RECIPES:
-            if name not in only:
-                continue
-            recipe = HERE / "recipes" / f"{name}.toml"
-            cfg = tomllib.loads(recipe.read_text())
-            n = int(cfg["ranges"]["n"])
-            run_dir = run_dir_of(out, name, seed)
-            sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
-                    f"merge.search_reference={json.dumps(str(search_ref))}",
-                    f"eval.reference={json.dumps(str(data / 'test'))}"]
-            if seed != 0:
-                sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
-            sets += SCALES[scale]
-            if args.smoke:
-                sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS // n}"]
-            else:
-                assert n * int(cfg["train"]["steps"]) == TOTAL_STEPS, f"{recipe}: total finetuning steps != {TOTAL_STEPS}"
-            sets += args.sets
-            rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
-            cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
-            for s in sets:
-                cmd += ["--set", s]
-            src = DERIVED.get(name)
-            key = (seed, src or name)
-            chains.setdefault(key, []).append((name, seed, run_dir, cmd, recipe, sets,
-                                               run_dir_of(out, src, seed) if src else None))
+    # row-major: both seeds of a row are queued before the next row, so the table's rows finish in its order
+    for name, seed in [(name, seed) for name in RECIPES if name in only for seed in seeds]:
+        recipe = HERE / "recipes" / f"{name}.toml"
+        cfg = tomllib.loads(recipe.read_text())
+        n = int(cfg["ranges"]["n"])
+        run_dir = run_dir_of(out, name, seed)
+        sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
+                f"merge.search_reference={json.dumps(str(search_ref))}",
+                f"eval.reference={json.dumps(str(data / 'test'))}"]
+        if seed != 0:
+            sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
+        sets += SCALES[scale]
+        if args.smoke:
+            sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS // n}"]
+        else:
+            assert n * int(cfg["train"]["steps"]) == TOTAL_STEPS, f"{recipe}: total finetuning steps != {TOTAL_STEPS}"
+        sets += args.sets
+        rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
+        cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
+        for s in sets:
+            cmd += ["--set", s]
+        src = DERIVED.get(name)
+        key = (seed, src or name)
+        chains.setdefault(key, []).append((name, seed, run_dir, cmd, recipe, sets,
+                                           run_dir_of(out, src, seed) if src else None))
 
     jobs = [job for chain in chains.values() for job in chain]
     if jobs and not args.smoke:
