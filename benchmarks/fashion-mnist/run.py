@@ -18,7 +18,7 @@ Steps:
    (the data/base paths, the scale's sizes); deme-searched runs on a copy of deme's range models (its merge searches
    the weights: row (e)). Each run dir gets command.json (the exact command, the hardware, wall time).
    --scale cpu (the default without CUDA): 1,000 samples per model with DDIM-50, and a smaller weight search (KID of
-   500 DDIM-25 samples per candidate, scales 0.5, 1, 1.5); --scale gpu: the recipes as written (5,000 samples,
+   250 samples per candidate from the eval's DDIM-50, scales 0.5, 1, 1.5); --scale gpu: the recipes as written (5,000 samples,
    DDIM-100; the search: 1,000 DDIM-100 samples per candidate, 5 scales).
 4. results.py: the table, with the mean and spread over seeds and the loss-by-timestep plot of all rows
    (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
@@ -43,7 +43,12 @@ import results  # noqa: E402
 
 # recipe name -> run it for seeds other than 0 too (every row of the table has two seeds)
 RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "n1-projection", "ablation-sampling", "ablation-consistency"]
+MAIN_RECIPES = ["n1-all-timesteps", "deme", "deme-searched"]     # rows (a)-(e); the others are Table 3's ablations
 DERIVED = {"deme-searched": "deme"}     # recipe -> the recipe whose range models it merges (copied, not retrained)
+# recipe -> models scored by the loss by timestep only (no samples, so no FID/KID): after its `deme run`, one
+# `deme eval --models <run.models + these> --set eval.metrics=["loss"]` adds them to eval/ and to loss-by-t.png
+LOSS_ONLY = {"deme": ["range:0", "range:1", "range:2", "range:3"],
+             "ablation-sampling": ["ensemble"], "ablation-consistency": ["ensemble"]}
 TOTAL_STEPS = 2000          # finetuning steps per recipe, shared by its ranges (equal for every row)
 SEARCH_IMAGES = 2000        # holdout-2k: the first images of holdout/, the weight search's reference
 
@@ -59,7 +64,7 @@ SMOKE_SETS = [              # everything shrunk: a few minutes on 2 CPU cores
 SCALES = {                  # --scale: what changes between a CPU and a GPU run (the training never does)
     "gpu": [],
     "cpu": ["sample.num_images=1000", "sample.steps=50", "sample.batch_size=100",
-            "merge.search_num_images=500", "merge.search_steps=25", "merge.scales=[0.5, 1.0, 1.5]"],
+            "merge.search_num_images=250", "merge.scales=[0.5, 1.0, 1.5]"],
 }
 
 
@@ -178,6 +183,15 @@ def precompute_reference(out: Path, recipe: Path, sets: list[str]) -> None:
     log(f"reference features: {ref.num_images} images, {time.time() - t0:.0f} s")
 
 
+def is_trained(run_dir: Path) -> bool:
+    """Every range of the run dir has its final/ model (ranges.json written, nothing left to train)."""
+    try:
+        n = len(json.loads((run_dir / "ranges.json").read_text())["ranges"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all((run_dir / "ranges" / str(i) / "final" / "deme.json").is_file() for i in range(n))
+
+
 def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / (name if seed == 0 else f"{name}-seed{seed}")
 
@@ -228,8 +242,7 @@ def main(argv=None) -> int:
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
     chains: dict[tuple, list] = {}       # (seed, the recipe that trains) -> its jobs, in order
-    # row-major: both seeds of a row are queued before the next row, so the table's rows finish in its order
-    for name, seed in [(name, seed) for name in RECIPES if name in only for seed in seeds]:
+    for name, seed in [(name, seed) for seed in seeds for name in RECIPES if name in only]:
         recipe = HERE / "recipes" / f"{name}.toml"
         cfg = tomllib.loads(recipe.read_text())
         n = int(cfg["ranges"]["n"])
@@ -264,7 +277,7 @@ def main(argv=None) -> int:
     lock = threading.Lock()
 
     def run_chain(chain: list) -> None:
-        for name, seed, run_dir, cmd, _, _, src in chain:
+        for name, seed, run_dir, cmd, recipe, _, src in chain:
             if src is not None:
                 if not (src / "ranges.json").is_file() or any(not (f / "deme.json").is_file() for f in
                                                                (src / "ranges").glob("*/final")):
@@ -278,6 +291,13 @@ def main(argv=None) -> int:
             with open(run_dir / "deme-run.log", "a") as logf:
                 log("$ " + shlex.join(cmd) + f"  > {logf.name}")
                 rc = subprocess.call(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+            if rc == 0 and name in LOSS_ONLY:
+                models = tomllib.loads(recipe.read_text())["run"]["models"] + LOSS_ONLY[name]
+                eval_cmd = cmd[:3] + ["eval"] + cmd[4:] + ["--models", ",".join(models),
+                                                           "--set", 'eval.metrics=["loss"]']
+                with open(run_dir / "deme-run.log", "a") as logf:
+                    log("$ " + shlex.join(eval_cmd) + f"  > {logf.name}")
+                    rc = subprocess.call(eval_cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
             record_call(name, seed, run_dir, cmd, t1, args)
             if rc != 0:
                 with lock:
@@ -285,7 +305,10 @@ def main(argv=None) -> int:
                 return
 
     width = len(chains) if args.parallel else max(1, args.jobs)
-    queue = list(chains.values())
+    # the main rows (a)-(e) before the ablation rows, so that on a CPU the rows that settle the question finish first
+    # and an interrupted run is missing ablation seeds, not main ones; within each, the chains that still train and
+    # the longer chains first (they set the wall time when run side by side), then by seed
+    queue = sorted(chains.values(), key=lambda c: (c[0][0] not in MAIN_RECIPES, is_trained(c[0][2]), -len(c), c[0][1]))
     threads = []
     for _ in range(min(width, len(queue))):
         def worker():
