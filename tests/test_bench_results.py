@@ -76,3 +76,18 @@ def test_results_md_replaces_only_the_gpu_block_and_names_each_source(tmp_path):
     with pytest.raises(SystemExit):                 # a file without the block is refused, not appended to
         md.update(other, md.render([tmp_path / "run2-sample.json"]))
     assert other.read_text() == "no markers here\n"
+
+
+def test_paired_differences_are_taken_within_each_seed():
+    results = _results()
+
+    def e(seed, fid):
+        return {"seed": seed, "fid": fid, "kid": None}
+    table = [{"label": "(a) base", "seeds": [e(0, 20.0), e(1, 22.0)]},
+             {"label": "(b) N = 1", "seeds": [e(0, 19.0), e(1, 23.0)]},
+             {"label": "(d) merged", "seeds": [e(1, 21.5)]}]          # seed 0 missing
+    diffs = results.paired(table, [0, 1], "(a)", "fid")
+    assert diffs == {"(b) N = 1": [-1.0, 1.0], "(d) merged": [None, -0.5]}
+    assert results.mean_spread(diffs["(b) N = 1"]) == (0.0, 1.0)
+    lines = "\n".join(results._paired_table(table, [0, 1]))
+    assert "| (d) merged | -, -0.50 (-0.50) | -, -1.50 (-1.50) | - | - |" in lines

@@ -185,17 +185,18 @@ def render(out: Path, found: list[dict], bench: dict) -> str:
                                                        is not None else "")) for s in seeds]
         w = "; ".join(f"s{e['seed']}: " + ", ".join(f"{x:.3g}" for x in e["weights"]) for e in r["seeds"]
                       if e["weights"])
-        images = "/".join(sorted({str(e["images"]) for e in r["seeds"]}))
+        images = "/".join(sorted({str(e["images"]) if e["images"] else "loss only" for e in r["seeds"]}))
         lines.append(f"| {r['label']} | " + " | ".join(_fmt(x, 2) for x in fid) + f" | {_ms(fid, 2)} | "
                      + " | ".join(kid_cells) + f" | {_ms(kid, 2, 1000)} | " + " | ".join(_fmt(x, 4) for x in loss)
                      + f" | {_ms(loss, 4)} | {images} | {w} |")
+    lines += _paired_table(table, seeds)
     lines += _loss_table(table)
     searches = [e for r in table for e in r["seeds"] if e["search"]]
     if searches:
         lines += ["", "Weight searches: " + "; ".join(f"`{e['run']}` {e['search']}" for e in searches)
                   + " (every candidate and its score: `<run dir>/merged/merge.json`, plotted in "
                   "`merged/merge-search.png`)."]
-    lines += ["", "Samplers: " + "; ".join(sorted({e["sampler"] for e in found})) + ". Hardware: "
+    lines += ["", "Samplers: " + "; ".join(sorted({e["sampler"] for e in found if e["images"]})) + ". Hardware: "
               + "; ".join(sorted({e["hardware"] for e in found if e["hardware"]})), ""]
     lines += ["Commands (each run dir's exact `deme run`, from the repository root) and time per stage:", ""]
     seen = set()
@@ -207,6 +208,48 @@ def render(out: Path, found: list[dict], bench: dict) -> str:
         lines += [f"- `{e['run']}`: `{e['command'] or '?'}`",
                   f"  - seconds per stage, summed over {e['calls']} call(s): {stages or '?'}"]
     return "\n".join(lines) + "\n"
+
+
+def paired(table: list[dict], seeds: list, ref_label: str, key: str) -> dict:
+    """{row label: [model's value - the reference row's value, per seed (None where either is missing)]}: the same
+    seed's models share the sampling noise (image k from seed sample.seed + k), so these differences carry less
+    noise than the rows' own spread over seeds."""
+    by_label = {r["label"]: {e["seed"]: e for e in r["seeds"]} for r in table}
+    ref = next((v for label, v in by_label.items() if label.startswith(ref_label)), {})
+    out = {}
+    for label, by in by_label.items():
+        if label.startswith(ref_label):
+            continue
+        diffs = [by[s][key] - ref[s][key] if s in by and s in ref and by[s][key] is not None
+                 and ref[s][key] is not None else None for s in seeds]
+        if any(d is not None for d in diffs):
+            out[label] = diffs
+    return out
+
+
+def _paired_table(table: list[dict], seeds: list) -> list[str]:
+    cols = [("(a)", "fid", 1.0, 2), ("(b)", "fid", 1.0, 2), ("(a)", "kid", 1000.0, 2), ("(b)", "kid", 1000.0, 2)]
+    diffs = [paired(table, seeds, ref, key) for ref, key, _, _ in cols]
+    labels = [r["label"] for r in table if any(r["label"] in d for d in diffs)]
+    if not labels:
+        return []
+    s_cols = ", ".join(f"seed {s}" for s in seeds)
+    lines = ["", f"Paired differences (< 0: better): each row minus (a) the base, or minus (b) N = 1, on the same "
+                 f"seed, whose models start from the same sampling noise; per seed ({s_cols}), then mean ± spread. "
+                 f"A difference is beyond the seed spread when its mean is larger than its spread and both seeds "
+                 f"agree in sign.", "",
+             "| row | FID - (a) | FID - (b) | KID x1000 - (a) | KID x1000 - (b) |", "|---|---|---|---|---|"]
+    for label in labels:
+        cells = []
+        for (ref, key, scale, digits), d in zip(cols, diffs):
+            v = d.get(label)
+            if v is None:
+                cells.append("-")
+                continue
+            per = ", ".join(_fmt(None if x is None else x * scale, digits) for x in v)
+            cells.append(f"{per} ({_ms(v, digits, scale)})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _bins(found: list[dict]) -> int:

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
 # recipe name -> run it for seeds other than 0 too (every row of the table has two seeds)
-RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "n1-projection", "ablation-sampling", "ablation-consistency"]
+RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "ablation-sampling", "ablation-consistency", "n1-projection"]
 MAIN_RECIPES = ["n1-all-timesteps", "deme", "deme-searched"]     # rows (a)-(e); the others are Table 3's ablations
 DERIVED = {"deme-searched": "deme"}     # recipe -> the recipe whose range models it merges (copied, not retrained)
 # recipe -> models scored by the loss by timestep only (no samples, so no FID/KID): after its `deme run`, one
