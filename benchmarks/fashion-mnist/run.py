@@ -293,8 +293,8 @@ def main(argv=None) -> int:
                 rc = subprocess.call(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
             if rc == 0 and name in LOSS_ONLY:
                 models = tomllib.loads(recipe.read_text())["run"]["models"] + LOSS_ONLY[name]
-                eval_cmd = cmd[:3] + ["eval"] + cmd[4:] + ["--models", ",".join(models),
-                                                           "--set", 'eval.metrics=["loss"]']
+                eval_cmd = [("eval" if i == cmd.index("run") else c) for i, c in enumerate(cmd)]
+                eval_cmd += ["--models", ",".join(models), "--set", 'eval.metrics=["loss"]']
                 with open(run_dir / "deme-run.log", "a") as logf:
                     log("$ " + shlex.join(eval_cmd) + f"  > {logf.name}")
                     rc = subprocess.call(eval_cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
