@@ -15,9 +15,13 @@ def recipe_file(tmp_path, make_recipe):
 def _check(args, expect):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 2, r.output
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in r.output, r.output
+    # a clean exit, not an exception caught by the runner (which would carry its own exit code)
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
     lines = [l for l in r.output.strip().splitlines() if l.strip()]
-    assert lines[0].startswith("error:") and expect in " ".join(lines)
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output  # one sentence, nothing else
+    assert lines[0].rstrip()[-1] in ".?", lines[0]
+    assert expect in lines[0], (expect, lines[0])
     return r
 
 

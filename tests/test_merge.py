@@ -98,13 +98,15 @@ def test_hand_computed_merge_matches(setup, tiny_ddpm):
     recipe, run = setup()
     w = [0.1, -0.35, 0.8]
     merge.run_merge(recipe, run, weights=w)
-    got = _state(run.merged)
+    got = _hand_file_state(run.merged)                 # the files as written, read with safetensors only
+    want = _hand_merge(tiny_ddpm, [run.final(i) for i in range(N)], w)
     theta = _base_state(tiny_ddpm)
-    thetas = [_state(run.final(i)) for i in range(N)]
+    assert got.keys() == want.keys() == theta.keys()
     for k, t in theta.items():
-        want = t.double() + sum(wi * (th[k].double() - t.double()) for wi, th in zip(w, thetas))
-        assert torch.allclose(got[k].double(), want, rtol=0, atol=1e-6), k
+        assert torch.allclose(got[k].double(), want[k], rtol=0, atol=1e-6), k
         assert not torch.equal(got[k], t), k  # every tensor moved, projections included
+    assert torch.equal(models.load_model_folder(run.merged).state_dict()["unet.conv_in.weight"],
+                       got["unet.conv_in.weight"])
     info = json.loads((run.merged / "merge.json").read_text())
     assert info["weights"] == w and info["method"] == "task_arithmetic" and len(info["ranges"]) == N
     assert {r["base_hash"] for r in info["ranges"]} == {info["base"]["base_hash"]}
@@ -381,14 +383,29 @@ def test_search_finds_planted_optimum(setup, monkeypatch, strategy):
     assert on_disk["weights"] == PlantedObjective.TARGET
 
 
-def test_search_with_loss_objective(setup, tiny_images):
-    recipe, run = setup(merge={"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6})
+def test_search_with_loss_objective(setup, tiny_ddpm, heldout_images):
+    """The loss objective's value, per image and as the search logs it, equals the held-out loss computed by hand
+    (_hand_heldout_loss) for theta and for single range models."""
+    recipe, run = setup(merge={"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 6, "seed": 3})
     res = merge.run_merge(recipe, run, search=True)
     log = res["search"]
     assert log["objective"] == "loss" and log["num_images"] == 6 and log["evaluations"] == 8
     scores = {tuple(c["weights"]): c["score"] for c in log["candidates"]}
-    assert scores[(1.0, 0.0, 0.0)] > 0 and len(set(scores.values())) > 1
+    assert len(set(scores.values())) > 1
     assert log["best"]["score"] == min(scores.values())
+
+    theta = models.load_unet(tiny_ddpm).eval()
+    want, idx, t = _hand_heldout_loss(theta, heldout_images, 6, seed=3)
+    assert idx == [0, 2, 4, 7, 9, 11] and t == [83, 250, 416, 583, 750, 916]
+    assert scores[(0.0, 0.0, 0.0)] == pytest.approx(float(want.mean()), rel=1e-5)
+    objective = merge_search.LossObjective(recipe, run, merge.load_inputs(recipe, run))
+    assert objective.indices == idx and objective.held.t.tolist() == t
+    assert objective.losses(theta).tolist() == pytest.approx(want.tolist(), rel=1e-5)
+    for i, w in enumerate([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]):
+        model = models.load_model_folder(run.final(i)).eval()
+        want_i = _hand_heldout_loss(model, heldout_images, 6, seed=3)[0]
+        assert scores[w] == pytest.approx(float(want_i.mean()), rel=1e-5), w
+        assert objective(model) == pytest.approx(float(want_i.mean()), rel=1e-5), w
 
 
 def test_search_refuses_the_eval_reference_and_a_missing_reference(setup, tiny_images, heldout_images, capsys):
@@ -554,3 +571,126 @@ def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, mo
     log = merge.run_merge(recipe, run, search=True)["search"]
     assert seen == [(1000, 7), (1000, 7)]                       # theta and the one candidate
     assert log["num_images"] == 1000 and log["sampler"]["steps"] == 7
+
+
+# --- by hand: the search's fallback merger and its loss objective ------------------------------------------------
+
+def _hand_file_state(folder):
+    """A model folder's weights read with safetensors only, keyed like DemeModel.state_dict(); no projection file:
+    identity projections are filled in by _hand_merge."""
+    sd = {"unet." + k: v for k, v in load_file(str(folder / "unet" / models.UNET_WEIGHTS)).items()}
+    if (folder / models.PROJECTION_FILE).is_file():
+        sd.update({"projections." + k: v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
+    return sd
+
+
+def _hand_merge(pipe, folders, w):
+    """theta + sum_i w_i (theta_i - theta), float64, every tensor; projections' theta (and a missing range
+    projection) is the identity matrix."""
+    theta = {"unet." + k: v.double() for k, v in load_file(str(pipe / "unet" / models.UNET_WEIGHTS)).items()}
+    ranges = [_hand_file_state(f) for f in folders]
+    proj_keys = sorted({k for r in ranges for k in r if k.startswith("projections.")})
+    for k in proj_keys:
+        c = next(r[k] for r in ranges if k in r).shape[0]
+        theta[k] = torch.eye(c, dtype=torch.float64).view(c, c, 1, 1)
+    return {k: t + sum(wi * (r[k].double() - t) if k in r else 0.0 for wi, r in zip(w, ranges))
+            for k, t in theta.items()}
+
+
+@pytest.fixture(scope="module")
+def mixed_dir(tmp_path_factory, tiny_ddpm):
+    """Three range models, the middle one without projections (its projection task vector is 0)."""
+    root = tmp_path_factory.mktemp("mixed") / "run"
+    write_ranges(root, tiny_ddpm, projection=(True, False, True), seed=300)
+    return root
+
+
+@pytest.mark.parametrize("free", [1, 1 << 50], ids=["streaming-fallback", "in-memory"])
+def test_search_mergers_load_the_hand_merge_into_the_candidate(make_recipe, mixed_dir, tiny_ddpm, monkeypatch,
+                                                               capsys, free):
+    """The weight search's candidate merges, on the fallback path (task vectors too big for memory: each candidate
+    streamed from the files) and on the in-memory path, equal theta + sum_i w_i (theta_i - theta) computed here from
+    the safetensors files, on every tensor, also when candidates follow each other in the same model."""
+    monkeypatch.setattr(merge_search, "free_bytes", lambda device: free)
+    recipe = make_recipe(ranges={"n": N})
+    run = RunDir(mixed_dir)
+    inputs = merge.load_inputs(recipe, run)
+    merger = merge_search.make_merger(inputs, merge_methods.MergeSpec.from_recipe(recipe), torch.device("cpu"))
+    fallback = free == 1
+    assert isinstance(merger, merge.StreamingMerger if fallback else merge.CandidateMerger)
+    assert ("merged from disk instead" in " ".join(capsys.readouterr().err.split())) == fallback
+    model = merge.new_candidate_model(inputs)
+    folders = [run.final(i) for i in range(N)]
+    for w in ([0.3, -0.6, 1.2], [0.0, 0.0, 0.0], [0.0, 0.9, 0.4], [1.0, 0.0, 0.0]):
+        merger.load_into(model, w)
+        got, want = model.state_dict(), _hand_merge(tiny_ddpm, folders, w)
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.allclose(got[k].double(), want[k], rtol=0, atol=2e-6), (w, k)
+    assert any(k.startswith("projections.") for k in want)
+
+
+def test_search_fallback_scores_like_the_in_memory_search(setup, monkeypatch):
+    """A whole search with the task vectors forced out of memory logs the streaming merger and the same scores."""
+    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    recipe, run = setup(merge={"search": "scaled", "shapes": [[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]], "scales": [0.5, 1.0]})
+    fast = merge.run_merge(recipe, run, search=True)["search"]
+    monkeypatch.setattr(merge_search, "free_bytes", lambda device: 1)
+    slow = merge.run_merge(recipe, run, search=True, force=True)["search"]
+    assert fast["merges"] == merge.CandidateMerger.kind and slow["merges"] == merge.StreamingMerger.kind
+    assert [c["weights"] for c in slow["candidates"]] == [c["weights"] for c in fast["candidates"]]
+    assert [c["score"] for c in slow["candidates"]] == pytest.approx([c["score"] for c in fast["candidates"]],
+                                                                     rel=1e-5, abs=1e-9)
+    assert slow["best"]["weights"] == PlantedObjective.TARGET
+
+
+def _hand_heldout_loss(model, folder, n, seed, T=1000):
+    """The loss objective by hand: n images evenly spaced through the sorted folder (index round(k (len-1)/(n-1))),
+    noise torch.randn((n, 3, 16, 16)) seeded with merge.seed, t_k = floor((k + 1/2) T / n), x_t from alphas_cumprod
+    of the linear DDPM betas, squared error of the prediction against the noise: per-image means."""
+    import math
+
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(folder.glob("*.png"))
+    idx = [round(k * (len(files) - 1) / (n - 1)) for k in range(n)]
+    x0 = torch.from_numpy(np.stack([np.asarray(Image.open(files[i]).convert("RGB"), np.float32) / 127.5 - 1
+                                    for i in idx]).transpose(0, 3, 1, 2).copy())
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = [math.floor((k + 0.5) * T / n) for k in range(n)]
+    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
+    a = torch.tensor([math.sqrt(abar[s]) for s in t]).view(-1, 1, 1, 1)
+    b = torch.tensor([math.sqrt(1 - abar[s]) for s in t]).view(-1, 1, 1, 1)
+    x_t = (a * x0.double() + b * noise.double()).float()
+    with torch.no_grad():
+        pred = model(x_t, torch.tensor(t)).sample
+    return ((pred.double() - noise.double()) ** 2).flatten(1).mean(1), idx, t
+
+
+def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
+    """A range model saved as safetensors shards with an index (as diffusers saves big UNets) is streamed from all
+    its shards: the merged folder equals the hand merge computed from the unsharded weights."""
+    from safetensors.torch import save_file
+
+    recipe, run = setup()
+    folders = [run.final(i) for i in range(N)]
+    w = [0.4, 0.7, -0.2]
+    want = _hand_merge(tiny_ddpm, folders, w)
+    unet_dir = run.final(1) / "unet"
+    single = unet_dir / models.UNET_WEIGHTS
+    sd = load_file(str(single))
+    keys = sorted(sd)
+    shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
+              "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: sd[k] for k in ks}, str(unet_dir / name))
+    (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+    single.unlink()
+    assert merge.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    merge.run_merge(recipe, run, weights=w)
+    got = _hand_file_state(run.merged)
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k].double(), want[k], rtol=0, atol=1e-6), k

@@ -296,3 +296,207 @@ def test_cli_train_all_and_bad_range(make_recipe, tmp_path):
     assert [(r["range"], r["lo"], r["hi"], r["steps"]) for r in got] == [(0, 0, 500, 1), (1, 500, 1000, 1)]
     bad = CliRunner().invoke(app, ["train", str(path), "--range", "2"])
     assert bad.exit_code == 2 and "range 2 does not exist" in bad.output and "Traceback" not in bad.output
+
+
+# --- what the training step actually does, checked by hand ---------------------------------------------------------
+
+NARROW = Range(1, 400, 450)      # 5% of [0, 1000): a global draw rarely lands inside it
+
+
+def _record_timesteps(tr, monkeypatch) -> list:
+    """The timesteps of every micro-batch as the step uses them: the t that makes x_t (the scheduler's add_noise)
+    and the t the student's UNet is called with, checked to be the same tensor values."""
+    made, seen = [], []
+    real = tr.noise_scheduler.add_noise
+    monkeypatch.setattr(tr.noise_scheduler, "add_noise", lambda x0, noise, t: made.append(t.clone()) or real(x0, noise, t))
+    tr.unwrapped().unet.register_forward_pre_hook(lambda mod, args: seen.append(args[1].clone()))
+    return made, seen
+
+
+@pytest.mark.parametrize("sampling,antithetic,p,batch,accum,steps", [
+    ("per_sample", False, 0.3, 16, 4, 6),    # 384 independent coins: the in-range frequency
+    ("per_batch", True, 0.3, 2, 8, 8),       # 64 micro-batches, one coin each, antithetic pairs
+    ("per_batch", True, 0.0, 4, 5, 4),       # p = 0: every draw in the range
+])
+def test_trainer_draws_timesteps_by_eq6(make_recipe, tiny_ddpm, monkeypatch, sampling, antithetic, p, batch, accum,
+                                        steps):
+    """Eq. 6 inside the trainer: the timesteps the training step really uses (recorded at add_noise and at the UNet)
+    lie in the range with frequency 1 - p + p |range| / T and come from all of [0, T) otherwise; per_batch flips one
+    coin per micro-batch; antithetic pairs t with lo + hi - 1 - t (range) or T - 1 - t (global)."""
+    recipe = make_recipe(train={"batch_size": batch, "grad_accum": accum, "steps": steps, "ema": False},
+                         deme={"p": p, "sampling": sampling, "antithetic": antithetic, "consistency_weight": 0.0})
+    tr = RangeTrainer(recipe, NARROW, Path(tiny_ddpm), 1000)
+    made, seen = _record_timesteps(tr, monkeypatch)
+    lines = [tr.train_step() for _ in range(steps)]
+    assert len(made) == len(seen) == steps * accum
+    assert all(torch.equal(a, b) for a, b in zip(made, seen))
+    t = torch.stack(made).long()                                     # (micro-batches, batch)
+    inside = (t >= NARROW.lo) & (t < NARROW.hi)
+    assert int(t.min()) >= 0 and int(t.max()) < 1000
+    for k, line in enumerate(lines):                                 # the logged fraction is the used one
+        assert line["t_in_range_fraction"] == pytest.approx(float(inside[k * accum:(k + 1) * accum].float().mean()))
+    lo, hi, width = NARROW.lo, NARROW.hi, NARROW.hi - NARROW.lo
+    if p == 0.0:
+        assert bool(inside.all())
+        assert int(t.min()) < lo + 5 and int(t.max()) > hi - 6          # the whole range is drawn
+        return
+    outside = t[~inside]
+    if sampling == "per_sample":
+        n = t.numel()
+        expect = 1 - p + p * width / 1000
+        assert abs(float(inside.float().mean()) - expect) < 4 * (expect * (1 - expect) / n) ** 0.5   # 4 sd
+        mixed = (inside.any(1) & ~inside.all(1)).float().mean()
+        assert mixed > 0.5                                              # coins flipped per sample, not per batch
+        half = batch // 2
+        mirrored = ((t[:, :half] + t[:, half:]) == lo + hi - 1) | ((t[:, :half] + t[:, half:]) == 999)
+        assert float(mirrored.float().mean()) < 0.2                     # antithetic = false: no mirrored pairs
+    else:
+        pair = t.sum(1)
+        in_range_batch = inside.all(1) & (pair == lo + hi - 1)
+        global_batch = pair == 999
+        assert bool((in_range_batch ^ global_batch).all())             # one coin per micro-batch, antithetic pairs
+        frac = float(global_batch.float().mean())
+        assert abs(frac - p) < 4 * (p * (1 - p) / len(pair)) ** 0.5
+    # global draws cover [0, T): below and above the range in proportion to the room there (400 : 550)
+    below = float((outside < lo).float().mean())
+    assert abs(below - lo / (1000 - width)) < 0.15 and int(outside.min()) < 100 and int(outside.max()) > 900
+
+
+def _hand_abar(T: int = 1000):
+    import numpy as np
+
+    return torch.from_numpy(np.cumprod(1.0 - np.linspace(1e-4, 0.02, T)))
+
+
+def test_optimizer_step_is_eq5_by_hand_then_clipped_then_adamw(make_recipe, tiny_ddpm, monkeypatch):
+    """Three optimizer steps of 2 micro-batches each, checked against a computation done here from the micro-batches
+    the step used (x0, noise, t recorded at add_noise):
+    - the accumulated gradient is that of mean_micro [ ||eps - student(x_t, t)||^2 + lambda ||teacher(x_t, t) -
+      student(x_t, t)||^2 ] (Eq. 5, lambda = 0.5), x_t made by hand from alphas_cumprod, the teacher a fresh copy of
+      the pretrained UNet (frozen: the same at every step), then clipped to max_grad_norm; the logged losses and
+      grad_norm are these;
+    - the optimizer holds every student parameter (projections included) once, in one group, with the recipe's
+      AdamW settings, and its update is AdamW by hand (bias-corrected moments, decoupled weight decay, eps)."""
+    from diffusers import UNet2DModel
+
+    lam, clip, lr, b1, b2, eps, wd = 0.5, 0.05, 1e-3, 0.8, 0.9, 1e-3, 0.5
+    recipe = make_recipe(train={"batch_size": 2, "grad_accum": 2, "steps": 3, "lr": lr, "adam_beta1": b1,
+                                "adam_beta2": b2, "adam_eps": eps, "weight_decay": wd, "max_grad_norm": clip,
+                                "ema": False},
+                         deme={"consistency_weight": lam})
+    tr = _trainer(recipe, tiny_ddpm)
+    student = tr.unwrapped()
+    names = [n for n, _ in student.named_parameters()]
+    params = [p for _, p in student.named_parameters()]
+    assert any(n.startswith("projections.") for n in names)
+    opt = tr.optimizer.optimizer                                       # the torch optimizer under accelerate's wrapper
+    assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert [id(p) for p in group["params"]] == [id(p) for p in params]  # every parameter, once; no teacher weights
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (lr, (b1, b2), eps, wd)
+    assert not group["amsgrad"] and not group["maximize"]
+
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():                                              # student != teacher from the first step
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=gen) * 0.02)
+    teacher = UNet2DModel.from_pretrained(tiny_ddpm / "unet").eval().requires_grad_(False)
+    abar = _hand_abar()
+    micro = []
+    real = tr.noise_scheduler.add_noise
+    monkeypatch.setattr(tr.noise_scheduler, "add_noise",
+                        lambda x0, noise, t: micro.append((x0.clone(), noise.clone(), t.clone())) or real(x0, noise, t))
+    steps = []
+
+    def before(optimizer, args, kwargs):
+        losses = []
+        with torch.enable_grad():
+            total = 0.0
+            for x0, noise, t in micro[-2:]:
+                a = abar[t].sqrt().view(-1, 1, 1, 1)
+                b = (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+                x_t = (a * x0.double() + b * noise.double()).float()
+                pred = student(x_t, t).sample
+                with torch.no_grad():
+                    target = teacher(x_t, t).sample
+                d, c = ((pred - noise) ** 2).mean(), ((pred - target) ** 2).mean()
+                total = total + (d + lam * c) / 2
+                losses.append((float(d.detach()), float(c.detach())))
+            hand = torch.autograd.grad(total, params)
+        norm = float(torch.cat([g.reshape(-1) for g in hand]).double().norm())
+        coef = min(1.0, clip / (norm + 1e-6))
+        steps.append({"before": [p.detach().clone() for p in params], "grad": [p.grad.clone() for p in params],
+                      "hand": [g * coef for g in hand], "norm": norm, "losses": losses})
+    opt.register_step_pre_hook(before)
+    lines = [tr.train_step() for _ in range(3)]
+    after = [p.detach().clone() for p in params]
+
+    m = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    v = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    for k, (rec, line) in enumerate(zip(steps, lines), start=1):
+        got = torch.cat([g.reshape(-1) for g in rec["grad"]]).double()
+        want = torch.cat([g.reshape(-1) for g in rec["hand"]]).double()
+        assert rec["norm"] > 2 * clip                                  # clipping is active
+        assert float((got - want).norm() / want.norm()) < 1e-4, k      # Eq. 5 gradient, accumulated, clipped
+        assert float(got.norm()) == pytest.approx(clip, rel=1e-4)
+        assert line["grad_norm"] == pytest.approx(rec["norm"], rel=1e-4)
+        d = sum(x for x, _ in rec["losses"]) / 2
+        c = sum(y for _, y in rec["losses"]) / 2
+        assert (line["denoise_loss"], line["consistency_loss"]) == pytest.approx((d, c), rel=1e-4)
+        assert line["loss"] == pytest.approx(d + lam * c, rel=1e-4) and c > 1e-3
+        # AdamW by hand on the gradient the optimizer received
+        nxt = steps[k]["before"] if k < len(steps) else after
+        for i, (p0, g, p1) in enumerate(zip(rec["before"], rec["grad"], nxt)):
+            g = g.double()
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            step = (m[i] / (1 - b1 ** k)) / ((v[i] / (1 - b2 ** k)).sqrt() + eps)
+            want_p = p0.double() * (1 - lr * wd) - lr * step
+            assert torch.allclose(p1.double(), want_p, rtol=3e-7, atol=1e-8), (k, names[i])  # float32 rounding
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("constant", 3), ("linear", 0), ("linear", 3),
+                                             ("cosine", 0), ("cosine", 3)])
+def test_lr_schedule_and_warmup_act_on_the_optimizer(make_recipe, tiny_ddpm, schedule, warmup):
+    """The learning rate AdamW uses at each optimizer step (read when it steps) and the one logged follow the
+    schedule's formula, over train.steps optimizer steps (not micro-batches), with linear warm-up from 0."""
+    import math
+
+    lr, n = 2e-3, 8
+    recipe = make_recipe(train={"batch_size": 2, "grad_accum": 2, "steps": n, "lr": lr, "lr_schedule": schedule,
+                                "lr_warmup_steps": warmup, "ema": False}, deme={"consistency_weight": 0.0})
+    tr = _trainer(recipe, tiny_ddpm)
+    used = []
+    tr.optimizer.optimizer.register_step_pre_hook(lambda opt, a, k: used.append(opt.param_groups[0]["lr"]))
+    logged = [tr.train_step()["lr"] for _ in range(n)]
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return s / warmup
+        progress = (s - warmup) / (n - warmup)
+        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    want = [lr * factor(s) for s in range(n)]
+    assert used == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert logged == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert len(set(round(x, 12) for x in want)) > (1 if schedule != "constant" or warmup else 0)
+
+
+def test_trainer_ema_is_the_hand_average_of_the_weights_after_each_step(make_recipe, tiny_ddpm):
+    """EMA by hand over the raw weights after each optimizer step: update k has decay min(max, 1 - (1 + k)^-power)
+    with the recipe's max and power (0.6 and 0.6: the cap binds at k = 4), the first update copies; the final EMA
+    state is that average, for every parameter, projections included."""
+    recipe = make_recipe(train={"batch_size": 2, "steps": 5, "lr": 1e-2, "ema_max_decay": 0.6, "ema_power": 0.6},
+                         deme={"consistency_weight": 0.0})
+    tr = _trainer(recipe, tiny_ddpm)
+    shadow = None
+    for k in range(5):
+        tr.train_step()
+        raw = {n: p.detach().double().clone() for n, p in tr.unwrapped().named_parameters()}
+        d = min(0.6, 1 - (1 + k) ** -0.6)
+        shadow = raw if shadow is None else {n: d * shadow[n] + (1 - d) * raw[n] for n in raw}
+    assert tr.ema.updates == 5
+    _, ema = tr.final_states()
+    assert set(raw) <= set(ema) and any(n.startswith("projections.") for n in raw)
+    for n in raw:
+        assert torch.allclose(ema[n].double(), shadow[n], rtol=0, atol=1e-7), n
+    assert any(not torch.allclose(ema[n].double(), raw[n], atol=1e-6) for n in raw)   # the EMA lags the raw weights
