@@ -195,3 +195,222 @@ def test_cli_sample_json(make_recipe, tmp_path):
     assert out["num_images"] == 3 and out["generated"] == 3 and out["images_per_s"] > 0
     res = CliRunner().invoke(app, ["sample", str(path), "--model", "range:x"])
     assert res.exit_code == 2 and "Traceback" not in res.output
+
+
+# --- merged and ensemble samples against models built by hand from the run directory --------------------------------
+#
+# The reference side never calls deme: it reads the model folders with diffusers and safetensors, applies the
+# channel-wise projections itself (W @ h over the channels of the hidden states leaving every down block, the mid
+# block and every up block; the skips untouched: DESIGN.md section 1) and denoises with diffusers' own DDIMPipeline or
+# a loop over diffusers' DDIMScheduler. Range models get distinct random weights and far-from-identity projections, so
+# that a dropped projection or a model serving the wrong range changes most pixels, not a few.
+
+ENS_BOUNDS = [0, 250, 750, 1000]      # hand-written ranges.json; DDIM-4 steps t = 750, 500, 250, 0 hit every boundary
+PIXEL_TOL = 0.5 + 0.02                # engine uint8 vs 255 * reference float: rounding plus float-order noise
+
+
+def _projection_keys(config) -> dict:
+    """Projection weight names and channels from the UNet config: the spec's layout, written out by hand."""
+    boc = list(config.block_out_channels)
+    keys = {f"down.{j}.weight": c for j, c in enumerate(boc)}
+    keys["mid.0.weight"] = boc[-1]
+    keys.update({f"up.{j}.weight": c for j, c in enumerate(boc[::-1])})
+    return keys
+
+
+def _hand_model(folder):
+    """A model folder loaded without deme: diffusers' UNet2DModel, projection.safetensors applied by forward hooks
+    written here (einsum over channels; down blocks: the hidden states only, not the skip tuple)."""
+    import torch
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    W = {k: v[:, :, 0, 0] for k, v in load_file(str(folder / "projection.safetensors")).items()}
+    assert set(W) == set(_projection_keys(unet.config))
+
+    def proj(w):
+        return lambda h: torch.einsum("oc,bchw->bohw", w, h)
+
+    for j, block in enumerate(unet.down_blocks):
+        block.register_forward_hook(lambda m, a, out, p=proj(W[f"down.{j}.weight"]): (p(out[0]),) + tuple(out[1:]))
+    unet.mid_block.register_forward_hook(lambda m, a, out, p=proj(W["mid.0.weight"]): p(out))
+    for j, block in enumerate(unet.up_blocks):
+        block.register_forward_hook(lambda m, a, out, p=proj(W[f"up.{j}.weight"]): p(out))
+    return unet
+
+
+def _hand_ddim(pick, pipe, steps: int, seeds) -> np.ndarray:
+    """DDIM (eta 0) with diffusers' scheduler; `pick(t)` gives the UNet for step t. Images (N, H, W, C) in [0, 255]."""
+    import json
+
+    import torch
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(json.loads((pipe / "scheduler" / "scheduler_config.json").read_text()))
+    sched.set_timesteps(steps)
+    x = torch.cat([torch.randn((1, 3, 16, 16), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(pick(int(t))(x, t).sample, t, x).prev_sample
+    return ((x / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy()
+
+
+def _pngs(folder) -> np.ndarray:
+    from PIL import Image
+
+    from deme_cli.sample import existing_images
+
+    files = existing_images(folder)
+    return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
+
+
+def _assert_same_images(got: np.ndarray, want: np.ndarray) -> None:
+    """got (uint8 PNG values) = want (255 * a float image) to PIXEL_TOL; most values strictly inside (0, 255), so
+    the comparison is not one of saturated images."""
+    assert ((got > 0) & (got < 255)).mean() > 0.5
+    assert got.shape == want.shape
+    err = np.abs(got - want)
+    assert err.max() <= PIXEL_TOL, f"max |diff| {err.max():.2f}, {(err > 2).mean():.0%} of values off by more than 2"
+
+
+def _assert_other_images(got: np.ndarray, other: np.ndarray) -> None:
+    """Most values differ: what a wrong model would produce is far outside the tolerance."""
+    assert (np.abs(got - other) > 2).mean() > 0.2
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(tmp_path_factory, tiny_ddpm, tiny_images):
+    """A run directory written by hand after the contract (DESIGN.md section 3): ranges.json with uneven ranges and
+    ranges/<i>/final/ (unet/, projection.safetensors, deme.json) holding randomly perturbed UNets and projections."""
+    import json
+
+    import torch
+    from diffusers import UNet2DModel
+    from safetensors.torch import save_file
+
+    from deme_cli.models import unet_hash
+    from deme_cli.recipe import recipe_from_dict
+    from deme_cli.runs import RunDir
+
+    root = tmp_path_factory.mktemp("ensemble") / "run"
+    recipe = recipe_from_dict({
+        "name": "ens", "seed": 0, "model": {"pretrained": str(tiny_ddpm)},
+        "data": {"source": "imagefolder", "path": str(tiny_images), "resolution": 16},
+        "ranges": {"n": 3}, "merge": {"weights": [0.2, 0.3, 0.5]},
+        "sample": {"scheduler": "ddim", "steps": 4, "num_images": 5, "batch_size": 3, "seed": 11},
+        "output": {"dir": str(root)}})
+    run = RunDir(recipe.out_dir)
+    ranges = [{"index": i, "lo": lo, "hi": hi} for i, (lo, hi) in enumerate(zip(ENS_BOUNDS, ENS_BOUNDS[1:]))]
+    root.mkdir(parents=True)
+    (root / "ranges.json").write_text(json.dumps({"strategy": "hand-written", "T": 1000, "n": 3, "ranges": ranges}))
+    base = UNet2DModel.from_pretrained(tiny_ddpm / "unet")
+    base_hash = unet_hash(base)
+    for r in ranges:
+        i = r["index"]
+        unet = UNet2DModel.from_pretrained(tiny_ddpm / "unet")
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        proj = {k: (torch.eye(c) + 0.4 * torch.randn(c, c, generator=g) / c ** 0.5).view(c, c, 1, 1)
+                for k, c in _projection_keys(unet.config).items()}
+        folder = root / "ranges" / str(i) / "final"
+        unet.save_pretrained(folder / "unet")
+        save_file(proj, str(folder / "projection.safetensors"))
+        (folder / "deme.json").write_text(json.dumps({"export_format": 2, "weights": "ema", "range": r,
+                                                      "base_hash": base_hash}))
+    return recipe, run, ranges
+
+
+def test_ensemble_samples_equal_a_hand_loop_routing_each_step_by_range(ensemble_run, tiny_ddpm):
+    """`deme sample --model ensemble` on a run dir: every image equals DDIM run by hand with, at step t, the model of
+    the range whose [lo, hi) holds t (uneven ranges; t = 750, 500, 250, 0 sit on the boundaries)."""
+    from deme_cli.sample import run_sample
+
+    recipe, run, ranges = ensemble_run
+    out = run_sample(recipe, run, "ensemble", force=True)
+    got = _pngs(run.samples("ensemble"))
+    models = [_hand_model(run.final(r["index"])) for r in ranges]
+
+    def router(members, holds=lambda t, r: r["lo"] <= t < r["hi"]):
+        return lambda t: next(m for m, r in zip(members, ranges) if holds(t, r))
+
+    seeds = [11 + k for k in range(5)]
+    _assert_same_images(got, _hand_ddim(router(models), tiny_ddpm, 4, seeds))
+    assert out["model_info"]["calls_per_range"] == [1 * 2, 2 * 2, 1 * 2]     # per batch: 0 | 500, 250 | 750
+    # the comparison can tell the models apart: reversed order, or t = hi counted in (off by one), give other images
+    _assert_other_images(got, _hand_ddim(router(models[::-1]), tiny_ddpm, 4, seeds))
+    _assert_other_images(got, _hand_ddim(router(models, lambda t, r: r["lo"] <= t <= r["hi"]), tiny_ddpm, 4, seeds))
+
+
+def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_hand(ensemble_run, tiny_ddpm):
+    """`deme sample --model merged`: the images equal diffusers' DDIMPipeline on merged/unet with merged/'s
+    projection.safetensors applied by hand; without the projections most pixels change."""
+    import torch
+    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+
+    from deme_cli.merge import run_merge
+    from deme_cli.sample import run_sample
+
+    recipe, run, _ = ensemble_run
+    run_merge(recipe, run)
+    run_sample(recipe, run, "merged", force=True)
+    got = _pngs(run.samples("merged"))
+    sched = DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler")
+
+    def pipeline_images(unet):
+        pipe = DDIMPipeline(unet=unet, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(11 + k) for k in range(5)]
+        return pipe(batch_size=5, generator=gens, num_inference_steps=4, eta=0.0, output_type="np").images * 255
+
+    _assert_same_images(got, pipeline_images(_hand_model(run.merged)))
+    # the projections matter in this model: diffusers' UNet alone gives other images
+    _assert_other_images(got, pipeline_images(UNet2DModel.from_pretrained(run.merged / "unet").eval()))
+
+
+# --- resume: the images made after an interruption are the images of an uninterrupted run --------------------------
+
+def test_resumed_samples_equal_uninterrupted_ones(make_recipe, tmp_path, monkeypatch):
+    """Sample 7 images uninterrupted (A). Sample them again (B), interrupted after the 5th PNG (the second batch of 3
+    has 2 images written), then lose image 1 too and leave a truncated temporary file where a crash leaves one;
+    re-running B makes exactly the missing images, and every PNG of B has A's bytes. DDPM draws noise at every step,
+    so an image made with another image's seed, or in another position, shows."""
+    from deme_cli import sample
+    from deme_cli.runs import RunDir, read_json
+    from deme_cli.sample import existing_images, run_sample
+
+    settings = {"scheduler": "ddpm", "steps": 5, "num_images": 7, "batch_size": 3, "seed": 21}
+    a = make_recipe(sample=settings, output={"dir": str(tmp_path / "A")})
+    b = make_recipe(sample=settings, output={"dir": str(tmp_path / "B")})
+    run_sample(a, RunDir(a.out_dir), "base")
+    folder_a, folder_b = RunDir(a.out_dir).samples("base"), RunDir(b.out_dir).samples("base")
+
+    real, saved = sample._save_png, []
+
+    def crash_after_five(path, img, size):
+        if len(saved) == 5:
+            raise KeyboardInterrupt
+        real(path, img, size)
+        saved.append(path.name)
+
+    monkeypatch.setattr(sample, "_save_png", crash_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_sample(b, RunDir(b.out_dir), "base")
+    monkeypatch.setattr(sample, "_save_png", real)
+    assert sorted(existing_images(folder_b)) == [0, 1, 2, 3, 4]
+    assert read_json(folder_b / "samples.json")["complete"] is False
+    (folder_b / "000001.png").unlink()
+    (folder_b / ".000005.png.tmp").write_bytes((folder_a / "000005.png").read_bytes()[:40])
+    kept = {k: p.stat().st_mtime_ns for k, p in existing_images(folder_b).items()}
+
+    out = run_sample(b, RunDir(b.out_dir), "base")
+    assert (out["generated"], out["skipped"], out["complete"]) == (3, 4, True)    # images 1, 5, 6
+    have_a, have_b = existing_images(folder_a), existing_images(folder_b)
+    assert sorted(have_b) == sorted(have_a) == list(range(7))
+    assert all(have_b[k].stat().st_mtime_ns == kept[k] for k in kept)             # kept images are not rewritten
+    for k in range(7):
+        assert have_b[k].read_bytes() == have_a[k].read_bytes(), f"image {k} differs from the uninterrupted run's"
+    assert len({have_a[k].read_bytes() for k in range(7)}) == 7
+    assert not list(folder_b.glob(".*.tmp"))
