@@ -44,6 +44,22 @@ def write_shapes(folder: Path, n: int, size: int, seed: int = 0) -> Path:
     return folder
 
 
+def hand_alphas_cumprod(T: int = 1000) -> np.ndarray:
+    """The tiny pipelines' DDPM schedule by hand (Ho et al. 2020: beta linear from 1e-4 to 0.02), float64:
+    abar_t = prod_{s <= t} (1 - beta_s). Tests build x_t from it instead of asking the scheduler under test."""
+    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, T, dtype=np.float64))
+
+
+def read_pngs(folder: Path) -> np.ndarray:
+    """The numbered PNGs of a sample folder, in index order, as one float64 array (n, H, W, 3) of 0..255."""
+    from PIL import Image
+
+    from deme_cli.sample import existing_images
+
+    files = existing_images(folder)
+    return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
+
+
 def build_ddpm(folder: Path, **overrides) -> Path:
     """Save a tiny DDPM pipeline (UNet2DModel + DDPMScheduler, T = 1000) with random weights."""
     import torch

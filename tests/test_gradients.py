@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import hand_alphas_cumprod
 from deme_cli import gradients as G
 from deme_cli.errors import UsageError
 
@@ -183,12 +184,6 @@ def test_analyze_gradients_text_to_image(tiny_sd, tmp_path):
     assert res["settings"]["conditioning"] == ["encoder_hidden_states"]
 
 
-def _hand_abar(T: int = 1000):
-    """alphas_cumprod of the tiny pipeline's DDPM schedule (linear betas 1e-4 .. 0.02), computed here by hand."""
-    betas = np.linspace(1e-4, 0.02, T, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
-
-
 def _hand_images(folder, indices):
     """The PNGs of `folder` (sorted names) at `indices` as a (n, 3, H, W) tensor in [-1, 1], read with PIL only."""
     from PIL import Image
@@ -218,7 +213,7 @@ def test_matrix_is_the_cosine_of_hand_computed_gradients_per_bin(make_recipe, ti
     params = [p for p in unet.parameters()]
     x0 = _hand_images(tiny_images, images)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(3))
-    abar = _hand_abar()
+    abar = hand_alphas_cumprod()
     rows, losses, norms = [], [], []
     for t in (124, 374, 624, 874):
         x_t = (math.sqrt(abar[t]) * x0.double() + math.sqrt(1 - abar[t]) * noise.double()).float()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import hand_alphas_cumprod
 from deme_cli import merge, merge_methods, merge_search, models
 from deme_cli.errors import UsageError
 from deme_cli.runs import RunDir
@@ -661,7 +662,7 @@ def _hand_heldout_loss(model, folder, n, seed, T=1000):
                                     for i in idx]).transpose(0, 3, 1, 2).copy())
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
     t = [math.floor((k + 0.5) * T / n) for k in range(n)]
-    abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, T))
+    abar = hand_alphas_cumprod(T)
     a = torch.tensor([math.sqrt(abar[s]) for s in t]).view(-1, 1, 1, 1)
     b = torch.tensor([math.sqrt(1 - abar[s]) for s in t]).view(-1, 1, 1, 1)
     x_t = (a * x0.double() + b * noise.double()).float()

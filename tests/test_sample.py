@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import read_pngs
 from deme_cli.errors import UsageError
 
 
@@ -256,15 +257,6 @@ def _hand_ddim(pick, pipe, steps: int, seeds) -> np.ndarray:
     return ((x / 2 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).numpy()
 
 
-def _pngs(folder) -> np.ndarray:
-    from PIL import Image
-
-    from deme_cli.sample import existing_images
-
-    files = existing_images(folder)
-    return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
-
-
 def _assert_same_images(got: np.ndarray, want: np.ndarray) -> None:
     """got (uint8 PNG values) = want (255 * a float image) to PIXEL_TOL; most values strictly inside (0, 255), so
     the comparison is not one of saturated images."""
@@ -330,7 +322,7 @@ def test_ensemble_samples_equal_a_hand_loop_routing_each_step_by_range(ensemble_
 
     recipe, run, ranges = ensemble_run
     out = run_sample(recipe, run, "ensemble", force=True)
-    got = _pngs(run.samples("ensemble"))
+    got = read_pngs(run.samples("ensemble"))
     models = [_hand_model(run.final(r["index"])) for r in ranges]
 
     def router(members, holds=lambda t, r: r["lo"] <= t < r["hi"]):
@@ -356,7 +348,7 @@ def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_han
     recipe, run, _ = ensemble_run
     run_merge(recipe, run)
     run_sample(recipe, run, "merged", force=True)
-    got = _pngs(run.samples("merged"))
+    got = read_pngs(run.samples("merged"))
     sched = DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler")
 
     def pipeline_images(unet):

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import hand_alphas_cumprod
 from deme_cli.errors import UsageError
 from deme_cli.ranges import affinity_split, contiguous_clusters, interval_scores, split
 
@@ -82,14 +83,11 @@ def test_affinity_bad_input():
         split("affinity", 1000, 2, matrix=S, edges=[0, 10, 20, 30, 40])
 
 
-def _linear_abar(T=1000):
-    betas = np.linspace(1e-4, 0.02, T)
-    return np.cumprod(1 - betas)
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8, 1000])
 def test_snr_split_monotone_covering_and_balanced(n):
-    abar = _linear_abar()
+    abar = hand_alphas_cumprod()
     ranges, info = split("snr", 1000, n, alphas_cumprod=abar)
     bounds = [r.lo for r in ranges] + [ranges[-1].hi]
     assert bounds[0] == 0 and bounds[-1] == 1000 and len(ranges) == n and all(np.diff(bounds) > 0)

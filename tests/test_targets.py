@@ -15,6 +15,8 @@ import shutil
 import numpy as np
 import pytest
 
+from conftest import hand_alphas_cumprod, read_pngs
+
 PIXEL_TOL = 0.5 + 0.02         # engine uint8 vs 255 * the reference's float image: rounding plus float-order noise
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -30,15 +32,6 @@ def pipelines(tmp_path_factory, tiny_ddpm) -> dict:
         f.write_text(json.dumps({**json.loads(f.read_text()), "prediction_type": kind}))
         out[kind] = folder
     return out
-
-
-def _pngs(folder) -> np.ndarray:
-    from PIL import Image
-
-    from deme_cli.sample import existing_images
-
-    files = existing_images(folder)
-    return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
 
 
 def _reference(scheduler: str, pipe, steps: int, seeds: list, prediction_type: str) -> np.ndarray:
@@ -81,7 +74,7 @@ def test_sample_equals_diffusers_for_scheduler_and_prediction_type(make_recipe, 
                          sample={"scheduler": scheduler, "steps": steps, "num_images": 5, "batch_size": 2, "seed": 40})
     run = RunDir(recipe.out_dir)
     run_sample(recipe, run, "base")
-    got = _pngs(run.samples("base"))
+    got = read_pngs(run.samples("base"))
     want = _reference(scheduler, pipe, steps, seeds, prediction_type)
     if (scheduler, prediction_type) != ("pndm", "epsilon"):     # that one saturates: see the test below
         assert ((got > 0) & (got < 255)).mean() > 0.5                # not a comparison of saturated images
@@ -120,11 +113,6 @@ def test_pndm_epsilon_loop_equals_diffusers_scheduler_before_clamping(pipelines)
     assert np.abs(got - want).max() <= PIXEL_TOL
 
 
-def _hand_alphas_cumprod() -> np.ndarray:
-    """DDPM's default linear schedule (Ho et al. 2020): beta from 1e-4 to 0.02, T = 1000, abar_t = prod(1 - beta)."""
-    return np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))
-
-
 def _hand_target(kind: str, x0, eps, abar):
     return {"epsilon": eps, "v_prediction": abar.sqrt() * eps - (1 - abar).sqrt() * x0, "sample": x0}[kind]
 
@@ -150,7 +138,7 @@ def test_training_loss_uses_the_target_of_the_prediction_type(make_recipe, pipel
     reported = RangeTrainer(recipe, rng, pipe, 1000).train_step()["denoise_loss"]
     x0, kwargs, t, eps = next(RangeTrainer(recipe, rng, pipe, 1000)._micro_batches([0, 0]))
     assert not kwargs
-    abar = torch.from_numpy(_hand_alphas_cumprod()[t.numpy()]).view(-1, 1, 1, 1)
+    abar = torch.from_numpy(hand_alphas_cumprod()[t.numpy()]).view(-1, 1, 1, 1)
     x0_, eps_ = x0.double(), eps.double()
     x_t = (abar.sqrt() * x0_ + (1 - abar).sqrt() * eps_).float()
     unet = UNet2DModel.from_pretrained(pipe / "unet").eval()

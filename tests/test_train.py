@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import hand_alphas_cumprod
 from deme_cli import models
 from deme_cli.errors import UsageError
 from deme_cli.ranges import Range
@@ -362,12 +363,6 @@ def test_trainer_draws_timesteps_by_eq6(make_recipe, tiny_ddpm, monkeypatch, sam
     assert abs(below - lo / (1000 - width)) < 0.15 and int(outside.min()) < 100 and int(outside.max()) > 900
 
 
-def _hand_abar(T: int = 1000):
-    import numpy as np
-
-    return torch.from_numpy(np.cumprod(1.0 - np.linspace(1e-4, 0.02, T)))
-
-
 def test_optimizer_step_is_eq5_by_hand_then_clipped_then_adamw(make_recipe, tiny_ddpm, monkeypatch):
     """Three optimizer steps of 2 micro-batches each, checked against a computation done here from the micro-batches
     the step used (x0, noise, t recorded at add_noise):
@@ -401,7 +396,7 @@ def test_optimizer_step_is_eq5_by_hand_then_clipped_then_adamw(make_recipe, tiny
         for p in params:
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
     teacher = UNet2DModel.from_pretrained(tiny_ddpm / "unet").eval().requires_grad_(False)
-    abar = _hand_abar()
+    abar = torch.from_numpy(hand_alphas_cumprod())
     micro = []
     real = tr.noise_scheduler.add_noise
     monkeypatch.setattr(tr.noise_scheduler, "add_noise",
