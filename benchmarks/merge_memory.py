@@ -36,15 +36,15 @@ def rss_kib():
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
 import torch, diffusers, safetensors.torch
-from deme_cli.recipe import recipe_from_dict
-from deme_cli.runs import RunDir
+from deme_cli.engine.recipe import recipe_from_dict
+from deme_cli.engine.runs import RunDir
 floor = rss_kib()
 from pathlib import Path
 mode, base, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 weights = json.loads(sys.argv[4])
 t0 = time.time()
 if mode == "streaming":
-    from deme_cli.merge import run_merge
+    from deme_cli.engine.merge import run_merge
     recipe = recipe_from_dict({"name": "bench", "model": {"pretrained": base}, "data": {"path": str(root)},
                                "ranges": {"n": len(weights)}, "output": {"dir": str(root)}})
     run_merge(recipe, RunDir(root), weights=weights, force=True)
@@ -67,8 +67,8 @@ def build(workdir: Path) -> tuple[Path, Path, int, int]:
     import torch
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
-    from deme_cli import models
-    from deme_cli.runs import RunDir
+    from deme_cli.engine import models
+    from deme_cli.engine.runs import RunDir
 
     torch.manual_seed(0)
     unet = UNet2DModel(**CHURCH)

@@ -53,7 +53,7 @@ def eager_autocast(model, dev, batch: int, steps: int, batches: int, precision: 
 
 def deme_generate(model, dev, batch: int, steps: int, batches: int, precision: str, compile_: bool):
     """denoise.generate_batches, as `deme sample` calls it: (warm-up seconds, timed seconds)."""
-    from deme_cli.denoise import UNetDenoiser, generate_batches
+    from deme_cli.engine.denoise import UNetDenoiser, generate_batches
 
     seeds = list(range(batch * (1 + batches)))
     it = generate_batches(UNetDenoiser(model), "ddim", steps, seeds, scheduler_config={"num_train_timesteps": 1000},
@@ -82,7 +82,7 @@ def main() -> None:
 
     import torch
 
-    from deme_cli.denoise import resolve_precision
+    from deme_cli.engine.denoise import resolve_precision
 
     dev = bench_device(args.device, args.threads)
     batch = args.batch or (8 if args.quick else 1024)

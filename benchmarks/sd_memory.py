@@ -45,7 +45,7 @@ def parameter_counts(unet_config: dict) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
-    from deme_cli.models import projection_channels
+    from deme_cli.engine.models import projection_channels
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**unet_config)
@@ -73,8 +73,8 @@ def one_step(arch: str, batch: int, resolution_latent: int, checkpointing: bool,
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from deme_cli.models import wrap
-    from deme_cli.train import EMA, deme_loss
+    from deme_cli.engine.models import wrap
+    from deme_cli.engine.train import EMA, deme_loss
 
     unet_cfg, (tokens, width) = ARCHS[arch]
     dev = torch.device(device)
@@ -174,7 +174,7 @@ def main() -> None:
 
     import torch
 
-    from deme_cli.recipe import load_recipe
+    from deme_cli.engine.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     unet_cfg, _ = ARCHS[args.arch]

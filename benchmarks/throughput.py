@@ -127,8 +127,8 @@ def authors_step(cfg, dev, batch, ema: bool):
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from deme_cli.models import wrap
-    from deme_cli.ranges import sample_timesteps
+    from deme_cli.engine.models import wrap
+    from deme_cli.engine.ranges import sample_timesteps
 
     cuda = dev.type == "cuda"
     unet = _unet(cfg, dev)
@@ -208,9 +208,9 @@ def ours_step(cfg, dev, batch, workdir: Path, data: str, compile_: str):
     from diffusers import DDPMPipeline, DDPMScheduler
     from PIL import Image
 
-    from deme_cli.ranges import Range
-    from deme_cli.recipe import recipe_from_dict
-    from deme_cli.train import RangeTrainer
+    from deme_cli.engine.ranges import Range
+    from deme_cli.engine.recipe import recipe_from_dict
+    from deme_cli.engine.train import RangeTrainer
 
     res = cfg["sample_size"]
     pipe, images = workdir / "pipe", workdir / "images"

@@ -54,9 +54,9 @@ def main() -> None:
     import torch.nn.functional as F
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from deme_cli.ranges import sample_timesteps
-    from deme_cli.recipe import TrainSection
-    from deme_cli.train import make_accelerator, make_student, make_teacher, optimizer_step
+    from deme_cli.engine.ranges import sample_timesteps
+    from deme_cli.engine.recipe import TrainSection
+    from deme_cli.engine.train import make_accelerator, make_student, make_teacher, optimizer_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

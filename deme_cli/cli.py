@@ -11,8 +11,8 @@ from typing import Callable, List, Optional
 
 import typer
 
-from . import ui
-from .errors import UsageError
+from .engine import ui
+from .engine.errors import UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Decouple-then-Merge (DeMe) finetuning of diffusion models. Every command takes a recipe "
@@ -32,7 +32,7 @@ class Ctx:
     """What every command gets: the validated recipe, its run directory, and the output flags."""
 
     def __init__(self, recipe, as_json: bool, force: bool):
-        from .runs import RunDir
+        from .engine.runs import RunDir
 
         self.recipe = recipe
         self.run = RunDir(recipe.out_dir)
@@ -43,8 +43,8 @@ class Ctx:
 def _prepare(recipe_path: Path, sets: Optional[List[str]], out: Optional[Path], dry_run: bool, as_json: bool,
              force: bool = False) -> Optional[Ctx]:
     """Load and validate the recipe; on --dry-run print it and return None; else create the run dir."""
-    from .recipe import load_recipe
-    from .runs import ensure_writable, write_atomic
+    from .engine.recipe import load_recipe
+    from .engine.runs import ensure_writable, write_atomic
 
     recipe = load_recipe(recipe_path, sets, str(out) if out is not None else None)
     if dry_run:
@@ -90,7 +90,7 @@ def split(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, sets, out, dry_run, as_json)
         if ctx is None:
             return
-        from .splitting import run_split
+        from .engine.splitting import run_split
 
         result = run_split(ctx.recipe, ctx.run, force=force)
         if as_json:
@@ -141,7 +141,7 @@ def train(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .train import train_ranges
+        from .engine.train import train_ranges
 
         results = train_ranges(ctx.recipe, ctx.run, None if all_ else range_, force=force)
         if not _main_process():
@@ -157,9 +157,9 @@ def train(recipe: Path = RecipeArg,
 def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force: bool, launcher: str, gpus: str,
                     gpus_per_range: int, emit: bool, slurm_options: list[str]) -> None:
     """`deme train --all --launcher local | slurm`: the ranges as separate jobs (launch.py)."""
-    from . import launch
-    from .recipe import load_recipe
-    from .runs import RunDir
+    from .engine import launch
+    from .engine.recipe import load_recipe
+    from .engine.runs import RunDir
 
     if dry_run:  # the resolved recipe, then what would be started or written
         resolved = load_recipe(recipe, set_, str(out) if out is not None else None)
@@ -216,9 +216,9 @@ def merge(recipe: Path = RecipeArg,
     def body():
         if processes < 1 or (processes > 1 and not search):
             raise UsageError("--processes scores the candidates of --search and must be at least 1")
-        from .merge import parse_weights, resolve_weights
-        from .merge_methods import MERGE_METHODS
-        from .recipe import load_recipe
+        from .engine.merge import parse_weights, resolve_weights
+        from .engine.merge_methods import MERGE_METHODS
+        from .engine.recipe import load_recipe
 
         if method is not None and method not in MERGE_METHODS:
             raise UsageError(f"unknown merge method '{method}' (known: {', '.join(MERGE_METHODS)})")
@@ -229,7 +229,7 @@ def merge(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, sets, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .merge import run_merge
+        from .engine.merge import run_merge
 
         result = run_merge(ctx.recipe, ctx.run, search=search, force=force, processes=processes, gpus=gpus)
         if as_json:
@@ -265,8 +265,8 @@ def sample(recipe: Path = RecipeArg,
     Re-running skips images already written with the same settings; --force regenerates them. Under
     `accelerate launch --num_processes P` the P processes share the images as --processes P does."""
     def body():
-        from .model_specs import parse_model_spec
-        from .sample import Shard
+        from .engine.model_specs import parse_model_spec
+        from .engine.sample import Shard
 
         parse_model_spec(model)
         if processes < 1:
@@ -275,7 +275,7 @@ def sample(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .sample import run_sample
+        from .engine.sample import run_sample
 
         r = run_sample(ctx.recipe, ctx.run, model, force=force, processes=processes, gpus=gpus, shard=part)
         if not _main_process():
@@ -315,7 +315,7 @@ def eval_(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .metrics import run_eval
+        from .engine.metrics import run_eval
 
         r = run_eval(ctx.recipe, ctx.run, names, allow_fewer=allow_fewer, force=force)
         if as_json:
@@ -373,7 +373,7 @@ def analyze_gradients(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .gradients import analyze_gradients as analyze
+        from .engine.gradients import analyze_gradients as analyze
 
         result = analyze(ctx.recipe, ctx.run, bins=bins, timesteps=timesteps, params=params, method=method,
                          sketch_dim=sketch_dim, batch_size=batch_size, force=force)
@@ -403,7 +403,7 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .pipeline import run_pipeline
+        from .commands.pipeline import run_pipeline
 
         r = run_pipeline(ctx.recipe, ctx.run, force=force,
                          on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"))

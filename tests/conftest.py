@@ -54,7 +54,7 @@ def read_pngs(folder: Path) -> np.ndarray:
     """The numbered PNGs of a sample folder, in index order, as one float64 array (n, H, W, 3) of 0..255."""
     from PIL import Image
 
-    from deme_cli.sample import existing_images
+    from deme_cli.engine.sample import existing_images
 
     files = existing_images(folder)
     return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
@@ -90,7 +90,7 @@ def heldout_images(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_recipe(tmp_path, tiny_ddpm, tiny_images):
     """make_recipe(**sections) -> a validated Recipe for the tiny DDPM; sections override the defaults below."""
-    from deme_cli.recipe import recipe_from_dict
+    from deme_cli.engine.recipe import recipe_from_dict
 
     def make(**sections):
         base = {

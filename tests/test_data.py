@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from deme_cli.data import EpochBatches, augment_rng, build_dataset, epoch_permutation, to_tensor
-from deme_cli.errors import UsageError
+from deme_cli.engine.data import EpochBatches, augment_rng, build_dataset, epoch_permutation, to_tensor
+from deme_cli.engine.errors import UsageError
 
 
 def _recipe(make_recipe, **data):

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deme_cli import models
-from deme_cli.errors import UsageError
-from deme_cli.runs import RunDir
-from deme_cli.train import train_ranges
+from deme_cli.engine import models
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.runs import RunDir
+from deme_cli.engine.train import train_ranges
 
 
 def _unet_and_projection(folder: Path) -> tuple[dict, dict]:
@@ -76,8 +76,8 @@ def _legacy_export(run: RunDir, i: int) -> None:
 
 
 def test_a_legacy_final_is_refused_by_merge_and_sample_and_reexported_by_train(trained, capsys):
-    from deme_cli.merge import run_merge
-    from deme_cli.sample import run_sample
+    from deme_cli.engine.merge import run_merge
+    from deme_cli.engine.sample import run_sample
 
     recipe, run = trained
     train_ranges(recipe, run, 1)
@@ -110,7 +110,7 @@ def test_a_legacy_final_is_refused_by_merge_and_sample_and_reexported_by_train(t
 def test_a_legacy_final_without_its_checkpoint_asks_for_a_retrain(trained):
     import shutil
 
-    from deme_cli.merge import run_merge
+    from deme_cli.engine.merge import run_merge
 
     recipe, run = trained
     _legacy_export(run, 0)

@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import hand_alphas_cumprod
-from deme_cli import gradients as G
-from deme_cli.errors import UsageError
+from deme_cli.engine import gradients as G
+from deme_cli.engine.errors import UsageError
 
 
 def test_bin_grid_and_explicit_grid():
@@ -40,7 +40,7 @@ def test_cosine_matrix_properties():
 
 @pytest.fixture(scope="module")
 def tiny_unet(tiny_ddpm):
-    from deme_cli.models import load_unet
+    from deme_cli.engine.models import load_unet
 
     return load_unet(tiny_ddpm).eval()
 
@@ -107,7 +107,7 @@ def test_sketches_on_planted_vectors():
 
 
 def test_analyze_gradients_outputs_and_reuse(make_recipe):
-    from deme_cli.runs import RunDir
+    from deme_cli.engine.runs import RunDir
 
     recipe = make_recipe()
     run = RunDir(recipe.out_dir)
@@ -170,8 +170,8 @@ def test_cli_json_summary(make_recipe, tmp_path):
 
 def test_analyze_gradients_text_to_image(tiny_sd, tmp_path):
     """Stable Diffusion: VAE latents and caption embeddings, as in training; the matrix has the same properties."""
-    from deme_cli.recipe import recipe_from_dict
-    from deme_cli.runs import RunDir
+    from deme_cli.engine.recipe import recipe_from_dict
+    from deme_cli.engine.runs import RunDir
 
     recipe = recipe_from_dict({"name": "sd", "model": {"pretrained": str(tiny_sd["pipeline"])},
                                "data": {"source": "imagefolder", "path": str(tiny_sd["images"]), "resolution": 16,
@@ -199,7 +199,7 @@ def test_matrix_is_the_cosine_of_hand_computed_gradients_per_bin(make_recipe, ti
     hand from alphas_cumprod, each bin at its own timestep, the UNet loaded straight with diffusers."""
     from diffusers import UNet2DModel
 
-    from deme_cli.runs import RunDir
+    from deme_cli.engine.runs import RunDir
 
     recipe = make_recipe(seed=3)
     run = RunDir(recipe.out_dir)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deme_cli import launch
+from deme_cli.engine import launch
 from deme_cli.cli import app
-from deme_cli.errors import UsageError
-from deme_cli.runs import RunDir
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.runs import RunDir
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -130,7 +130,7 @@ def test_one_range_data_parallel_under_torchrun(make_recipe, tmp_path):
 
 
 def test_sampling_with_2_processes_is_bit_identical_to_one(make_recipe, tmp_path, monkeypatch):
-    from deme_cli.sample import existing_images, run_sample
+    from deme_cli.engine.sample import existing_images, run_sample
 
     common = dict(sample={"num_images": 5, "batch_size": 2, "steps": 3})
     one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
@@ -160,7 +160,7 @@ def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, ti
 
     import torch
 
-    from deme_cli import merge
+    from deme_cli.engine import merge
     from test_merge import N, write_ranges
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")              # the same thread count in every process

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from deme_cli import models
-from deme_cli.errors import UsageError
-from deme_cli.metrics import run_eval
-from deme_cli.runs import RunDir
-from deme_cli.train import train_ranges
+from deme_cli.engine import models
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.metrics import run_eval
+from deme_cli.engine.runs import RunDir
+from deme_cli.engine.train import train_ranges
 
 BINS = 10
 
@@ -22,8 +22,8 @@ BINS = 10
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_ddpm, tiny_images, heldout_images):
     """Two ranges, 3 steps each at a large lr (so every model differs from the base), and a uniform merge."""
-    from deme_cli.merge import run_merge
-    from deme_cli.recipe import recipe_from_dict
+    from deme_cli.engine.merge import run_merge
+    from deme_cli.engine.recipe import recipe_from_dict
 
     root = tmp_path_factory.mktemp("lossrun") / "run"
     recipe = recipe_from_dict({

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import hand_alphas_cumprod
-from deme_cli import merge, merge_methods, merge_search, models
-from deme_cli.errors import UsageError
-from deme_cli.runs import RunDir
-from deme_cli.safetensors_stream import TensorFileReader, TensorFileWriter
+from deme_cli.engine import merge, merge_methods, merge_search, models
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.runs import RunDir
+from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
 
 N = 3
 
@@ -240,7 +240,7 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
 def test_tensor_file_writer_roundtrip(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2, 2).bfloat16(),
                "d": torch.zeros(0, 4), "e": torch.tensor(1.5, dtype=torch.float16)}
-    from deme_cli.safetensors_stream import dtype_name
+    from deme_cli.engine.safetensors_stream import dtype_name
     entries = [(k, dtype_name(v.dtype), tuple(v.shape)) for k, v in tensors.items()]
     with TensorFileWriter(tmp_path / "x.safetensors", entries) as wr:
         for k, v in tensors.items():
@@ -460,7 +460,7 @@ def test_search_with_range_loss_objective(setup, tiny_images):
 
 
 def test_search_with_kid_objective(setup, tiny_images, tmp_path):
-    from deme_cli.metrics import tiny_feature_net
+    from deme_cli.engine.metrics import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))
@@ -518,7 +518,7 @@ def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
 
 
 def test_scaled_space_holds_theta_the_uniform_average_the_release_weights_and_a_sweep_of_the_sum():
-    from deme_cli.recipe import MergeSection
+    from deme_cli.engine.recipe import MergeSection
 
     space = merge_search.Space.from_recipe(MergeSection(), 4)
     cands = space.scaled()
@@ -552,8 +552,8 @@ def test_scaled_search_logs_every_candidate_and_draws_them(setup, monkeypatch):
 def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, monkeypatch, tmp_path):
     import numpy as np
 
-    from deme_cli import metrics, model_specs
-    from deme_cli.metrics import tiny_feature_net
+    from deme_cli.engine import metrics, model_specs
+    from deme_cli.engine.metrics import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))

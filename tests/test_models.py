@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from deme_cli import models
-from deme_cli.errors import UsageError
+from deme_cli.engine import models
+from deme_cli.engine.errors import UsageError
 
 # google/ddpm-cifar10-32 and google/ddpm-ema-church-256 architectures (their hub config.json), random weights.
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,

@@ -11,7 +11,7 @@ from deme_cli.cli import app
 def run_recipe(tmp_path, tiny_ddpm, tiny_images):
     import torch
 
-    from deme_cli.metrics import tiny_feature_net
+    from deme_cli.engine.metrics import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))
@@ -83,7 +83,7 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
 def test_run_interrupted_mid_stage_finishes_without_redoing_work(run_recipe, tmp_path, monkeypatch):
     """Ctrl-C while `deme run` samples its second model: the next `deme run` keeps the split, the trained ranges, the
     merge and the first model's images, and does only what is missing."""
-    from deme_cli import sample
+    from deme_cli.engine import sample
 
     real = sample.run_sample
 
@@ -128,7 +128,7 @@ def test_run_without_an_eval_reference_stops_before_training(recipe_name, tmp_pa
     assert "eval.reference is not set" in err and "checked before training" in err and "Traceback" not in err
     assert not (out / "ranges").exists() and not (out / "ranges.json").exists()
     # with a reference that exists, the same check passes (and the run would go on)
-    from deme_cli.pipeline import preflight_eval
-    from deme_cli.recipe import load_recipe
+    from deme_cli.commands.pipeline import preflight_eval
+    from deme_cli.engine.recipe import load_recipe
 
     preflight_eval(load_recipe(recipe, [f'eval.reference="{tiny_images}"', f'model.pretrained="{tiny_ddpm}"']))

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from deme_cli.errors import UsageError
-from deme_cli.prompts import load_prompts, prompt_for
-from deme_cli.recipe import SampleSection
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.prompts import load_prompts, prompt_for
+from deme_cli.engine.recipe import SampleSection
 
 
 def _sample(path, **kw):

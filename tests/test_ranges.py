@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from deme_cli.errors import UsageError
-from deme_cli.ranges import range_owning, sample_timesteps, split, uniform_split
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.ranges import range_owning, sample_timesteps, split, uniform_split
 
 
 def test_uniform_split_covers_T():

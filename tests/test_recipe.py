@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from deme_cli.errors import UsageError
-from deme_cli.recipe import load_recipe, parse_set
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.recipe import load_recipe, parse_set
 
 MIN = '''
 name = "t"

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from conftest import read_pngs
-from deme_cli.errors import UsageError
+from deme_cli.engine.errors import UsageError
 
 
 @pytest.fixture(scope="module")
 def base(tiny_ddpm):
-    from deme_cli.models import load_base, scheduler_config
+    from deme_cli.engine.models import load_base, scheduler_config
 
     return load_base(str(tiny_ddpm)).eval(), scheduler_config(tiny_ddpm)
 
@@ -18,8 +18,8 @@ def base(tiny_ddpm):
 def test_scheduler_registry(tiny_ddpm):
     from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-    from deme_cli.models import scheduler_config
-    from deme_cli.denoise import SCHEDULERS, make_scheduler
+    from deme_cli.engine.models import scheduler_config
+    from deme_cli.engine.denoise import SCHEDULERS, make_scheduler
 
     cfg = scheduler_config(tiny_ddpm)
     want = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm-solver++": DPMSolverMultistepScheduler,
@@ -38,7 +38,7 @@ def test_scheduler_registry(tiny_ddpm):
 @pytest.mark.parametrize("scheduler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpm-solver++", 0.0)])
 def test_batch_8_vs_3_bit_identical(base, scheduler, eta):
     """Image k depends on seed + k only: batch 8 and batch 3 (3 + 3 + 2) give the same bytes."""
-    from deme_cli.denoise import UNetDenoiser, generate
+    from deme_cli.engine.denoise import UNetDenoiser, generate
 
     model, cfg = base
     seeds = [100 + k for k in range(8)]
@@ -54,7 +54,7 @@ def test_batch_8_vs_3_bit_identical(base, scheduler, eta):
 
 def test_stochastic_samplers_use_per_step_noise(base):
     """DDIM with eta > 0 draws noise at every step (from the image's own generator), eta = 0 does not."""
-    from deme_cli.denoise import UNetDenoiser, generate
+    from deme_cli.engine.denoise import UNetDenoiser, generate
 
     model, cfg = base
     a = generate(UNetDenoiser(model), "ddim", 4, [0, 1], scheduler_config=cfg, eta=0.0, batch_size=2)
@@ -84,9 +84,9 @@ class _Const:
 
 
 def test_ensemble_routes_each_step_to_the_range_owning_t(tiny_ddpm):
-    from deme_cli.models import scheduler_config
-    from deme_cli.ranges import Range
-    from deme_cli.denoise import EnsembleDenoiser, UNetDenoiser, generate
+    from deme_cli.engine.models import scheduler_config
+    from deme_cli.engine.ranges import Range
+    from deme_cli.engine.denoise import EnsembleDenoiser, UNetDenoiser, generate
 
     ranges = [Range(0, 0, 250), Range(1, 250, 600), Range(2, 600, 1000)]
     fakes = [_Const(0.1), _Const(0.2), _Const(0.3)]
@@ -109,8 +109,8 @@ def _fake_range_models(recipe, run):
     """Range models on disk without training: base weights with perturbed projections, plus ranges.json."""
     import torch
 
-    from deme_cli.models import load_base, save_model_folder, unet_hash
-    from deme_cli.splitting import run_split
+    from deme_cli.engine.models import load_base, save_model_folder, unet_hash
+    from deme_cli.engine.splitting import run_split
 
     rs = run_split(recipe, run)["ranges"]
     for r in rs:
@@ -123,8 +123,8 @@ def _fake_range_models(recipe, run):
 
 
 def test_run_sample_writes_pngs_grid_and_json_and_resumes(make_recipe):
-    from deme_cli.runs import RunDir, read_json
-    from deme_cli.sample import existing_images, run_sample
+    from deme_cli.engine.runs import RunDir, read_json
+    from deme_cli.engine.sample import existing_images, run_sample
 
     recipe = make_recipe(sample={"steps": 3, "num_images": 4, "batch_size": 3, "seed": 7})
     run = RunDir(recipe.out_dir)
@@ -155,8 +155,8 @@ def test_run_sample_writes_pngs_grid_and_json_and_resumes(make_recipe):
 
 
 def test_sample_ensemble_range_and_missing_models(make_recipe):
-    from deme_cli.runs import RunDir, read_json
-    from deme_cli.sample import existing_images, run_sample
+    from deme_cli.engine.runs import RunDir, read_json
+    from deme_cli.engine.sample import existing_images, run_sample
 
     recipe = make_recipe(sample={"steps": 4, "num_images": 2, "batch_size": 2})
     run = RunDir(recipe.out_dir)
@@ -281,9 +281,9 @@ def ensemble_run(tmp_path_factory, tiny_ddpm, tiny_images):
     from diffusers import UNet2DModel
     from safetensors.torch import save_file
 
-    from deme_cli.models import unet_hash
-    from deme_cli.recipe import recipe_from_dict
-    from deme_cli.runs import RunDir
+    from deme_cli.engine.models import unet_hash
+    from deme_cli.engine.recipe import recipe_from_dict
+    from deme_cli.engine.runs import RunDir
 
     root = tmp_path_factory.mktemp("ensemble") / "run"
     recipe = recipe_from_dict({
@@ -318,7 +318,7 @@ def ensemble_run(tmp_path_factory, tiny_ddpm, tiny_images):
 def test_ensemble_samples_equal_a_hand_loop_routing_each_step_by_range(ensemble_run, tiny_ddpm):
     """`deme sample --model ensemble` on a run dir: every image equals DDIM run by hand with, at step t, the model of
     the range whose [lo, hi) holds t (uneven ranges; t = 750, 500, 250, 0 sit on the boundaries)."""
-    from deme_cli.sample import run_sample
+    from deme_cli.engine.sample import run_sample
 
     recipe, run, ranges = ensemble_run
     out = run_sample(recipe, run, "ensemble", force=True)
@@ -342,8 +342,8 @@ def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_han
     import torch
     from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
-    from deme_cli.merge import run_merge
-    from deme_cli.sample import run_sample
+    from deme_cli.engine.merge import run_merge
+    from deme_cli.engine.sample import run_sample
 
     recipe, run, _ = ensemble_run
     run_merge(recipe, run)
@@ -369,9 +369,9 @@ def test_resumed_samples_equal_uninterrupted_ones(make_recipe, tmp_path, monkeyp
     has 2 images written), then lose image 1 too and leave a truncated temporary file where a crash leaves one;
     re-running B makes exactly the missing images, and every PNG of B has A's bytes. DDPM draws noise at every step,
     so an image made with another image's seed, or in another position, shows."""
-    from deme_cli import sample
-    from deme_cli.runs import RunDir, read_json
-    from deme_cli.sample import existing_images, run_sample
+    from deme_cli.engine import sample
+    from deme_cli.engine.runs import RunDir, read_json
+    from deme_cli.engine.sample import existing_images, run_sample
 
     settings = {"scheduler": "ddpm", "steps": 5, "num_images": 7, "batch_size": 3, "seed": 21}
     a = make_recipe(sample=settings, output={"dir": str(tmp_path / "A")})

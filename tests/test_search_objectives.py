@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import write_shapes
-from deme_cli import merge, merge_methods, merge_search, model_specs, models
-from deme_cli.runs import RunDir
+from deme_cli.engine import merge, merge_methods, merge_search, model_specs, models
+from deme_cli.engine.runs import RunDir
 from test_metrics import features_by_hand, fid_by_hand, mmd2_by_hand
 
 N = 2
@@ -22,7 +22,7 @@ N = 2
 @pytest.fixture(scope="module")
 def feature_net(tmp_path_factory):
     """(TorchScript path, the same network) of an 8-feature random conv net: eval.feature_extractor for the search."""
-    from deme_cli.metrics import tiny_feature_net
+    from deme_cli.engine.metrics import tiny_feature_net
 
     net = tiny_feature_net(dim=8, seed=3)
     path = tmp_path_factory.mktemp("extractor") / "net.pt"
@@ -114,7 +114,7 @@ def test_sample_objectives_equal_deme_eval_of_the_same_images(mode, make_recipe,
     those images are its samples and the held-out folder its reference, with the same extractor, mode and seed (8 of
     12: KID's subsets, drawn with the recipe's seed, matter). The search and eval each compute their own reference
     features (separate run dirs, so no shared cache)."""
-    from deme_cli.metrics import run_eval
+    from deme_cli.engine.metrics import run_eval
 
     for metric in ("kid", "fid"):
         recipe, run = _recipe(make_recipe, ranges_dir, tmp_path / metric, heldout_images, feature_net, metric, 8,

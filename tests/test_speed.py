@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deme_cli.ranges import Range
+from deme_cli.engine.ranges import Range
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +30,7 @@ def _perturbed_model():
     from diffusers import UNet2DModel
 
     from conftest import TINY_UNET
-    from deme_cli.models import wrap
+    from deme_cli.engine.models import wrap
 
     torch.manual_seed(0)
     m = wrap(UNet2DModel(**TINY_UNET), True).eval()
@@ -42,7 +42,7 @@ def _perturbed_model():
 
 
 def test_use_compile_switch():
-    from deme_cli.speed import use_compile
+    from deme_cli.engine.speed import use_compile
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_compile("auto", cuda) and not use_compile("auto", cpu)
@@ -54,7 +54,7 @@ def test_use_compile_switch():
 def test_compiled_training_gives_the_same_steps(make_recipe, tiny_ddpm):
     """train.compile = on (student and teacher compiled in place): same losses and gradient norms as eager, the
     consistency loss (non-zero only through the projections) included; state_dict keys unchanged."""
-    from deme_cli.train import RangeTrainer
+    from deme_cli.engine.train import RangeTrainer
 
     recipe = make_recipe(train={"lr": 1e-3})
     eager = RangeTrainer(recipe, Range(0, 0, 500), Path(tiny_ddpm), 1000)
@@ -73,7 +73,7 @@ def test_compiled_training_gives_the_same_steps(make_recipe, tiny_ddpm):
 
 def test_model_copy_is_independent_and_keeps_its_projections():
     """model_copy rebuilds the hooks on the copy's own projections (a deep copy would call the original's)."""
-    from deme_cli.models import model_copy
+    from deme_cli.engine.models import model_copy
 
     m = _perturbed_model()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor(300)
@@ -101,7 +101,7 @@ def test_compiled_sampling_gives_the_same_images(precision):
     1 level, on well under 1% of the values. A real fault (a lost projection, a wrong seed or timestep) changes nearly
     every value by many levels.
     """
-    from deme_cli.denoise import UNetDenoiser, generate
+    from deme_cli.engine.denoise import UNetDenoiser, generate
 
     m = _perturbed_model()
     cfg, seeds = {"num_train_timesteps": 1000}, list(range(5))
@@ -124,8 +124,8 @@ def test_quickstart_runs_bf16_on_cuda_and_fp32_on_cpu():
     for a CUDA device (this path ran on an H200: benchmarks/results/h200-*.json, "precision": "bf16")."""
     import torch
 
-    from deme_cli.denoise import resolve_precision
-    from deme_cli.recipe import load_recipe
+    from deme_cli.engine.denoise import resolve_precision
+    from deme_cli.engine.recipe import load_recipe
 
     from pathlib import Path
 

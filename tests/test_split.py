@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import hand_alphas_cumprod
-from deme_cli.errors import UsageError
-from deme_cli.ranges import affinity_split, contiguous_clusters, interval_scores, split
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.ranges import affinity_split, contiguous_clusters, interval_scores, split
 
 
 def planted(sizes, within=0.8, between=-0.3, noise=0.05, seed=0):
@@ -113,9 +113,9 @@ def test_snr_split_needs_a_falling_schedule():
 # --- through `deme split`: ranges.json records the strategy and its evidence; train reads the same ranges -----------
 
 def test_run_split_affinity_writes_evidence(make_recipe, tmp_path):
-    from deme_cli.gradients import save_matrix
-    from deme_cli.runs import RunDir
-    from deme_cli.splitting import load_ranges, run_split
+    from deme_cli.engine.gradients import save_matrix
+    from deme_cli.engine.runs import RunDir
+    from deme_cli.engine.splitting import load_ranges, run_split
 
     npz = tmp_path / "planted.npz"
     edges = (np.arange(11) * 100).tolist()
@@ -137,7 +137,7 @@ def test_split_keeps_the_ranges_trained_models_were_trained_on(make_recipe, tmp_
     from typer.testing import CliRunner
 
     from deme_cli.cli import app
-    from deme_cli.runs import RunDir
+    from deme_cli.engine.runs import RunDir
 
     recipe = make_recipe(ranges={"n": 2, "strategy": "uniform"})
     path = tmp_path / "recipe.toml"
@@ -161,8 +161,8 @@ def test_split_keeps_the_ranges_trained_models_were_trained_on(make_recipe, tmp_
 
 
 def test_run_split_affinity_without_matrix_is_usage_error(make_recipe):
-    from deme_cli.runs import RunDir
-    from deme_cli.splitting import run_split
+    from deme_cli.engine.runs import RunDir
+    from deme_cli.engine.splitting import run_split
 
     recipe = make_recipe(ranges={"n": 2, "strategy": "affinity"})
     with pytest.raises(UsageError, match="run `deme analyze-gradients` first or set ranges.matrix"):
@@ -171,8 +171,8 @@ def test_run_split_affinity_without_matrix_is_usage_error(make_recipe):
 
 
 def test_run_split_snr_uses_the_pipeline_schedule(make_recipe):
-    from deme_cli.runs import RunDir
-    from deme_cli.splitting import run_split
+    from deme_cli.engine.runs import RunDir
+    from deme_cli.engine.splitting import run_split
 
     recipe = make_recipe(ranges={"n": 4, "strategy": "snr"})
     result = run_split(recipe, RunDir(recipe.out_dir))

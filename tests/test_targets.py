@@ -66,8 +66,8 @@ def test_sample_equals_diffusers_for_scheduler_and_prediction_type(make_recipe, 
                                                                    prediction_type):
     """`deme sample --model base` (batches of 2, so the 5 images span 3 batches) equals diffusers' own loop on the
     same pipeline folder; with the prediction type read as epsilon the images would differ (the test can see it)."""
-    from deme_cli.runs import RunDir
-    from deme_cli.sample import run_sample
+    from deme_cli.engine.runs import RunDir
+    from deme_cli.engine.sample import run_sample
 
     pipe, steps, seeds = pipelines[prediction_type], 6, [40 + k for k in range(5)]
     recipe = make_recipe(model={"pretrained": str(pipe)},
@@ -90,8 +90,8 @@ def test_pndm_epsilon_loop_equals_diffusers_scheduler_before_clamping(pipelines)
     import torch
     from diffusers import PNDMScheduler, UNet2DModel
 
-    from deme_cli.denoise import UNetDenoiser, generate
-    from deme_cli.models import load_base, scheduler_config
+    from deme_cli.engine.denoise import UNetDenoiser, generate
+    from deme_cli.engine.models import load_base, scheduler_config
 
     class Scaled(UNetDenoiser):
         def decode(self, x):
@@ -126,8 +126,8 @@ def test_training_loss_uses_the_target_of_the_prediction_type(make_recipe, pipel
     import torch
     from diffusers import UNet2DModel
 
-    from deme_cli.ranges import Range
-    from deme_cli.train import RangeTrainer
+    from deme_cli.engine.ranges import Range
+    from deme_cli.engine.train import RangeTrainer
 
     pipe = pipelines[prediction_type]
     recipe = make_recipe(model={"pretrained": str(pipe)},

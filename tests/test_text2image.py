@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 
-from deme_cli.errors import UsageError
+from deme_cli.engine.errors import UsageError
 
 
 @pytest.fixture
 def sd_recipe(tmp_path, tiny_sd):
-    from deme_cli.recipe import recipe_from_dict
+    from deme_cli.engine.recipe import recipe_from_dict
 
     def make(data=None, **sections):
         base = {
@@ -29,14 +29,14 @@ def sd_recipe(tmp_path, tiny_sd):
 
 
 def _task(recipe, tiny_sd):
-    from deme_cli.models import load_unet
-    from deme_cli.captions import TextToImageTask
+    from deme_cli.engine.models import load_unet
+    from deme_cli.engine.captions import TextToImageTask
 
     return TextToImageTask(recipe, tiny_sd["pipeline"], load_unet(tiny_sd["pipeline"]), "cpu")
 
 
 def test_folder_pairs_read_metadata_captions(sd_recipe, tiny_sd):
-    from deme_cli.captions import image_caption_pairs
+    from deme_cli.engine.captions import image_caption_pairs
 
     n, load, captions = image_caption_pairs(sd_recipe().data)
     assert n == 16 and captions[:4] == ["the cat", "the dog", "a cat", "a dog"]
@@ -52,7 +52,7 @@ def test_folder_pairs_read_metadata_captions(sd_recipe, tiny_sd):
     ('{"file_name": "nope.png", "text": "x"}\n', "nope.png"),
 ])
 def test_folder_metadata_problems_are_usage_errors(tmp_path, sd_recipe, tiny_sd, metadata, words):
-    from deme_cli.captions import image_caption_pairs
+    from deme_cli.engine.captions import image_caption_pairs
 
     folder = tmp_path / "imgs"
     shutil.copytree(tiny_sd["images"], folder)
@@ -67,7 +67,7 @@ def test_hf_dataset_missing_caption_column_names_the_columns(tmp_path, sd_recipe
     import datasets
     from PIL import Image
 
-    from deme_cli.captions import image_caption_pairs
+    from deme_cli.engine.captions import image_caption_pairs
 
     imgs = [Image.open(tiny_sd["images"] / f"{k:04d}.png").convert("RGB") for k in range(4)]
     path = tmp_path / "ds"
@@ -81,7 +81,7 @@ def test_hf_dataset_missing_caption_column_names_the_columns(tmp_path, sd_recipe
 
 
 def test_pipeline_without_text_encoder_is_a_usage_error(tmp_path, tiny_sd):
-    from deme_cli.text2image import FrozenEncoders
+    from deme_cli.engine.text2image import FrozenEncoders
 
     pipe = tmp_path / "pipe"
     shutil.copytree(tiny_sd["pipeline"], pipe)
@@ -93,7 +93,7 @@ def test_pipeline_without_text_encoder_is_a_usage_error(tmp_path, tiny_sd):
 def test_encoders_scale_latents_and_round_trip_shapes(tiny_sd):
     import torch
 
-    from deme_cli.text2image import FrozenEncoders
+    from deme_cli.engine.text2image import FrozenEncoders
 
     enc = FrozenEncoders(tiny_sd["pipeline"])
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -109,7 +109,7 @@ def test_cache_matches_on_the_fly_pairs_and_is_reused(sd_recipe, tiny_sd, monkey
     """Cached latents and embeddings equal the on-the-fly ones (float16 rounding), flips and dropouts included."""
     import torch
 
-    from deme_cli import captions
+    from deme_cli.engine import captions
 
     data = {"random_flip": True, "caption_dropout": 0.5}
     cached = _task(sd_recipe(data={**data, "cache_latents": True}), tiny_sd)
@@ -147,9 +147,9 @@ def test_sampling_matches_the_diffusers_pipeline(tiny_sd, guidance):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from deme_cli.models import load_base, scheduler_config
-    from deme_cli.denoise import UNetDenoiser, generate
-    from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
+    from deme_cli.engine.models import load_base, scheduler_config
+    from deme_cli.engine.denoise import UNetDenoiser, generate
+    from deme_cli.engine.text2image import FrozenEncoders, TextToImageDenoiser
 
     pipe_dir = tiny_sd["pipeline"]
     prompts, seeds = ["the cat", "a dog", "the dog"], [5, 6, 7]
@@ -170,9 +170,9 @@ def test_guidance_pushes_away_from_the_negative_prompt(tiny_sd):
     """eps = eps_neg + g (eps_c - eps_neg): g = 1 is the conditional model, g = 0 the negative prompt's."""
     import torch
 
-    from deme_cli.models import load_base
-    from deme_cli.denoise import UNetDenoiser
-    from deme_cli.text2image import FrozenEncoders, TextToImageDenoiser
+    from deme_cli.engine.models import load_base
+    from deme_cli.engine.denoise import UNetDenoiser
+    from deme_cli.engine.text2image import FrozenEncoders, TextToImageDenoiser
 
     inner, enc = UNetDenoiser(load_base(str(tiny_sd["pipeline"])).eval()), FrozenEncoders(tiny_sd["pipeline"])
     x, t = torch.randn(2, 4, 8, 8), torch.tensor(500)

@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import hand_alphas_cumprod
-from deme_cli import models
-from deme_cli.errors import UsageError
-from deme_cli.ranges import Range
-from deme_cli.runs import RunDir
-from deme_cli.train import EMA, RangeTrainer, deme_loss, ema_decay, train_ranges
+from deme_cli.engine import models
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.ranges import Range
+from deme_cli.engine.runs import RunDir
+from deme_cli.engine.train import EMA, RangeTrainer, deme_loss, ema_decay, train_ranges
 
 R0 = Range(0, 0, 500)
 
@@ -52,7 +52,7 @@ def _compile_setting(compile_: str, monkeypatch) -> dict:
 
 def _count_compiles(monkeypatch) -> list:
     """Calls of train.py's compile_module (student and teacher: two per trainer)."""
-    import deme_cli.train as train_mod
+    import deme_cli.engine.train as train_mod
 
     calls, real = [], train_mod.compile_module
     monkeypatch.setattr(train_mod, "compile_module", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -255,8 +255,8 @@ def test_cifar10_recipe_trains_two_steps_on_cpu(tmp_path):
 
 
 def test_data_stream_with_workers_matches_without(make_recipe):
-    from deme_cli.data import build_dataset
-    from deme_cli.train import DataStream
+    from deme_cli.engine.data import build_dataset
+    from deme_cli.engine.train import DataStream
 
     ds = build_dataset(make_recipe(data={"random_flip": True, "center_crop": False}), channels=3)
     a = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=0, pin_memory=False, epoch=0, batch=5)
@@ -493,5 +493,7 @@ def test_trainer_ema_is_the_hand_average_of_the_weights_after_each_step(make_rec
     _, ema = tr.final_states()
     assert set(raw) <= set(ema) and any(n.startswith("projections.") for n in raw)
     for n in raw:
-        assert torch.allclose(ema[n].double(), shadow[n], rtol=0, atol=1e-7), n
+        # float32 EMA against a float64 hand average: a few float32 roundings of weights near 1 (a wrong decay is
+        # off by ~1e-3)
+        assert torch.allclose(ema[n].double(), shadow[n], rtol=1e-6, atol=1e-7), n
     assert any(not torch.allclose(ema[n].double(), raw[n], atol=1e-6) for n in raw)   # the EMA lags the raw weights

@@ -36,7 +36,7 @@ def resize(images: np.ndarray, resolution: int) -> np.ndarray:
     so pretraining, the shipped PNGs and `deme train` on 28 px PNGs all see the same pixels."""
     from PIL import Image
 
-    from deme_cli.data import to_tensor
+    from deme_cli.engine.data import to_tensor
 
     if resolution == images.shape[-1]:
         return images.copy()

@@ -170,9 +170,9 @@ def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, 
 def precompute_reference(out: Path, recipe: Path, sets: list[str]) -> None:
     """The reference set's Inception features into <out>/reference/eval/cache/ (eval's own cache file, same key),
     through the recipe's own eval settings, so that seed_reference_cache can hand them to every run dir."""
-    from deme_cli import metrics
-    from deme_cli.denoise import pick_device
-    from deme_cli.recipe import load_recipe
+    from deme_cli.engine import metrics
+    from deme_cli.engine.denoise import pick_device
+    from deme_cli.engine.recipe import load_recipe
 
     t0 = time.time()
     r = load_recipe(recipe, sets)

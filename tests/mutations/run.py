@@ -3,6 +3,8 @@
     .venv/bin/python tests/mutations/run.py                      # every mutation of tests/mutations/*.toml
     .venv/bin/python tests/mutations/run.py --only NAME [NAME..] # some of them
     .venv/bin/python tests/mutations/run.py --list               # names, files and tests, nothing run
+    .venv/bin/python tests/mutations/run.py --relocate           # after moving code: point each `file` at the
+                                                                 # module that now holds its `old` text
 
 Each mutation (a [[mutation]] table of a TOML file beside this script) names a file, a text that must occur in it
 exactly once, its replacement, and the test files (or node ids) that should catch it. For each one the runner copies
@@ -63,6 +65,36 @@ def apply(tree: Path, m: dict) -> bool:
     return True
 
 
+def locate(m: dict, root: Path = ROOT) -> str | None:
+    """The package file that holds the mutation's `old` text exactly once (its named file first), or None when the
+    text is missing or not unique in the package."""
+    named = root / m["file"]
+    if named.is_file() and named.read_text().count(m["old"]) == 1:
+        return m["file"]
+    hits = [(f, f.read_text().count(m["old"])) for f in sorted((root / "deme_cli").rglob("*.py"))]
+    hits = [(f, n) for f, n in hits if n]
+    if len(hits) == 1 and hits[0][1] == 1:
+        return hits[0][0].relative_to(root).as_posix()
+    return None
+
+
+def relocate(folder: Path = HERE) -> list[str]:
+    """Rewrite each TOML's `file = "..."` lines to where the `old` texts are now; returns what could not be found."""
+    lost = []
+    for f in sorted(folder.glob("*.toml")):
+        text = f.read_text()
+        for m in tomllib.loads(text)["mutation"]:
+            where = locate(m)
+            if where is None:
+                lost.append(m["name"])
+            elif where != m["file"]:
+                old_line, new_line = 'file = "%s"' % m["file"], 'file = "%s"' % where
+                j = text.index(old_line, text.index('name = "%s"' % m["name"]))
+                text = text[:j] + new_line + text[j + len(old_line):]
+        f.write_text(text)
+    return lost
+
+
 def run_one(base: Path, m: dict, timeout: int) -> tuple[str, float, str]:
     """(outcome, seconds, last lines of pytest's output) for one mutation, in a fresh copy of base."""
     work = base.parent / f"m-{m['name']}"
@@ -107,10 +139,19 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", help="run only the mutations with these names")
     ap.add_argument("--area", nargs="+", help="run only the mutations of these files (stems, e.g. train)")
     ap.add_argument("--list", action="store_true", help="list the mutations and stop")
+    ap.add_argument("--relocate", action="store_true", help="point each mutation's file at the module that now "
+                    "holds its text, and stop")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutation before it counts as killed")
     ap.add_argument("--report", type=Path, help="markdown report to write (default: tests/mutations/RESULTS.md when "
                     "every mutation runs, none for --only/--area)")
     args = ap.parse_args()
+    if args.relocate:
+        lost = relocate()
+        if lost:
+            print(f"error: the text of {', '.join(lost)} is not found exactly once in deme_cli/; update those "
+                  f"mutations by hand.", file=sys.stderr)
+            return 2
+        return 0
     muts = load_mutations()
     if args.only:
         unknown = set(args.only) - {m["name"] for m in muts}

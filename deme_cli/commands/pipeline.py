@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .errors import UsageError
-from .runs import RunDir, read_json, write_json
+from ..engine.errors import UsageError
+from ..engine.runs import RunDir, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Stage:
 
 
 def _split(recipe, run, force, models):
-    from .splitting import run_split
+    from ..engine.splitting import run_split
 
     if run.ranges_json.is_file() and not force:
         return "kept"
@@ -33,14 +33,14 @@ def _split(recipe, run, force, models):
 
 
 def _train(recipe, run, force, models):
-    from .train import train_ranges
+    from ..engine.train import train_ranges
 
     summaries = train_ranges(recipe, run, None, force=force)
     return "kept" if all(r["skipped"] for r in summaries) else "done"
 
 
 def _merge(recipe, run, force, models):
-    from .merge import run_merge
+    from ..engine.merge import run_merge
 
     if "merged" not in models:
         return "not needed"
@@ -50,14 +50,14 @@ def _merge(recipe, run, force, models):
 
 
 def _sample(recipe, run, force, models):
-    from .sample import run_sample
+    from ..engine.sample import run_sample
 
     generated = [run_sample(recipe, run, m, force=force)["generated"] for m in models]  # every model, no short cut
     return "done" if any(generated) else "kept"
 
 
 def _eval(recipe, run, force, models):
-    from .metrics import run_eval
+    from ..engine.metrics import run_eval
 
     return run_eval(recipe, run, models, allow_fewer=False, force=force)
 
@@ -110,8 +110,8 @@ def check_provenance(recipe, run: RunDir, record: dict) -> None:
 def preflight_eval(recipe) -> None:
     """What the eval stage will need, checked before any training: a reference for FID/KID (and an image folder for
     the loss by timestep), a CLIP model for CLIP score. A missing eval.reference fails in seconds, not after hours."""
-    from . import loss_by_t
-    from .metrics import reference_kind
+    from ..engine import loss_by_t
+    from ..engine.metrics import reference_kind
 
     e = recipe.eval
     if any(m in e.metrics for m in ("fid", "kid")):
