@@ -44,7 +44,7 @@ mode, base, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 weights = json.loads(sys.argv[4])
 t0 = time.time()
 if mode == "streaming":
-    from deme_cli.engine.merge import run_merge
+    from deme_cli.commands.merge import run_merge
     recipe = recipe_from_dict({"name": "bench", "model": {"pretrained": base}, "data": {"path": str(root)},
                                "ranges": {"n": len(weights)}, "output": {"dir": str(root)}})
     run_merge(recipe, RunDir(root), weights=weights, force=True)

@@ -82,7 +82,7 @@ def main() -> None:
 
     import torch
 
-    from deme_cli.engine.denoise import resolve_precision
+    from deme_cli.engine.devices import resolve_precision
 
     dev = bench_device(args.device, args.threads)
     batch = args.batch or (8 if args.quick else 1024)

@@ -74,7 +74,8 @@ def one_step(arch: str, batch: int, resolution_latent: int, checkpointing: bool,
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from deme_cli.engine.models import wrap
-    from deme_cli.engine.train import EMA, deme_loss
+    from deme_cli.engine.loss import deme_loss
+    from deme_cli.engine.trainer import EMA
 
     unet_cfg, (tokens, width) = ARCHS[arch]
     dev = torch.device(device)

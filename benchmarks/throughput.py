@@ -209,8 +209,9 @@ def ours_step(cfg, dev, batch, workdir: Path, data: str, compile_: str):
     from PIL import Image
 
     from deme_cli.engine.ranges import Range
+    from deme_cli.engine.base import resolve_base
     from deme_cli.engine.recipe import recipe_from_dict
-    from deme_cli.engine.train import RangeTrainer
+    from deme_cli.engine.trainer import RangeTrainer
 
     res = cfg["sample_size"]
     pipe, images = workdir / "pipe", workdir / "images"
@@ -228,7 +229,9 @@ def ours_step(cfg, dev, batch, workdir: Path, data: str, compile_: str):
                  "num_workers": 4 if dev.type == "cuda" and data == "folder" else 0},
         "ranges": {"n": 4}, "train": {"steps": 10**9, "batch_size": batch, "device": dev.type, "compile": compile_},
         "output": {"dir": str(workdir / "run")}})
-    trainer = RangeTrainer(recipe, Range(0, LO, HI), pipe, T)
+    base = resolve_base(recipe.model, recipe.train.device, recipe.train.mixed_precision)
+    trainer = RangeTrainer(base, Range(0, LO, HI), data=recipe.data, train=recipe.train, deme=recipe.deme,
+                           seed=recipe.seed)
     if data == "fixed":
         trainer.data = FixedBatches(trainer.data.next())
     pending = [None]

@@ -55,12 +55,14 @@ def main() -> None:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from deme_cli.engine.ranges import sample_timesteps
-    from deme_cli.engine.recipe import TrainSection
-    from deme_cli.engine.train import make_accelerator, make_student, make_teacher, optimizer_step
+    from deme_cli.engine.devices import pick_device, resolve_precision
+    from deme_cli.engine.loss import optimizer_step
+    from deme_cli.engine.trainer import make_accelerator, make_student, make_teacher
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    acc = make_accelerator(TrainSection(device=args.device, mixed_precision=args.precision))
+    device = pick_device(args.device)
+    acc = make_accelerator(device, resolve_precision(args.precision, device))
     dev = acc.device
     torch.manual_seed(0)
     cfg = dict(sample_size=args.res, in_channels=3, out_channels=3, **ARCHS[args.arch])

@@ -9,14 +9,34 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import inspect
+
 import typer
 
+from .commands.analyze_gradients import analyze_gradients as gradients_stage
+from . import tables
 from .engine import ui
 from .engine.errors import UsageError
+from .engine.gradients import DEFAULT_BINS, REDUCERS
+from .engine.merge_methods import MERGE_METHODS
+from .engine.model_specs import MODEL_SPECS
+from .engine.ranges import SPLIT_STRATEGIES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   help="Decouple-then-Merge (DeMe) finetuning of diffusion models. Every command takes a recipe "
                        "(TOML) as its first argument; see README.md.")
+
+
+def _default(fn, name: str):
+    """The default of a stage function's parameter: help texts and options show it, they do not repeat it."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _names(registry) -> str:
+    return " | ".join(registry)
+
+
+MODEL_CHOICES = f"{_names(MODEL_SPECS)} | range:I"
 
 # --- options shared by every command ------------------------------------------------------------------------------
 RecipeArg = typer.Argument(..., help="Recipe file (TOML).", show_default=False)
@@ -79,7 +99,7 @@ def _main_process() -> bool:
 # --- split ---------------------------------------------------------------------------------------------------------
 @app.command()
 def split(recipe: Path = RecipeArg,
-          strategy: Optional[str] = typer.Option(None, help="uniform | snr | affinity (overrides ranges.strategy)."),
+          strategy: Optional[str] = typer.Option(None, help=f"{_names(SPLIT_STRATEGIES)} (overrides ranges.strategy)."),
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt,
           force: bool = typer.Option(False, "--force", help="Replace a ranges.json that trained range models were "
@@ -90,7 +110,7 @@ def split(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, sets, out, dry_run, as_json)
         if ctx is None:
             return
-        from .engine.splitting import run_split
+        from .commands.split import run_split
 
         result = run_split(ctx.recipe, ctx.run, force=force)
         if as_json:
@@ -141,9 +161,9 @@ def train(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .engine.train import train_ranges
+        from .commands.train import run_train
 
-        results = train_ranges(ctx.recipe, ctx.run, None if all_ else range_, force=force)
+        results = run_train(ctx.recipe, ctx.run, None if all_ else range_, force=force)
         if not _main_process():
             return
         if as_json:
@@ -157,7 +177,7 @@ def train(recipe: Path = RecipeArg,
 def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force: bool, launcher: str, gpus: str,
                     gpus_per_range: int, emit: bool, slurm_options: list[str]) -> None:
     """`deme train --all --launcher local | slurm`: the ranges as separate jobs (launch.py)."""
-    from .engine import launch
+    from .commands import launch
     from .engine.recipe import load_recipe
     from .engine.runs import RunDir
 
@@ -201,9 +221,12 @@ def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force
 # --- merge ---------------------------------------------------------------------------------------------------------
 @app.command()
 def merge(recipe: Path = RecipeArg,
-          weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per range, low t first."),
-          method: Optional[str] = typer.Option(None, help="task_arithmetic | ties | dare (overrides merge.method)."),
-          search: bool = typer.Option(False, "--search", help="Search the weights (merge.search strategy)."),
+          weights: Optional[str] = typer.Option(None, help="Comma-separated weights, one per range, low t first "
+                                                "(sets merge.weights; with --search, where a coordinate search "
+                                                "starts)."),
+          method: Optional[str] = typer.Option(None, help=f"{_names(MERGE_METHODS)} (overrides merge.method)."),
+          search: bool = typer.Option(False, "--search", help="Search the weights: merge.weights = \"search\" "
+                                      "(merge.search strategy, merge.objective)."),
           processes: int = typer.Option(1, "--processes", "-p", help="--search: score candidates in P processes, "
                                         "one per slot of --gpus (same results as one process)."),
           gpus: str = GpusOpt,
@@ -214,46 +237,45 @@ def merge(recipe: Path = RecipeArg,
     Re-running with the same settings and unchanged range models does nothing; --force merges again. A new merge
     replaces merged/ only once it is complete."""
     def body():
-        if processes < 1 or (processes > 1 and not search):
-            raise UsageError("--processes scores the candidates of --search and must be at least 1")
-        from .engine.merge import parse_weights, resolve_weights
+        if processes < 1:
+            raise UsageError("--processes scores the candidates of the weight search and must be at least 1")
         from .engine.merge_methods import MERGE_METHODS
         from .engine.recipe import load_recipe
+        from .engine.task_vectors import parse_weights, resolve_weights
 
         if method is not None and method not in MERGE_METHODS:
             raise UsageError(f"unknown merge method '{method}' (known: {', '.join(MERGE_METHODS)})")
         sets = list(set_ or []) + ([f'merge.method="{method}"'] if method else [])
+        start = None
         if weights is not None:  # checked against N before anything is written
             w = resolve_weights(parse_weights(weights), load_recipe(recipe, sets).ranges.n)
-            sets.append(f"merge.weights=[{', '.join(repr(x) for x in w)}]")
+            if search:
+                start = w        # where a coordinate search starts
+            else:
+                sets.append(f"merge.weights=[{', '.join(repr(x) for x in w)}]")
+        if search:
+            sets.append('merge.weights="search"')
+        if processes > 1 and load_recipe(recipe, sets).merge.weights != "search":
+            raise UsageError("--processes scores the candidates of the weight search; use it with --search or "
+                             "merge.weights = \"search\"")
         ctx = _prepare(recipe, sets, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .engine.merge import run_merge
+        from .commands.merge import run_merge
 
-        result = run_merge(ctx.recipe, ctx.run, search=search, force=force, processes=processes, gpus=gpus)
+        result = run_merge(ctx.recipe, ctx.run, weights=start, search=start is not None, force=force,
+                           processes=processes, gpus=gpus)
         if as_json:
             ui.emit_json(result)
             return
-        extra = "".join(f", {k} {result[k]}" for k in ("density", "seed") if k in result)
-        ui.table(f"{result['method']}{extra}{' (unchanged)' if result['skipped'] else ''} -> {result['merged']}",
-                 ["range", "timesteps", "weight", "model"],
-                 [[r["index"], f"[{r['lo']}, {r['hi']})" if r.get("lo") is not None else None, w, r["path"]]
-                  for r, w in zip(result["ranges"], result["weights"])])
-        log = result.get("search")
-        if log:
-            top = sorted(log["candidates"], key=lambda c: c["score"])[:10]
-            ui.info(f"search: {log['strategy']}, {log['evaluations']} merges scored by {log['objective']} (lower is "
-                    f"better) in {log['seconds']:.0f} s; the best is written")
-            ui.table(f"best {len(top)} candidates", ["rank", "weights", log["objective"]],
-                     [[k + 1, ", ".join(f"{x:g}" for x in c["weights"]), c["score"]] for k, c in enumerate(top)])
+        tables.merge(result)
     _guard(body)
 
 
 # --- sample --------------------------------------------------------------------------------------------------------
 @app.command()
 def sample(recipe: Path = RecipeArg,
-           model: str = typer.Option("merged", "--model", "-m", help="base | merged | range:I | ensemble"),
+           model: str = typer.Option("merged", "--model", "-m", help=MODEL_CHOICES),
            processes: int = typer.Option(1, "--processes", "-p", help="Worker processes, one per slot of --gpus "
                                          "(image k is made by process k % P; seeds stay per image)."),
            gpus: str = GpusOpt,
@@ -266,7 +288,7 @@ def sample(recipe: Path = RecipeArg,
     `accelerate launch --num_processes P` the P processes share the images as --processes P does."""
     def body():
         from .engine.model_specs import parse_model_spec
-        from .engine.sample import Shard
+        from .commands.sample import Shard
 
         parse_model_spec(model)
         if processes < 1:
@@ -275,7 +297,7 @@ def sample(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .engine.sample import run_sample
+        from .commands.sample import run_sample
 
         r = run_sample(ctx.recipe, ctx.run, model, force=force, processes=processes, gpus=gpus, shard=part)
         if not _main_process():
@@ -315,55 +337,33 @@ def eval_(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .engine.metrics import run_eval
+        from .commands.eval import run_eval
 
         r = run_eval(ctx.recipe, ctx.run, names, allow_fewer=allow_fewer, force=force)
         if as_json:
             ui.emit_json(r)
             return
-        res = r["results"]
-        keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
-        rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
-        rows.append(["images"] + [res[m].get("num_images") for m in res])
-        if r.get("reference"):
-            ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
-        ui.table("eval", ["metric"] + list(res), rows)
-        _loss_table(res, r.get("loss_plot"))
+        tables.evaluation(r)
     _guard(body)
-
-
-METRIC_NAMES = {"clip_score": "CLIP score", "loss_ratio": "loss / base", "kid_std": "KID std"}
-
-
-def _loss_table(results: dict, plot: Optional[str]) -> None:
-    """The held-out loss by timestep bin: the base's loss, then each model's ratio to it."""
-    curves = {m: v["loss_by_t"] for m, v in results.items() if v.get("loss_by_t")}
-    if not curves:
-        return
-    first = next(iter(curves.values()))
-    rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for c in curves.values()]
-            for b, (lo, hi) in enumerate(first["bins"])]
-    rows.append(["mean of ratios", None] + [c["ratio_mean"] for c in curves.values()])
-    ui.table(f"held-out loss by timestep ({first['num_images']} images): base loss, and each model / base",
-             ["t", "base loss"] + list(curves), rows)
-    if plot:
-        ui.info(f"plot: {plot}")
 
 
 # --- analyze-gradients ---------------------------------------------------------------------------------------------
 @app.command(name="analyze-gradients")
 def analyze_gradients(recipe: Path = RecipeArg,
                       bins: Optional[int] = typer.Option(None, help="Number of equal timestep bins B over [0, T), "
-                                                         "one timestep at each bin centre. \\[default: 20]"),
+                                                         f"one timestep at each bin centre. \\[default: {DEFAULT_BINS}]"),
                       timesteps: Optional[str] = typer.Option(None, help="Explicit timesteps instead of bins, "
                                                               "comma-separated (10,100,500)."),
                       params: Optional[str] = typer.Option(None, help="Only parameters whose names match: globs "
                                                            "('up_blocks.*'), comma-separated; 're:' for a regex. "
                                                            "\\[default: all]"),
-                      method: str = typer.Option("countsketch", help="countsketch | gaussian (random projections "
-                                                 "to --sketch-dim) | exact (keeps every gradient: small models)."),
-                      sketch_dim: int = typer.Option(4096, help="Dimension k of the gradient sketch."),
-                      batch_size: int = typer.Option(16, help="Images (and noise draws) in the fixed batch."),
+                      method: str = typer.Option(_default(gradients_stage, "method"),
+                                                 help=f"{_names(REDUCERS)}: random projections to --sketch-dim, or "
+                                                 "exact (keeps every gradient: small models)."),
+                      sketch_dim: int = typer.Option(_default(gradients_stage, "sketch_dim"),
+                                                     help="Dimension k of the gradient sketch."),
+                      batch_size: int = typer.Option(_default(gradients_stage, "batch_size"),
+                                                     help="Images (and noise draws) in the fixed batch."),
                       set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
                       as_json: bool = JsonOpt, force: bool = ForceOpt):
     """Cosine similarity of denoising-loss gradients across timesteps; writes <run>/analysis/."""
@@ -373,21 +373,14 @@ def analyze_gradients(recipe: Path = RecipeArg,
         ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
-        from .engine.gradients import analyze_gradients as analyze
+        from .commands.analyze_gradients import run_analyze_gradients as analyze
 
         result = analyze(ctx.recipe, ctx.run, bins=bins, timesteps=timesteps, params=params, method=method,
                          sketch_dim=sketch_dim, batch_size=batch_size, force=force)
         if as_json:
             ui.emit_json(result)
             return
-        s = result["summary"]
-        ui.table(f"gradient similarity over {s['bins']} timesteps -> {result['analysis']}", ["pairs", "count", "mean"],
-                 [["adjacent bins", s["bins"] - 1, s["adjacent_mean"]],
-                  ["more than T/2 apart", s["distant_pairs"], s["distant_mean"]],
-                  ["inside [0, T/4)", s["first_quarter_pairs"], s["first_quarter_mean"]],
-                  ["all", s["bins"] * (s["bins"] - 1) // 2, s["all_pairs_mean"]]])
-        for name, f in result["files"].items():
-            ui.info(f"{name}: {f}")
+        tables.gradients(result)
     _guard(body)
 
 
@@ -410,13 +403,7 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
         if as_json:
             ui.emit_json(r)
             return
-        keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
-        ui.table(f"DeMe results ({ctx.recipe.name}){' vs ' + r['reference'] if r.get('reference') else ''}",
-                 ["model"] + [METRIC_NAMES.get(k, k.upper()) for k in keys] + ["images"],
-                 [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
-        _loss_table(r["models"], r.get("loss_plot"))
-        ui.table("stages", ["stage", "status", "seconds"],
-                 [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
+        tables.pipeline(ctx.recipe.name, r)
     _guard(body)
 
 

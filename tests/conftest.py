@@ -54,7 +54,7 @@ def read_pngs(folder: Path) -> np.ndarray:
     """The numbered PNGs of a sample folder, in index order, as one float64 array (n, H, W, 3) of 0..255."""
     from PIL import Image
 
-    from deme_cli.engine.sample import existing_images
+    from deme_cli.engine.images import existing_images
 
     files = existing_images(folder)
     return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
@@ -198,3 +198,33 @@ def build_tiny_sd(root: Path) -> dict:
 def tiny_sd(tmp_path_factory) -> dict:
     """Paths of a tiny SD-like pipeline, 16 captioned 16x16 images, prompts.txt and a tiny CLIP (see build_tiny_sd)."""
     return build_tiny_sd(tmp_path_factory.mktemp("sd"))
+
+
+def trainer_for(recipe, rng):
+    """The RangeTrainer `deme train` builds for range `rng` of a recipe (base resolved as the command resolves it)."""
+    from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.runs import RunDir
+    from deme_cli.engine.trainer import RangeTrainer
+
+    base = resolve_base(recipe.model, recipe.train.device, recipe.train.mixed_precision)
+    return RangeTrainer(base, rng, data=recipe.data, train=recipe.train, deme=recipe.deme, seed=recipe.seed,
+                        cache_dir=RunDir(recipe.out_dir).cache)
+
+
+def merge_inputs(recipe, run):
+    """The merge inputs `deme merge` loads for a recipe: its N range models and theta."""
+    from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.task_vectors import load_inputs
+
+    return load_inputs(resolve_base(recipe.model, recipe.train.device), run, n=recipe.ranges.n,
+                       use_ema=recipe.merge.use_ema)
+
+
+def search_setup(recipe):
+    """What the weight search reads from a recipe (as `deme merge` builds it)."""
+    from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.search_objectives import SearchSetup
+
+    base = resolve_base(recipe.model, recipe.train.device, recipe.sample.precision)
+    return SearchSetup(base, recipe.merge, recipe.sample, recipe.eval, recipe.data, recipe.train.batch_size,
+                       recipe.seed)

@@ -10,21 +10,26 @@ from deme_cli.engine.data import EpochBatches, augment_rng, build_dataset, epoch
 from deme_cli.engine.errors import UsageError
 
 
+def _dataset(recipe, **kw):
+    """The training images of a recipe: its [data] with its seed."""
+    return build_dataset(recipe.data, recipe.seed, **kw)
+
+
 def _recipe(make_recipe, **data):
     return make_recipe(data=data)
 
 
 def test_imagefolder_shapes_range_and_channels(make_recipe, tiny_images):
     r = make_recipe()
-    ds = build_dataset(r, channels=3)
+    ds = build_dataset(r.data, r.seed, channels=3)
     assert len(ds) == 32
     x = ds[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert -1.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.max()) > 0.0   # uses the range
-    g = build_dataset(r, channels=1)[0]
+    g = build_dataset(r.data, r.seed, channels=1)[0]
     assert g.shape == (1, 16, 16)
     with pytest.raises(UsageError, match="2 input channels"):
-        build_dataset(r, channels=2)
+        build_dataset(r.data, r.seed, channels=2)
 
 
 def test_imagefolder_recursive_extensions_and_max_samples(make_recipe, tmp_path):
@@ -34,17 +39,17 @@ def test_imagefolder_recursive_extensions_and_max_samples(make_recipe, tmp_path)
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(sub / f"{k}.{ext.upper()}")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
-    ds = build_dataset(_recipe(make_recipe, path=str(tmp_path / "imgs"), resolution=8), channels=3)
+    ds = _dataset(_recipe(make_recipe, path=str(tmp_path / "imgs"), resolution=8), channels=3)
     assert len(ds) == 5 and ds[4].shape == (3, 8, 8)
-    assert len(build_dataset(_recipe(make_recipe, path=str(tmp_path / "imgs"), max_samples=2))) == 2
+    assert len(_dataset(_recipe(make_recipe, path=str(tmp_path / "imgs"), max_samples=2))) == 2
 
 
 def test_empty_or_missing_folder_is_usage_error(make_recipe, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="holds no images"):
-        build_dataset(_recipe(make_recipe, path=str(tmp_path / "empty")))
+        _dataset(_recipe(make_recipe, path=str(tmp_path / "empty")))
     with pytest.raises(UsageError, match="not a folder"):
-        build_dataset(_recipe(make_recipe, path=str(tmp_path / "nope")))
+        _dataset(_recipe(make_recipe, path=str(tmp_path / "nope")))
 
 
 def test_resize_shorter_side_then_center_crop():
@@ -74,7 +79,7 @@ def test_random_crop_and_flip_are_a_function_of_seed_epoch_index():
 
 
 def test_dataset_keys_give_reproducible_items(make_recipe):
-    ds = build_dataset(make_recipe(data={"center_crop": False, "random_flip": True}), channels=3)
+    ds = _dataset(make_recipe(data={"center_crop": False, "random_flip": True}), channels=3)
     assert torch.equal(ds[(3, 7)], ds[(3, 7)])
     assert torch.equal(ds[3], ds[(3, 0)])
 
@@ -107,28 +112,28 @@ def test_hf_local_dataset_and_missing_column(make_recipe, tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     r = make_recipe(data={"source": "hf", "name": str(tmp_path / "saved"), "image_column": "img", "resolution": 8,
                           "path": None})
-    out = build_dataset(r, channels=3)     # grayscale source converted to the model's 3 channels
+    out = build_dataset(r.data, r.seed, channels=3)     # grayscale source converted to the model's 3 channels
     assert len(out) == 6 and out[0].shape == (3, 8, 8)
     assert torch.equal(out[0][0], out[0][1])
     bad = make_recipe(data={"source": "hf", "name": str(tmp_path / "saved"), "image_column": "image", "path": None})
     with pytest.raises(UsageError, match=r"no column 'image' \(columns: img, label\)"):
-        build_dataset(bad)
+        build_dataset(bad.data, bad.seed)
 
 
 def test_hf_local_image_folder_by_path(make_recipe, tiny_images):
     r = make_recipe(data={"source": "hf", "name": str(tiny_images), "path": None, "max_samples": 5})
-    ds = build_dataset(r, channels=3)
+    ds = build_dataset(r.data, r.seed, channels=3)
     assert len(ds) == 5 and ds[0].shape == (3, 16, 16)
 
 
 def test_hf_unreachable_dataset_is_usage_error(make_recipe):
     r = make_recipe(data={"source": "hf", "name": "no-such-user/no-such-dataset", "path": None})
     with pytest.raises(UsageError, match="could not load dataset"):
-        build_dataset(r)
+        build_dataset(r.data, r.seed)
 
 
 def test_dataset_pickles_for_spawned_workers(make_recipe):
     import pickle
 
-    ds = build_dataset(make_recipe(data={"random_flip": True}), channels=3)
+    ds = _dataset(make_recipe(data={"random_flip": True}), channels=3)
     assert torch.equal(pickle.loads(pickle.dumps(ds))[(5, 2)], ds[(5, 2)])

@@ -9,7 +9,7 @@ def test_train_merge_sample_eval(make_recipe, tiny_images, tmp_path):
     from typer.testing import CliRunner
 
     from deme_cli.cli import app
-    from deme_cli.engine.metrics import tiny_feature_net
+    from nets import tiny_feature_net
     from deme_cli.engine.runs import RunDir, read_json
 
     extractor = tmp_path / "tiny-features.pt"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from deme_cli.engine import models
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
-from deme_cli.engine.train import train_ranges
+from deme_cli.commands.train import run_train
 
 
 def _unet_and_projection(folder: Path) -> tuple[dict, dict]:
@@ -39,7 +39,7 @@ def trained(make_recipe):
     """Range 0 trained 4 steps at a large lr (so EMA and raw differ in every tensor that trains)."""
     recipe = make_recipe(train={"steps": 4, "checkpoint_every": 2, "lr": 1e-3})
     run = RunDir(recipe.out_dir)
-    train_ranges(recipe, run, 0)
+    run_train(recipe, run, 0)
     return recipe, run
 
 
@@ -76,11 +76,11 @@ def _legacy_export(run: RunDir, i: int) -> None:
 
 
 def test_a_legacy_final_is_refused_by_merge_and_sample_and_reexported_by_train(trained, capsys):
-    from deme_cli.engine.merge import run_merge
-    from deme_cli.engine.sample import run_sample
+    from deme_cli.commands.merge import run_merge
+    from deme_cli.commands.sample import run_sample
 
     recipe, run = trained
-    train_ranges(recipe, run, 1)
+    run_train(recipe, run, 1)
     _legacy_export(run, 0)
     # the simulated legacy folder really holds the raw UNet (the bug), and the library call did ignore state_dict
     raw_unet, _ = _unet_and_projection(run.final(0, ema=False))
@@ -95,7 +95,7 @@ def test_a_legacy_final_is_refused_by_merge_and_sample_and_reexported_by_train(t
     assert not run.merged.exists() and not run.samples("range:0").exists()
 
     capsys.readouterr()
-    [res] = train_ranges(recipe, run, 0)
+    [res] = run_train(recipe, run, 0)
     assert res["skipped"]
     err = " ".join(capsys.readouterr().err.split())
     assert "already trained" not in err
@@ -110,12 +110,12 @@ def test_a_legacy_final_is_refused_by_merge_and_sample_and_reexported_by_train(t
 def test_a_legacy_final_without_its_checkpoint_asks_for_a_retrain(trained):
     import shutil
 
-    from deme_cli.engine.merge import run_merge
+    from deme_cli.commands.merge import run_merge
 
     recipe, run = trained
     _legacy_export(run, 0)
     shutil.rmtree(run.checkpoints(0))
     with pytest.raises(UsageError, match=r"retrain it with 'deme train RECIPE --range 0 --force'"):
-        train_ranges(recipe, run, 0)
+        run_train(recipe, run, 0)
     with pytest.raises(UsageError, match=r"checkpoint is gone.*--force"):
         run_merge(recipe.model_copy(update={"ranges": recipe.ranges.model_copy(update={"n": 1})}), run)

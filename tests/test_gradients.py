@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import hand_alphas_cumprod
+from deme_cli.commands.analyze_gradients import run_analyze_gradients
 from deme_cli.engine import gradients as G
 from deme_cli.engine.errors import UsageError
 
@@ -112,7 +113,7 @@ def test_analyze_gradients_outputs_and_reuse(make_recipe):
     recipe = make_recipe()
     run = RunDir(recipe.out_dir)
     kw = dict(bins=4, timesteps=None, params="up_blocks.*", method="exact", sketch_dim=64, batch_size=3)
-    res = G.analyze_gradients(recipe, run, **kw)
+    res = run_analyze_gradients(recipe, run, **kw)
     assert not res["reused"]
     m = G.load_matrix(run.analysis / G.NPZ_FILE)
     s = m["matrix"]
@@ -129,11 +130,11 @@ def test_analyze_gradients_outputs_and_reuse(make_recipe):
 
     # Same settings: reused, not recomputed. Other settings: refused without --force, nothing replaced.
     before = (run.analysis / G.NPZ_FILE).read_bytes()
-    assert G.analyze_gradients(recipe, run, **kw)["reused"]
+    assert run_analyze_gradients(recipe, run, **kw)["reused"]
     with pytest.raises(UsageError, match="--force"):
-        G.analyze_gradients(recipe, run, **{**kw, "bins": 3})
+        run_analyze_gradients(recipe, run, **{**kw, "bins": 3})
     assert (run.analysis / G.NPZ_FILE).read_bytes() == before
-    G.analyze_gradients(recipe, run, **{**kw, "bins": 3}, force=True)
+    run_analyze_gradients(recipe, run, **{**kw, "bins": 3}, force=True)
     assert G.load_matrix(run.analysis / G.NPZ_FILE)["matrix"].shape == (3, 3)
 
 
@@ -177,7 +178,7 @@ def test_analyze_gradients_text_to_image(tiny_sd, tmp_path):
                                "data": {"source": "imagefolder", "path": str(tiny_sd["images"]), "resolution": 16,
                                         "caption_column": "text", "caption_dropout": 0.5},
                                "output": {"dir": str(tmp_path / "run")}})
-    res = G.analyze_gradients(recipe, RunDir(recipe.out_dir), bins=3, timesteps=None, params="up_blocks.1.*",
+    res = run_analyze_gradients(recipe, RunDir(recipe.out_dir), bins=3, timesteps=None, params="up_blocks.1.*",
                               method="exact", sketch_dim=8, batch_size=2)
     s = G.load_matrix(RunDir(recipe.out_dir).analysis / G.NPZ_FILE)["matrix"]
     assert s.shape == (3, 3) and np.allclose(s, s.T) and np.allclose(np.diag(s), 1) and np.abs(s).max() <= 1
@@ -203,7 +204,7 @@ def test_matrix_is_the_cosine_of_hand_computed_gradients_per_bin(make_recipe, ti
 
     recipe = make_recipe(seed=3)
     run = RunDir(recipe.out_dir)
-    G.analyze_gradients(recipe, run, bins=4, timesteps=None, params=None, method="exact", sketch_dim=8, batch_size=3)
+    run_analyze_gradients(recipe, run, bins=4, timesteps=None, params=None, method="exact", sketch_dim=8, batch_size=3)
     with np.load(run.analysis / G.NPZ_FILE) as z:
         got, ts, loss, gnorm = z["matrix"], z["timesteps"], z["loss"], z["grad_norm"]
         images = json.loads(str(z["settings"]))["images"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from deme_cli.engine import launch
+from deme_cli.engine import processes
 from deme_cli.cli import app
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
@@ -26,28 +26,28 @@ def _write(recipe, tmp_path) -> Path:
 
 def test_device_slots(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert [s.name for s in launch.device_slots("cpu:2")] == ["cpu 0", "cpu 1"]
-    assert launch.device_slots("cpu:2")[0].env() == {"CUDA_VISIBLE_DEVICES": ""}
-    two = launch.device_slots("2")
+    assert [s.name for s in processes.device_slots("cpu:2")] == ["cpu 0", "cpu 1"]
+    assert processes.device_slots("cpu:2")[0].env() == {"CUDA_VISIBLE_DEVICES": ""}
+    two = processes.device_slots("2")
     assert [s.gpus for s in two] == [(0,), (1,)] and two[1].env() == {"CUDA_VISIBLE_DEVICES": "5"}   # visible 1
-    pairs = launch.device_slots("0,1,2,3", per_job=2)
+    pairs = processes.device_slots("0,1,2,3", per_job=2)
     assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in pairs] == ["4,5", "6,7"]
-    assert len(launch.device_slots("auto")) == 4
+    assert len(processes.device_slots("auto")) == 4
     for bad in ("0", "a,b", "1,1", "cpu:0", "cpu:x"):
         with pytest.raises(UsageError):
-            launch.device_slots(bad)
+            processes.device_slots(bad)
     with pytest.raises(UsageError, match="needs at least 2"):
-        launch.device_slots("1", per_job=2)
+        processes.device_slots("1", per_job=2)
     # jobs about to start here: the GPUs asked for must be visible (a plan for another machine is not checked)
-    assert len(launch.device_slots("0,3", check=True)) == 2 and launch.device_slots("cpu:2", check=True)
+    assert len(processes.device_slots("0,3", check=True)) == 2 and processes.device_slots("cpu:2", check=True)
     with pytest.raises(UsageError, match="asks for GPU 4 but only 4 GPU"):
-        launch.device_slots("5", check=True)
+        processes.device_slots("5", check=True)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert len(launch.device_slots("2")) == 2
+    assert len(processes.device_slots("2")) == 2
     with pytest.raises(UsageError, match="none is visible on this machine; use --gpus cpu:P"):
-        launch.device_slots("2", check=True)
-    assert [s.name for s in launch.device_slots("auto", check=True)] == ["cpu 0"]
-    cmd = launch.deme_command(["train", "r.toml", "--range", "1"], processes=2, port=29601)
+        processes.device_slots("2", check=True)
+    assert [s.name for s in processes.device_slots("auto", check=True)] == ["cpu 0"]
+    cmd = processes.deme_command(["train", "r.toml", "--range", "1"], processes=2, port=29601)
     assert cmd[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"] and "29601" in cmd
 
 
@@ -74,10 +74,10 @@ def test_fan_out_two_ranges_as_two_processes(make_recipe, tmp_path):
 
 
 def test_failed_job_is_reported_with_exit_code_and_log_tail(tmp_path):
-    jobs = [launch.Job("range 0", ["train", str(tmp_path / "missing.toml"), "--range", "0"], tmp_path / "0.log")]
-    launch.run_jobs(jobs, launch.device_slots("cpu:1"), "test", poll_s=0.1)
+    jobs = [processes.Job("range 0", ["train", str(tmp_path / "missing.toml"), "--range", "0"], tmp_path / "0.log")]
+    processes.run_jobs(jobs, processes.device_slots("cpu:1"), "test", poll_s=0.1)
     assert jobs[0].returncode == 2
-    report = "\n".join(launch.failure_report(jobs))
+    report = "\n".join(processes.failure_report(jobs))
     assert "range 0 failed with exit code 2 on cpu 0" in report and "does not exist" in report
 
 
@@ -118,7 +118,7 @@ def test_one_range_data_parallel_under_torchrun(make_recipe, tmp_path):
     """One range on 2 processes (what `accelerate launch --multi_gpu` starts on GPUs; torchrun on the CPU)."""
     recipe = make_recipe(train={"steps": 2, "checkpoint_every": 2})
     path = _write(recipe, tmp_path)
-    cmd = launch.deme_command(["train", str(path), "--range", "1"], processes=2, port=29611, cpu=True)
+    cmd = processes.deme_command(["train", str(path), "--range", "1"], processes=2, port=29611, cpu=True)
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     run = RunDir(recipe.out_dir)
@@ -130,7 +130,8 @@ def test_one_range_data_parallel_under_torchrun(make_recipe, tmp_path):
 
 
 def test_sampling_with_2_processes_is_bit_identical_to_one(make_recipe, tmp_path, monkeypatch):
-    from deme_cli.engine.sample import existing_images, run_sample
+    from deme_cli.commands.sample import run_sample
+    from deme_cli.engine.images import existing_images
 
     common = dict(sample={"num_images": 5, "batch_size": 2, "steps": 3})
     one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
@@ -160,7 +161,7 @@ def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, ti
 
     import torch
 
-    from deme_cli.engine import merge
+    from deme_cli.commands import merge
     from test_merge import N, write_ranges
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")              # the same thread count in every process

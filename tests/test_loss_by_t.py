@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
+from deme_cli.commands.eval import run_eval
 from deme_cli.engine import models
 from deme_cli.engine.errors import UsageError
-from deme_cli.engine.metrics import run_eval
 from deme_cli.engine.runs import RunDir
-from deme_cli.engine.train import train_ranges
+from deme_cli.commands.train import run_train
 
 BINS = 10
 
@@ -22,7 +22,7 @@ BINS = 10
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_ddpm, tiny_images, heldout_images):
     """Two ranges, 3 steps each at a large lr (so every model differs from the base), and a uniform merge."""
-    from deme_cli.engine.merge import run_merge
+    from deme_cli.commands.merge import run_merge
     from deme_cli.engine.recipe import recipe_from_dict
 
     root = tmp_path_factory.mktemp("lossrun") / "run"
@@ -34,7 +34,7 @@ def trained_run(tmp_path_factory, tiny_ddpm, tiny_images, heldout_images):
         "eval": {"metrics": ["loss"], "reference": str(heldout_images), "loss_bins": BINS, "batch_size": 5},
         "output": {"dir": str(root)}})
     run = RunDir(root)
-    train_ranges(recipe, run, None)
+    run_train(recipe, run, None)
     run_merge(recipe, run)
     return recipe, run
 

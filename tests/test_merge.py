@@ -7,8 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hand_alphas_cumprod
-from deme_cli.engine import merge, merge_methods, merge_search, models
+from conftest import hand_alphas_cumprod, merge_inputs, search_setup
+from deme_cli.commands import merge
+from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
+                              weight_search)
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
 from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
@@ -84,11 +86,11 @@ def test_zero_weights_give_theta_exactly(setup, tiny_ddpm):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
 def test_one_hot_weight_gives_that_range_exactly(setup, method):
     recipe, run = setup(merge={"method": method, "density": 1.0})
-    inputs = merge.load_inputs(recipe, run)
+    inputs = merge_inputs(recipe, run)
     for i in range(N):
         w = [0.0] * N
         w[i] = 1.0
-        got = merge.merged_state(inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
+        got = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec.from_section(recipe.merge))
         want = _state(run.final(i))
         assert got.keys() == want.keys()
         for k in want:
@@ -167,10 +169,10 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
 
 def test_ties_one_range_density_one_is_task_arithmetic(setup):
     recipe, run = setup()
-    inputs = merge.load_inputs(recipe, run)
+    inputs = merge_inputs(recipe, run)
     w = [0.0, 0.7, 0.0]
-    ta = merge.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
-    ties = merge.merged_state(inputs, w, merge_methods.MergeSpec("ties", density=1.0))
+    ta = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
+    ties = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("ties", density=1.0))
     assert all(torch.equal(ta[k], ties[k]) for k in ta)
     tau = torch.randn(50, dtype=torch.float64)
     assert torch.equal(merge_methods.combine(merge_methods.MergeSpec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
@@ -196,19 +198,19 @@ def test_dare_preserves_expectation_and_keeps_density():
 
 def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
     recipe, run = setup()
-    inputs = merge.load_inputs(recipe, run)
+    inputs = merge_inputs(recipe, run)
     w = [0.3, 0.5, 0.2]
-    ta = merge.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
-    d1 = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=1.0, seed=5))
+    ta = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
+    d1 = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=1.0, seed=5))
     assert all(torch.equal(ta[k], d1[k]) for k in ta)
-    a = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
-    b = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
-    c = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=6))
+    a = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    b = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    c = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     # the drop of each tensor depends on its name only, not on the order tensors are streamed in
     inputs.entries = list(reversed(inputs.entries))
-    r = merge.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    r = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
     assert all(torch.equal(a[k], r[k]) for k in a)
 
 
@@ -219,8 +221,8 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
     w = [0.1, 0.2, 0.5]
     merge.run_merge(recipe, run, weights=w)
-    inputs = merge.load_inputs(recipe, run)
-    mem = merge.merged_state(inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
+    inputs = merge_inputs(recipe, run)
+    mem = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec.from_section(recipe.merge))
     unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
     proj = load_file(str(run.merged / models.PROJECTION_FILE))
     disk = {**{"unet." + k: v for k, v in unet.items()}, **{"projections." + k: v for k, v in proj.items()}}
@@ -228,8 +230,8 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
     assert all(torch.equal(disk[k], mem[k]) for k in mem)
     # the folder loads back as a model, and computes what the in-memory merge computes
     loaded = models.load_model_folder(run.merged)
-    cand = merge.new_candidate_model(inputs)
-    merge.load_merged_into(cand, inputs, w, merge_methods.MergeSpec.from_recipe(recipe))
+    cand = task_vectors.new_candidate_model(inputs)
+    task_vectors.load_merged_into(cand, inputs, w, merge_methods.MergeSpec.from_section(recipe.merge))
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.equal(loaded(x, t).sample, cand(x, t).sample)
@@ -285,8 +287,8 @@ def test_bad_inputs_refused_and_merged_kept(setup, tiny_ddpm, tmp_path):
     with pytest.raises(UsageError, match="3 ranges"):
         merge.run_merge(recipe, run, weights=[0.1, 0.2])
     with pytest.raises(UsageError, match="comma-separated"):
-        merge.parse_weights("0.1,abc")
-    assert merge.parse_weights("0.1, 0.1,0.2,0.5") == [0.1, 0.1, 0.2, 0.5]
+        task_vectors.parse_weights("0.1,abc")
+    assert task_vectors.parse_weights("0.1, 0.1,0.2,0.5") == [0.1, 0.1, 0.2, 0.5]
 
     # a range finetuned from another base
     meta_path = run.final(1) / "deme.json"
@@ -352,7 +354,7 @@ class PlantedObjective:
     device = torch.device("cpu")
 
     def __init__(self, recipe, run, inputs):
-        want = merge.merged_state(inputs, self.TARGET, merge_methods.MergeSpec.from_recipe(recipe))
+        want = task_vectors.merged_state(inputs, self.TARGET, merge_methods.MergeSpec.from_section(recipe.merge))
         self.want = {k: v.double() for k, v in want.items()}
 
     def __call__(self, model):
@@ -365,7 +367,7 @@ class PlantedObjective:
 
 @pytest.mark.parametrize("strategy", ["grid", "coordinate", "greedy"])
 def test_search_finds_planted_optimum(setup, monkeypatch, strategy):
-    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    monkeypatch.setitem(search_objectives.OBJECTIVES, "loss", PlantedObjective)
     recipe, run = setup(merge={"search": strategy, "candidates": [0.0, 0.5, 1.0]})
     res = merge.run_merge(recipe, run, search=True)
     log = res["search"]
@@ -399,7 +401,7 @@ def test_search_with_loss_objective(setup, tiny_ddpm, heldout_images):
     want, idx, t = _hand_heldout_loss(theta, heldout_images, 6, seed=3)
     assert idx == [0, 2, 4, 7, 9, 11] and t == [83, 250, 416, 583, 750, 916]
     assert scores[(0.0, 0.0, 0.0)] == pytest.approx(float(want.mean()), rel=1e-5)
-    objective = merge_search.LossObjective(recipe, run, merge.load_inputs(recipe, run))
+    objective = search_objectives.LossObjective(search_setup(recipe), run, merge_inputs(recipe, run))
     assert objective.indices == idx and objective.held.t.tolist() == t
     assert objective.losses(theta).tolist() == pytest.approx(want.tolist(), rel=1e-5)
     for i, w in enumerate([(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)]):
@@ -440,11 +442,11 @@ def test_search_with_range_loss_objective(setup, tiny_images):
 
     # by hand: t_k = floor((k + 1/2) 1000 / 6) = 83, 250, 416, 583, 750, 916 -> two images per range
     plain, _ = setup(merge={**m, "objective": "loss"})
-    inputs = merge.load_inputs(plain, run)
+    inputs = merge_inputs(plain, run)
     with inputs.open():
-        objective, merger, _ = merge_search.candidate_evaluator(plain, run, inputs,
-                                                                merge_methods.MergeSpec.from_recipe(plain))
-        model = merge.new_candidate_model(inputs).eval()
+        objective, merger, _ = search_pool.candidate_evaluator(search_setup(plain), run, inputs,
+                                                               merge_methods.MergeSpec.from_section(plain.merge))
+        model = task_vectors.new_candidate_model(inputs).eval()
         merger.load_into(model, [0.0, 0.0, 0.0])
         theta = objective.losses(model)
         merger.load_into(model, [1.0, 0.0, 1.0])
@@ -460,7 +462,7 @@ def test_search_with_range_loss_objective(setup, tiny_images):
 
 
 def test_search_with_kid_objective(setup, tiny_images, tmp_path):
-    from deme_cli.engine.metrics import tiny_feature_net
+    from nets import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))
@@ -485,14 +487,15 @@ def test_search_with_kid_objective(setup, tiny_images, tmp_path):
 def test_candidate_merger_matches_streamed_merge(setup, method):
     """The search's in-memory merges equal the streamed float64 merge up to float32 rounding."""
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 1})
-    inputs = merge.load_inputs(recipe, run)
-    spec = merge_methods.MergeSpec.from_recipe(recipe)
-    merger = merge.CandidateMerger(inputs, spec)
-    model = merge.new_candidate_model(inputs)
-    assert merge.CandidateMerger.nbytes(inputs) == 4 * sum(t.numel() for t in model.state_dict().values()) * (1 + N)
+    inputs = merge_inputs(recipe, run)
+    spec = merge_methods.MergeSpec.from_section(recipe.merge)
+    merger = task_vectors.CandidateMerger(inputs, spec)
+    model = task_vectors.new_candidate_model(inputs)
+    assert task_vectors.CandidateMerger.nbytes(inputs) == \
+        4 * sum(t.numel() for t in model.state_dict().values()) * (1 + N)
     for w in ([0.1, 0.2, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]):
         merger.load_into(model, w)
-        got, want = model.state_dict(), merge.merged_state(inputs, w, spec)
+        got, want = model.state_dict(), task_vectors.merged_state(inputs, w, spec)
         close = sum((~torch.isclose(got[k], want[k], rtol=1e-5, atol=1e-7)).sum().item() for k in want)
         assert close <= 2, (w, close)  # TIES: an entry whose signed sum is ~0 may elect the other sign in float32
         if w == [0.0, 0.0, 0.0]:
@@ -503,14 +506,14 @@ def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
     recipe, run = setup()
     merge.run_merge(recipe, run, weights=[0.1, 0.1, 0.1])
     before = _snapshot(run.merged)
-    real = merge.merged_tensors
+    real = task_vectors.merged_tensors
 
     def broken(*a, **k):
         for n, item in enumerate(real(*a, **k)):
             if n == 20:
                 raise RuntimeError("disk full")
             yield item
-    monkeypatch.setattr(merge, "merged_tensors", broken)
+    monkeypatch.setattr(task_vectors, "merged_tensors", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         merge.run_merge(recipe, run, weights=[0.3, 0.1, 0.1])
     assert _snapshot(run.merged) == before
@@ -518,9 +521,9 @@ def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
 
 
 def test_scaled_space_holds_theta_the_uniform_average_the_release_weights_and_a_sweep_of_the_sum():
-    from deme_cli.engine.recipe import MergeSection
+    from deme_cli.engine.recipe import MergeSection, default_shapes
 
-    space = merge_search.Space.from_recipe(MergeSection(), 4)
+    space = weight_search.Space.from_recipe(MergeSection(), 4)
     cands = space.scaled()
     assert cands[0] == (0.0,) * 4
     assert (0.25,) * 4 in cands and (0.1, 0.1, 0.2, 0.5) in cands and (0.5, 0.2, 0.1, 0.1) in cands
@@ -528,7 +531,7 @@ def test_scaled_space_holds_theta_the_uniform_average_the_release_weights_and_a_
     assert sums == sorted({0.0} | {round(c * s, 9) for c in (0.5, 0.75, 1.0, 1.25, 1.5) for s in (1.0, 0.9)})
     assert len(cands) == len(set(cands)) == 1 + 3 * 5
     # other N: the uniform average, a rising ramp with the release's sum and last/first ratio, and its mirror
-    shapes = merge_search.default_shapes(3)
+    shapes = default_shapes(3)
     assert shapes[0] == [1 / 3] * 3 and sum(shapes[1]) == pytest.approx(0.9)
     assert shapes[1][-1] / shapes[1][0] == pytest.approx(5.0) and shapes[2] == shapes[1][::-1]
 
@@ -536,7 +539,7 @@ def test_scaled_space_holds_theta_the_uniform_average_the_release_weights_and_a_
 def test_scaled_search_logs_every_candidate_and_draws_them(setup, monkeypatch):
     from PIL import Image
 
-    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    monkeypatch.setitem(search_objectives.OBJECTIVES, "loss", PlantedObjective)
     recipe, run = setup(merge={"search": "scaled", "shapes": [[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]],
                                "scales": [0.5, 1.0, 2.0]})
     res = merge.run_merge(recipe, run, search=True)
@@ -552,14 +555,14 @@ def test_scaled_search_logs_every_candidate_and_draws_them(setup, monkeypatch):
 def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, monkeypatch, tmp_path):
     import numpy as np
 
-    from deme_cli.engine import metrics, model_specs
-    from deme_cli.engine.metrics import tiny_feature_net
+    from deme_cli.engine import features, model_specs
+    from nets import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))
     seen = []
 
-    def fake_sample(model, recipe, num_images, *, steps=None, **kw):
+    def fake_sample(model, base, sample, resolution, num_images, *, steps=None, **kw):
         seen.append((num_images, steps))
         return np.zeros((num_images, 16, 16, 3), np.uint8)
 
@@ -567,10 +570,10 @@ def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, mo
         return np.random.default_rng(len(images) + len(seen)).normal(size=(len(images), 16))
 
     monkeypatch.setattr(model_specs, "sample_images", fake_sample)
-    monkeypatch.setattr(metrics, "array_features", fake_features)
+    monkeypatch.setattr(features, "array_features", fake_features)
     recipe, run = setup(merge={"objective": "kid", "shapes": [[1.0, 0.0, 0.0]], "scales": [1.0]},
                         sample={"steps": 7}, eval={"feature_extractor": str(ext)})
-    assert recipe.merge.search == "scaled" and recipe.merge.search_num_images is None
+    assert recipe.merge.search == "scaled" and recipe.merge.search_num_images == 1000 and recipe.merge.search_steps is None
     log = merge.run_merge(recipe, run, search=True)["search"]
     assert seen == [(1000, 7), (1000, 7)]                       # theta and the one candidate
     assert log["num_images"] == 1000 and log["sampler"]["steps"] == 7
@@ -614,15 +617,15 @@ def test_search_mergers_load_the_hand_merge_into_the_candidate(make_recipe, mixe
     """The weight search's candidate merges, on the fallback path (task vectors too big for memory: each candidate
     streamed from the files) and on the in-memory path, equal theta + sum_i w_i (theta_i - theta) computed here from
     the safetensors files, on every tensor, also when candidates follow each other in the same model."""
-    monkeypatch.setattr(merge_search, "free_bytes", lambda device: free)
+    monkeypatch.setattr(search_pool, "free_bytes", lambda device: free)
     recipe = make_recipe(ranges={"n": N})
     run = RunDir(mixed_dir)
-    inputs = merge.load_inputs(recipe, run)
-    merger = merge_search.make_merger(inputs, merge_methods.MergeSpec.from_recipe(recipe), torch.device("cpu"))
+    inputs = merge_inputs(recipe, run)
+    merger = search_pool.make_merger(inputs, merge_methods.MergeSpec.from_section(recipe.merge), torch.device("cpu"))
     fallback = free == 1
-    assert isinstance(merger, merge.StreamingMerger if fallback else merge.CandidateMerger)
+    assert isinstance(merger, task_vectors.StreamingMerger if fallback else task_vectors.CandidateMerger)
     assert ("merged from disk instead" in " ".join(capsys.readouterr().err.split())) == fallback
-    model = merge.new_candidate_model(inputs)
+    model = task_vectors.new_candidate_model(inputs)
     folders = [run.final(i) for i in range(N)]
     for w in ([0.3, -0.6, 1.2], [0.0, 0.0, 0.0], [0.0, 0.9, 0.4], [1.0, 0.0, 0.0]):
         merger.load_into(model, w)
@@ -635,12 +638,12 @@ def test_search_mergers_load_the_hand_merge_into_the_candidate(make_recipe, mixe
 
 def test_search_fallback_scores_like_the_in_memory_search(setup, monkeypatch):
     """A whole search with the task vectors forced out of memory logs the streaming merger and the same scores."""
-    monkeypatch.setitem(merge_search.OBJECTIVES, "loss", PlantedObjective)
+    monkeypatch.setitem(search_objectives.OBJECTIVES, "loss", PlantedObjective)
     recipe, run = setup(merge={"search": "scaled", "shapes": [[0.5, 0.0, 1.0], [1.0, 1.0, 1.0]], "scales": [0.5, 1.0]})
     fast = merge.run_merge(recipe, run, search=True)["search"]
-    monkeypatch.setattr(merge_search, "free_bytes", lambda device: 1)
+    monkeypatch.setattr(search_pool, "free_bytes", lambda device: 1)
     slow = merge.run_merge(recipe, run, search=True, force=True)["search"]
-    assert fast["merges"] == merge.CandidateMerger.kind and slow["merges"] == merge.StreamingMerger.kind
+    assert fast["merges"] == task_vectors.CandidateMerger.kind and slow["merges"] == task_vectors.StreamingMerger.kind
     assert [c["weights"] for c in slow["candidates"]] == [c["weights"] for c in fast["candidates"]]
     assert [c["score"] for c in slow["candidates"]] == pytest.approx([c["score"] for c in fast["candidates"]],
                                                                      rel=1e-5, abs=1e-9)
@@ -691,7 +694,7 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
     single.unlink()
-    assert merge.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    assert task_vectors.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
     merge.run_merge(recipe, run, weights=w)
     got = _hand_file_state(run.merged)
     assert got.keys() == want.keys()

@@ -29,13 +29,13 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-    from deme_cli.engine.metrics import tiny_extractor
+    from nets import tiny_extractor
 
     return tiny_extractor(dim=8)
 
 
 def _feats(folder, ext):
-    from deme_cli.engine.metrics import files_features, image_files
+    from deme_cli.engine.features import files_features, image_files
 
     return files_features(image_files(folder), ext)
 
@@ -95,7 +95,7 @@ def fid_by_hand(x: np.ndarray, y: np.ndarray) -> float:
 def test_kid_and_fid_equal_their_definitions_by_hand():
     """kid_score on equal-sized sets is the unbiased MMD^2 with the cubic kernel (any seed); fid_score is the
     Frechet distance computed by hand (no sqrtm); both rank a nearer set below a farther one."""
-    from deme_cli.engine.metrics import Reference, fid_score, kid_score
+    from deme_cli.engine.fid import Reference, fid_score, kid_score
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(30, 6))
@@ -112,7 +112,7 @@ def test_kid_and_fid_equal_their_definitions_by_hand():
     # unequal sets: what eval reports is clean-fid's kernel_distance(samples, reference) with numpy seeded by the seed
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import score_features
+    from deme_cli.engine.fid import score_features
 
     y = far[:20]
     np.random.seed(4)
@@ -127,7 +127,7 @@ def test_features_are_the_extractor_on_images_resized_by_hand(mode, tiny, tmp_pa
     several sizes, square or not. The two modes give different features (the test can tell them apart)."""
     from PIL import Image
 
-    from deme_cli.engine.metrics import files_features
+    from deme_cli.engine.features import files_features
 
     rng = np.random.default_rng(1)
     files = []
@@ -149,7 +149,8 @@ def test_torchscript_extractor_input_per_mode(tmp_path):
     so features cached in one mode are not reused in the other, and extractor_key knows it without loading."""
     import torch
 
-    from deme_cli.engine.metrics import extractor_key, load_extractor, tiny_feature_net
+    from deme_cli.engine.features import extractor_key, load_extractor
+    from nets import tiny_feature_net
 
     net = tiny_feature_net(dim=8)
     path = tmp_path / "net.pt"
@@ -166,7 +167,7 @@ def test_torchscript_extractor_input_per_mode(tmp_path):
 
 
 def test_fid_of_a_folder_against_itself_is_zero_and_grows_with_difference(folders, tiny):
-    from deme_cli.engine.metrics import fid_score, load_reference
+    from deme_cli.engine.fid import fid_score, load_reference
 
     a, b, noise = folders
     fa = _feats(a, tiny)
@@ -182,7 +183,7 @@ def test_fid_equals_clean_fid_compute_fid(folders, tiny):
     import torch
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import fid_score, load_reference
+    from deme_cli.engine.fid import fid_score, load_reference
 
     a, _, noise = folders
     ours = fid_score(_feats(a, tiny), load_reference(str(noise), tiny))
@@ -195,7 +196,7 @@ def test_fid_equals_clean_fid_compute_fid(folders, tiny):
 def test_kid_matches_clean_fid_and_is_reproducible(folders, tiny):
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import kid_score
+    from deme_cli.engine.fid import kid_score
 
     a, b, noise = folders
     fa, fb, fn = _feats(a, tiny), _feats(b, tiny), _feats(noise, tiny)
@@ -211,7 +212,7 @@ def test_kid_std_is_the_spread_of_clean_fids_subset_estimates(folders, tiny):
     ones clean-fid draws, so 100 one-subset calls of clean-fid's kernel_distance give the same values."""
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import Reference, kid_subsets, score_features
+    from deme_cli.engine.fid import Reference, kid_subsets, score_features
 
     rng = np.random.default_rng(0)
     fa, fn = rng.normal(size=(60, 8)), rng.normal(0.3, 1.0, size=(80, 8))
@@ -229,7 +230,7 @@ def test_kid_std_is_the_spread_of_clean_fids_subset_estimates(folders, tiny):
 
 
 def test_npz_reference(folders, tiny, tmp_path):
-    from deme_cli.engine.metrics import fid_score, load_reference, score_features
+    from deme_cli.engine.fid import fid_score, load_reference, score_features
 
     a, b, _ = folders
     fb = _feats(b, tiny)
@@ -248,7 +249,7 @@ def test_npz_reference(folders, tiny, tmp_path):
 
 
 def test_reference_kinds():
-    from deme_cli.engine.metrics import reference_kind
+    from deme_cli.engine.fid import reference_kind
 
     with pytest.raises(UsageError, match="does not exist"):
         reference_kind("/nowhere/at/all")
@@ -260,7 +261,7 @@ def test_reference_kinds():
 def test_default_extractor_is_found_without_importing_fid_helper():
     import sys
 
-    from deme_cli.engine.metrics import default_extractor_path
+    from deme_cli.engine.features import default_extractor_path
 
     p = default_extractor_path()
     if p is None:
@@ -280,7 +281,8 @@ def _sample_folder(run, model, src, n, meta=None):
 
 
 def test_run_eval_writes_json_and_checks_counts(make_recipe, folders, tiny):
-    from deme_cli.engine.metrics import fid_score, load_reference, run_eval
+    from deme_cli.commands.eval import run_eval
+    from deme_cli.engine.fid import fid_score, load_reference
     from deme_cli.engine.runs import RunDir, read_json
 
     a, b, _ = folders
@@ -308,7 +310,7 @@ def test_eval_is_reused_when_only_the_sample_calls_bookkeeping_changed(make_reci
     """A re-run of `deme sample` rewrites samples.json with generated = 0, skipped = n: eval must not re-score."""
     import dataclasses
 
-    from deme_cli.engine.metrics import run_eval
+    from deme_cli.commands.eval import run_eval
     from deme_cli.engine.runs import RunDir, read_json
 
     tiny = dataclasses.replace(tiny, cache_key="tiny-test")   # results are only reused for a pinned-down extractor
@@ -361,7 +363,7 @@ def test_clip_score_matches_its_definition(tiny_clip, folders):
     import torch
     from PIL import Image
 
-    from deme_cli.engine.metrics import CLIP_MEAN, CLIP_STD, clip_score, load_clip
+    from deme_cli.engine.clip import CLIP_MEAN, CLIP_STD, clip_score, load_clip
 
     a, _, _ = folders
     files = sorted(str(f) for f in a.glob("*.png"))[:6]
@@ -424,7 +426,7 @@ def test_eval_clip_score_pairs_each_image_with_its_own_prompt(make_recipe, folde
 
     from PIL import Image
 
-    from deme_cli.engine.metrics import run_eval
+    from deme_cli.commands.eval import run_eval
     from deme_cli.engine.runs import RunDir
 
     a, _, _ = folders
@@ -478,7 +480,7 @@ def test_clip_score_resizes_images_as_clip_image_processors_do(tiny_clip, tmp_pa
     import torch
     from transformers import CLIPImageProcessor
 
-    from deme_cli.engine.metrics import clip_score, load_clip
+    from deme_cli.engine.clip import clip_score, load_clip
 
     images = _odd_sized_images()
     cpu = torch.device("cpu")
@@ -507,7 +509,7 @@ def cleanfid_inception(tmp_path_factory):
     from cleanfid import features, inception_pytorch
     from cleanfid.inception_torchscript import InceptionV3W
 
-    from deme_cli.engine.metrics import default_extractor_path
+    from deme_cli.engine.features import default_extractor_path
 
     path = default_extractor_path()
     if path is None:
@@ -563,7 +565,9 @@ def test_eval_with_the_fid_inception_equals_clean_fids_own_features_and_kid(mode
     import torch
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import load_extractor, load_reference, run_eval
+    from deme_cli.commands.eval import run_eval
+    from deme_cli.engine.features import load_extractor
+    from deme_cli.engine.fid import load_reference
     from deme_cli.engine.runs import RunDir
 
     a = write_shapes(tmp_path / "a", 6, 16, seed=1)
@@ -596,7 +600,7 @@ def test_frechet_distance_matches_clean_fid_and_survives_scipy_without_disp(monk
     import scipy.linalg
     from cleanfid import fid
 
-    from deme_cli.engine.metrics import frechet_distance
+    from deme_cli.engine.fid import frechet_distance
 
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(40, 6)), rng.normal(0.3, 1.2, size=(50, 6))
@@ -624,10 +628,11 @@ def test_up_to_date_eval_loads_no_network(make_recipe, folders, tiny, tmp_path, 
     """A re-run whose results are current must not load the feature extractor (the Inception takes ~30 s on a CPU)."""
     import torch
 
-    from deme_cli.engine import metrics
+    from deme_cli.commands import eval as eval_cmd
     from deme_cli.engine.runs import RunDir, read_json
+    from nets import tiny_feature_net
 
-    net = torch.jit.trace(metrics.tiny_feature_net(), torch.zeros(2, 3, 299, 299))
+    net = torch.jit.trace(tiny_feature_net(), torch.zeros(2, 3, 299, 299))
     ts = tmp_path / "tiny-extractor.pt"
     net.save(str(ts))
     a, b, _ = folders
@@ -636,12 +641,12 @@ def test_up_to_date_eval_loads_no_network(make_recipe, folders, tiny, tmp_path, 
     run = RunDir(recipe.out_dir)
     _sample_folder(run, "merged", a, 6)
     loads = []
-    real = metrics.load_extractor
-    monkeypatch.setattr(metrics, "load_extractor", lambda *args: loads.append(args) or real(*args))
-    first = metrics.run_eval(recipe, run, ["merged"])["results"]["merged"]
+    real = eval_cmd.load_extractor
+    monkeypatch.setattr(eval_cmd, "load_extractor", lambda *args: loads.append(args) or real(*args))
+    first = eval_cmd.run_eval(recipe, run, ["merged"])["results"]["merged"]
     assert len(loads) == 1 and first["metrics"]["fid"] > 0
-    again = metrics.run_eval(recipe, run, ["merged"])["results"]["merged"]
+    again = eval_cmd.run_eval(recipe, run, ["merged"])["results"]["merged"]
     assert len(loads) == 1 and again["fingerprint"] == first["fingerprint"]   # reused, nothing loaded
     assert read_json(run.eval_json("merged"))["metrics"] == first["metrics"]
-    metrics.run_eval(recipe, run, ["merged"], force=True)                     # --force does load and rescore
+    eval_cmd.run_eval(recipe, run, ["merged"], force=True)                     # --force does load and rescore
     assert len(loads) == 2

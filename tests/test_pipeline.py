@@ -1,4 +1,5 @@
 """`deme run`: the whole pipeline through the command line, resumable, refusing to mix recipes."""
+import functools
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from deme_cli.cli import app
 def run_recipe(tmp_path, tiny_ddpm, tiny_images):
     import torch
 
-    from deme_cli.engine.metrics import tiny_feature_net
+    from nets import tiny_feature_net
 
     ext = tmp_path / "tiny_extractor.pt"
     torch.jit.script(tiny_feature_net()).save(str(ext))
@@ -83,17 +84,18 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
 def test_run_interrupted_mid_stage_finishes_without_redoing_work(run_recipe, tmp_path, monkeypatch):
     """Ctrl-C while `deme run` samples its second model: the next `deme run` keeps the split, the trained ranges, the
     merge and the first model's images, and does only what is missing."""
-    from deme_cli.engine import sample
+    from deme_cli.commands import pipeline
 
-    real = sample.run_sample
+    real = pipeline.sample_model
 
-    def interrupted(recipe, run, model, **kw):
-        if model == "ensemble":
+    @functools.wraps(real)              # the pipeline binds the recipe's sections by the stage's signature
+    def interrupted(base, run, spec, **kw):
+        if spec == "ensemble":
             raise KeyboardInterrupt
-        return real(recipe, run, model, **kw)
+        return real(base, run, spec, **kw)
 
     runner = CliRunner()
-    monkeypatch.setattr(sample, "run_sample", interrupted)
+    monkeypatch.setattr(pipeline, "sample_model", interrupted)
     r = runner.invoke(app, ["run", str(run_recipe), "--json"])
     assert r.exit_code != 0
     run = tmp_path / "run"
@@ -102,7 +104,7 @@ def test_run_interrupted_mid_stage_finishes_without_redoing_work(run_recipe, tmp
     base_pngs = {p: p.stat().st_mtime_ns for p in (run / "samples" / "base").glob("0*.png")}
     assert len(base_pngs) == 6 and any("merged" in str(p) for p in weights)
 
-    monkeypatch.setattr(sample, "run_sample", real)
+    monkeypatch.setattr(pipeline, "sample_model", real)
     r = runner.invoke(app, ["run", str(run_recipe), "--json"])
     assert r.exit_code == 0, r.output
     status = {s["stage"]: s["status"] for s in json.loads(r.stdout)["stages"]}
@@ -132,3 +134,41 @@ def test_run_without_an_eval_reference_stops_before_training(recipe_name, tmp_pa
     from deme_cli.engine.recipe import load_recipe
 
     preflight_eval(load_recipe(recipe, [f'eval.reference="{tiny_images}"', f'model.pretrained="{tiny_ddpm}"']))
+
+
+def test_stage_inputs_are_read_off_the_stage_signatures(make_recipe):
+    """Each stage's recorded inputs are the sections its function (and the functions before it) take: a section only
+    a later stage reads is not an input of an earlier one, and speed-only keys are left out."""
+    from deme_cli.commands.pipeline import STAGES, stage_inputs, stage_sections
+    from deme_cli.engine.recipe import stage_keys
+
+    by_name = {s.name: s for s in STAGES}
+    assert stage_keys(by_name["train"].fn) == ["model", "data", "ranges", "train", "deme", "seed"]
+    assert stage_sections(by_name["split"]) == ["model", "ranges"]
+    assert set(stage_sections(by_name["train"])) == {"model", "ranges", "data", "train", "deme", "seed"}
+    assert {"merge", "sample", "eval"} <= set(stage_sections(by_name["eval"]))
+    inputs = stage_inputs(make_recipe(), by_name["train"])
+    assert inputs["train.lr"] == make_recipe().train.lr and "data.num_workers" not in inputs
+    assert not any(k.startswith(("merge.", "sample.", "eval.", "output.", "run.", "name")) for k in inputs)
+
+
+def test_run_json_of_older_versions_reads_unset_keys_as_their_meaning_then(make_recipe, tmp_path):
+    """run.json written before merge.weights and caption_column were explicit holds None for them: None in
+    merge.weights meant a search in `deme run`, elsewhere the key's default. A key the old record lacks cannot
+    differ. Any other change is refused."""
+    from deme_cli.commands.pipeline import STAGES, check_provenance, stage_inputs
+    from deme_cli.engine.errors import UsageError
+    from deme_cli.engine.runs import RunDir
+
+    searched = make_recipe(merge={"weights": "search"})
+    merge_stage = next(s for s in STAGES if s.name == "merge")
+    old = stage_inputs(searched, merge_stage)
+    old.update({"merge.weights": None, "data.caption_column": None})
+    del old["sample.steps"]                                    # not recorded by the old version
+    record = {"stages": {"merge": {"inputs": old}}}
+    run = RunDir(tmp_path)
+    check_provenance(searched, run, record)                    # same meaning: continues
+    with pytest.raises(UsageError, match=r"merge.weights: None -> 'uniform'"):
+        check_provenance(make_recipe(), run, record)           # the new default is not what the old run did
+    with pytest.raises(UsageError, match=r"'merge' stage .*merge.seed: 0 -> 7"):
+        check_provenance(make_recipe(merge={"weights": "search", "seed": 7}), run, record)

@@ -71,8 +71,32 @@ def test_malformed_and_missing(tmp_path):
 
 def test_resolved_toml_roundtrips(tmp_path):
     r = load_recipe(write(tmp_path, MIN), ["train.steps=9"])
-    again = load_recipe(write(tmp_path, r.to_toml()))
-    assert again == r
+    text = r.to_toml()
+    again = load_recipe(write(tmp_path, text))
+    assert again == r.resolved() and again.resolved() == again and again.to_toml() == text
+
+
+def test_resolved_toml_records_the_value_used_for_every_key(tmp_path):
+    """Keys whose default follows from other keys are written with the value the stages use; keys left unset are
+    listed as comments, so every key of every section appears in the file."""
+    import tomllib
+
+    from deme_cli.engine.recipe import Recipe, default_shapes
+
+    r = load_recipe(write(tmp_path, MIN), ["sample.num_images=77", "sample.steps=13", "ranges.n=3"])
+    text = r.to_toml()
+    d = tomllib.loads(text)
+    assert d["eval"]["num_images"] == 77 and d["merge"]["search_steps"] == 13
+    assert d["merge"]["shapes"] == default_shapes(3) and d["merge"]["weights"] == "uniform"
+    assert d["output"]["dir"] == str(r.out_dir) and d["data"]["caption_column"] == "text"
+    for section, field in Recipe.model_fields.items():
+        keys = getattr(field.annotation, "model_fields", None)
+        if keys is None:
+            assert section in d
+            continue
+        for k in keys:
+            assert k in d[section] or f"# {k}: not set" in text, f"{section}.{k}"
+    assert "# revision: not set" in text and "revision" not in d["model"]
 
 
 @pytest.mark.parametrize("name", ["cifar10", "lsun-church", "lsun-bedroom", "sd-coco30k", "sd-imagenet1k",

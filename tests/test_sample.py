@@ -110,7 +110,7 @@ def _fake_range_models(recipe, run):
     import torch
 
     from deme_cli.engine.models import load_base, save_model_folder, unet_hash
-    from deme_cli.engine.splitting import run_split
+    from deme_cli.commands.split import run_split
 
     rs = run_split(recipe, run)["ranges"]
     for r in rs:
@@ -124,7 +124,8 @@ def _fake_range_models(recipe, run):
 
 def test_run_sample_writes_pngs_grid_and_json_and_resumes(make_recipe):
     from deme_cli.engine.runs import RunDir, read_json
-    from deme_cli.engine.sample import existing_images, run_sample
+    from deme_cli.commands.sample import run_sample
+    from deme_cli.engine.images import existing_images
 
     recipe = make_recipe(sample={"steps": 3, "num_images": 4, "batch_size": 3, "seed": 7})
     run = RunDir(recipe.out_dir)
@@ -156,7 +157,8 @@ def test_run_sample_writes_pngs_grid_and_json_and_resumes(make_recipe):
 
 def test_sample_ensemble_range_and_missing_models(make_recipe):
     from deme_cli.engine.runs import RunDir, read_json
-    from deme_cli.engine.sample import existing_images, run_sample
+    from deme_cli.commands.sample import run_sample
+    from deme_cli.engine.images import existing_images
 
     recipe = make_recipe(sample={"steps": 4, "num_images": 2, "batch_size": 2})
     run = RunDir(recipe.out_dir)
@@ -318,7 +320,7 @@ def ensemble_run(tmp_path_factory, tiny_ddpm, tiny_images):
 def test_ensemble_samples_equal_a_hand_loop_routing_each_step_by_range(ensemble_run, tiny_ddpm):
     """`deme sample --model ensemble` on a run dir: every image equals DDIM run by hand with, at step t, the model of
     the range whose [lo, hi) holds t (uneven ranges; t = 750, 500, 250, 0 sit on the boundaries)."""
-    from deme_cli.engine.sample import run_sample
+    from deme_cli.commands.sample import run_sample
 
     recipe, run, ranges = ensemble_run
     out = run_sample(recipe, run, "ensemble", force=True)
@@ -342,8 +344,8 @@ def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_han
     import torch
     from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
 
-    from deme_cli.engine.merge import run_merge
-    from deme_cli.engine.sample import run_sample
+    from deme_cli.commands.merge import run_merge
+    from deme_cli.commands.sample import run_sample
 
     recipe, run, _ = ensemble_run
     run_merge(recipe, run)
@@ -369,9 +371,10 @@ def test_resumed_samples_equal_uninterrupted_ones(make_recipe, tmp_path, monkeyp
     has 2 images written), then lose image 1 too and leave a truncated temporary file where a crash leaves one;
     re-running B makes exactly the missing images, and every PNG of B has A's bytes. DDPM draws noise at every step,
     so an image made with another image's seed, or in another position, shows."""
-    from deme_cli.engine import sample
+    from deme_cli.commands import sample
     from deme_cli.engine.runs import RunDir, read_json
-    from deme_cli.engine.sample import existing_images, run_sample
+    from deme_cli.commands.sample import run_sample
+    from deme_cli.engine.images import existing_images
 
     settings = {"scheduler": "ddpm", "steps": 5, "num_images": 7, "batch_size": 3, "seed": 21}
     a = make_recipe(sample=settings, output={"dir": str(tmp_path / "A")})
@@ -379,7 +382,7 @@ def test_resumed_samples_equal_uninterrupted_ones(make_recipe, tmp_path, monkeyp
     run_sample(a, RunDir(a.out_dir), "base")
     folder_a, folder_b = RunDir(a.out_dir).samples("base"), RunDir(b.out_dir).samples("base")
 
-    real, saved = sample._save_png, []
+    real, saved = sample.save_png, []
 
     def crash_after_five(path, img, size):
         if len(saved) == 5:
@@ -387,10 +390,10 @@ def test_resumed_samples_equal_uninterrupted_ones(make_recipe, tmp_path, monkeyp
         real(path, img, size)
         saved.append(path.name)
 
-    monkeypatch.setattr(sample, "_save_png", crash_after_five)
+    monkeypatch.setattr(sample, "save_png", crash_after_five)
     with pytest.raises(KeyboardInterrupt):
         run_sample(b, RunDir(b.out_dir), "base")
-    monkeypatch.setattr(sample, "_save_png", real)
+    monkeypatch.setattr(sample, "save_png", real)
     assert sorted(existing_images(folder_b)) == [0, 1, 2, 3, 4]
     assert read_json(folder_b / "samples.json")["complete"] is False
     (folder_b / "000001.png").unlink()

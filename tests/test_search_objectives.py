@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_shapes
-from deme_cli.engine import merge, merge_methods, merge_search, model_specs, models
+from conftest import merge_inputs, search_setup, write_shapes
+from deme_cli.engine import merge_methods, model_specs, models, search_pool
 from deme_cli.engine.runs import RunDir
 from test_metrics import features_by_hand, fid_by_hand, mmd2_by_hand
 
@@ -22,7 +22,7 @@ N = 2
 @pytest.fixture(scope="module")
 def feature_net(tmp_path_factory):
     """(TorchScript path, the same network) of an 8-feature random conv net: eval.feature_extractor for the search."""
-    from deme_cli.engine.metrics import tiny_feature_net
+    from nets import tiny_feature_net
 
     net = tiny_feature_net(dim=8, seed=3)
     path = tmp_path_factory.mktemp("extractor") / "net.pt"
@@ -66,16 +66,16 @@ def _scored(recipe, run, weights, monkeypatch, planted=()):
     calls, real = [], model_specs.sample_images
     planted = list(planted)
 
-    def recording(model, recipe_, num_images, **kw):
-        images = planted.pop(0) if planted else real(model, recipe_, num_images, **kw)
+    def recording(model, base, sample, resolution, num_images, **kw):
+        images = planted.pop(0) if planted else real(model, base, sample, resolution, num_images, **kw)
         calls.append((images, num_images, kw.get("steps")))
         return images
 
     monkeypatch.setattr(model_specs, "sample_images", recording)
-    inputs = merge.load_inputs(recipe, run)
+    inputs = merge_inputs(recipe, run)
     with inputs.open():
-        _, _, evaluate = merge_search.candidate_evaluator(recipe, run, inputs,
-                                                          merge_methods.MergeSpec.from_recipe(recipe))
+        _, _, evaluate = search_pool.candidate_evaluator(search_setup(recipe), run, inputs,
+                                                         merge_methods.MergeSpec.from_section(recipe.merge))
         scores = [evaluate(w) for w in weights]
     assert [c[1:] for c in calls] == [(recipe.merge.search_num_images, 2)] * len(weights)
     return [(s, c[0]) for s, c in zip(scores, calls)]
@@ -114,7 +114,7 @@ def test_sample_objectives_equal_deme_eval_of_the_same_images(mode, make_recipe,
     those images are its samples and the held-out folder its reference, with the same extractor, mode and seed (8 of
     12: KID's subsets, drawn with the recipe's seed, matter). The search and eval each compute their own reference
     features (separate run dirs, so no shared cache)."""
-    from deme_cli.engine.metrics import run_eval
+    from deme_cli.commands.eval import run_eval
 
     for metric in ("kid", "fid"):
         recipe, run = _recipe(make_recipe, ranges_dir, tmp_path / metric, heldout_images, feature_net, metric, 8,

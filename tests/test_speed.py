@@ -7,7 +7,6 @@ gave losses equal to 2e-7 relative and a non-zero consistency loss identical to 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -54,12 +53,12 @@ def test_use_compile_switch():
 def test_compiled_training_gives_the_same_steps(make_recipe, tiny_ddpm):
     """train.compile = on (student and teacher compiled in place): same losses and gradient norms as eager, the
     consistency loss (non-zero only through the projections) included; state_dict keys unchanged."""
-    from deme_cli.engine.train import RangeTrainer
+    from conftest import trainer_for
 
     recipe = make_recipe(train={"lr": 1e-3})
-    eager = RangeTrainer(recipe, Range(0, 0, 500), Path(tiny_ddpm), 1000)
-    comp = RangeTrainer(recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": "on"})}),
-                        Range(0, 0, 500), Path(tiny_ddpm), 1000)
+    eager = trainer_for(recipe, Range(0, 0, 500))
+    comp = trainer_for(recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": "on"})}),
+                       Range(0, 0, 500))
     assert comp.compiled and not eager.compiled
     assert comp.unwrapped().unet._compiled_call_impl is not None and comp.teacher._compiled_call_impl is not None
     a = [eager.train_step() for _ in range(3)]
@@ -124,7 +123,7 @@ def test_quickstart_runs_bf16_on_cuda_and_fp32_on_cpu():
     for a CUDA device (this path ran on an H200: benchmarks/results/h200-*.json, "precision": "bf16")."""
     import torch
 
-    from deme_cli.engine.denoise import resolve_precision
+    from deme_cli.engine.devices import resolve_precision
     from deme_cli.engine.recipe import load_recipe
 
     from pathlib import Path

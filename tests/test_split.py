@@ -115,7 +115,9 @@ def test_snr_split_needs_a_falling_schedule():
 def test_run_split_affinity_writes_evidence(make_recipe, tmp_path):
     from deme_cli.engine.gradients import save_matrix
     from deme_cli.engine.runs import RunDir
-    from deme_cli.engine.splitting import load_ranges, run_split
+    from deme_cli.commands.split import run_split
+    from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.splitting import load_ranges
 
     npz = tmp_path / "planted.npz"
     edges = (np.arange(11) * 100).tolist()
@@ -128,7 +130,7 @@ def test_run_split_affinity_writes_evidence(make_recipe, tmp_path):
     assert saved["strategy"] == "affinity" and saved["evidence"]["matrix_file"] == str(npz.resolve())
     assert saved["evidence"]["objective"] == pytest.approx(result["evidence"]["objective"])
     assert saved["evidence"]["bins"] == 10 and len(saved["evidence"]["matrix_sha256"]) == 16
-    assert [(r.lo, r.hi) for r in load_ranges(recipe, run)] == [(0, 300), (300, 1000)]
+    assert [(r.lo, r.hi) for r in load_ranges(resolve_base(recipe.model), recipe.ranges, run)] == [(0, 300), (300, 1000)]
 
 
 def test_split_keeps_the_ranges_trained_models_were_trained_on(make_recipe, tmp_path):
@@ -162,7 +164,7 @@ def test_split_keeps_the_ranges_trained_models_were_trained_on(make_recipe, tmp_
 
 def test_run_split_affinity_without_matrix_is_usage_error(make_recipe):
     from deme_cli.engine.runs import RunDir
-    from deme_cli.engine.splitting import run_split
+    from deme_cli.commands.split import run_split
 
     recipe = make_recipe(ranges={"n": 2, "strategy": "affinity"})
     with pytest.raises(UsageError, match="run `deme analyze-gradients` first or set ranges.matrix"):
@@ -172,7 +174,7 @@ def test_run_split_affinity_without_matrix_is_usage_error(make_recipe):
 
 def test_run_split_snr_uses_the_pipeline_schedule(make_recipe):
     from deme_cli.engine.runs import RunDir
-    from deme_cli.engine.splitting import run_split
+    from deme_cli.commands.split import run_split
 
     recipe = make_recipe(ranges={"n": 4, "strategy": "snr"})
     result = run_split(recipe, RunDir(recipe.out_dir))

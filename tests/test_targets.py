@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import hand_alphas_cumprod, read_pngs
+from conftest import trainer_for, hand_alphas_cumprod, read_pngs
 
 PIXEL_TOL = 0.5 + 0.02         # engine uint8 vs 255 * the reference's float image: rounding plus float-order noise
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -67,7 +67,7 @@ def test_sample_equals_diffusers_for_scheduler_and_prediction_type(make_recipe, 
     """`deme sample --model base` (batches of 2, so the 5 images span 3 batches) equals diffusers' own loop on the
     same pipeline folder; with the prediction type read as epsilon the images would differ (the test can see it)."""
     from deme_cli.engine.runs import RunDir
-    from deme_cli.engine.sample import run_sample
+    from deme_cli.commands.sample import run_sample
 
     pipe, steps, seeds = pipelines[prediction_type], 6, [40 + k for k in range(5)]
     recipe = make_recipe(model={"pretrained": str(pipe)},
@@ -127,7 +127,6 @@ def test_training_loss_uses_the_target_of_the_prediction_type(make_recipe, pipel
     from diffusers import UNet2DModel
 
     from deme_cli.engine.ranges import Range
-    from deme_cli.engine.train import RangeTrainer
 
     pipe = pipelines[prediction_type]
     recipe = make_recipe(model={"pretrained": str(pipe)},
@@ -135,8 +134,8 @@ def test_training_loss_uses_the_target_of_the_prediction_type(make_recipe, pipel
                                 "device": "cpu", "ema": False},
                          deme={"consistency_weight": 0.0})
     rng = Range(1, 500, 1000)                    # large t: epsilon, v and x0 differ most
-    reported = RangeTrainer(recipe, rng, pipe, 1000).train_step()["denoise_loss"]
-    x0, kwargs, t, eps = next(RangeTrainer(recipe, rng, pipe, 1000)._micro_batches([0, 0]))
+    reported = trainer_for(recipe, rng).train_step()["denoise_loss"]
+    x0, kwargs, t, eps = next(trainer_for(recipe, rng)._micro_batches([0, 0]))
     assert not kwargs
     abar = torch.from_numpy(hand_alphas_cumprod()[t.numpy()]).view(-1, 1, 1, 1)
     x0_, eps_ = x0.double(), eps.double()

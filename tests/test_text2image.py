@@ -29,10 +29,13 @@ def sd_recipe(tmp_path, tiny_sd):
 
 
 def _task(recipe, tiny_sd):
-    from deme_cli.engine.models import load_unet
-    from deme_cli.engine.captions import TextToImageTask
+    from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.runs import RunDir
 
-    return TextToImageTask(recipe, tiny_sd["pipeline"], load_unet(tiny_sd["pipeline"]), "cpu")
+    base = resolve_base(recipe.model, "cpu")
+    assert base.kind.name == "text-to-image"
+    return base.kind.task(base, base.load_unet(), recipe.data, seed=recipe.seed, device="cpu",
+                          cache_dir=RunDir(recipe.out_dir).cache, batch_size=recipe.train.batch_size)
 
 
 def test_folder_pairs_read_metadata_captions(sd_recipe, tiny_sd):

@@ -13,18 +13,27 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hand_alphas_cumprod
+from conftest import trainer_for, hand_alphas_cumprod
 from deme_cli.engine import models
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.ranges import Range
 from deme_cli.engine.runs import RunDir
-from deme_cli.engine.train import EMA, RangeTrainer, deme_loss, ema_decay, train_ranges
+from deme_cli.commands.train import run_train
+from deme_cli.engine.loss import deme_loss
+from deme_cli.engine.trainer import EMA, RangeTrainer, ema_decay
 
 R0 = Range(0, 0, 500)
 
 
+def _dataset(recipe, **kw):
+    """The training images of a recipe: its [data] with its seed."""
+    from deme_cli.engine.data import build_dataset
+
+    return build_dataset(recipe.data, recipe.seed, **kw)
+
+
 def _trainer(recipe, tiny_ddpm) -> RangeTrainer:
-    return RangeTrainer(recipe, R0, Path(tiny_ddpm), 1000)
+    return trainer_for(recipe, R0)
 
 
 def _state_hash(module) -> str:
@@ -52,7 +61,7 @@ def _compile_setting(compile_: str, monkeypatch) -> dict:
 
 def _count_compiles(monkeypatch) -> list:
     """Calls of train.py's compile_module (student and teacher: two per trainer)."""
-    import deme_cli.engine.train as train_mod
+    import deme_cli.engine.trainer as train_mod
 
     calls, real = [], train_mod.compile_module
     monkeypatch.setattr(train_mod, "compile_module", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -136,7 +145,7 @@ def test_ema_warmup_formula_and_updates():
 def test_train_writes_final_models_metrics_and_skips_when_done(make_recipe, tiny_ddpm):
     recipe = make_recipe(train={"steps": 3, "checkpoint_every": 1, "keep_checkpoints": 2})
     run = RunDir(recipe.out_dir)
-    [res] = train_ranges(recipe, run, 1)
+    [res] = run_train(recipe, run, 1)
     assert res["range"] == 1 and (res["lo"], res["hi"]) == (500, 1000) and res["steps"] == 3 and not res["skipped"]
     final, raw = run.final(1), run.final(1, ema=False)
     meta = json.loads((final / "deme.json").read_text())
@@ -154,12 +163,12 @@ def test_train_writes_final_models_metrics_and_skips_when_done(make_recipe, tiny
     assert (run.checkpoints(1) / "latest").read_text().strip() == "step-3"
     # re-running skips; --force trains again
     stamp = (final / "deme.json").stat().st_mtime_ns
-    assert train_ranges(recipe, run, 1)[0]["skipped"]
+    assert run_train(recipe, run, 1)[0]["skipped"]
     assert (final / "deme.json").stat().st_mtime_ns == stamp
-    assert not train_ranges(recipe, run, 1, force=True)[0]["skipped"]
+    assert not run_train(recipe, run, 1, force=True)[0]["skipped"]
     assert [x["step"] for x in _metric_lines(run, 1)] == [1, 2, 3]
     with pytest.raises(UsageError, match="range 2 does not exist"):
-        train_ranges(recipe, run, 2)
+        run_train(recipe, run, 2)
 
 
 @pytest.mark.parametrize("compile_", ["off", "on"])
@@ -172,13 +181,13 @@ def test_resume_is_bit_exact(make_recipe, tmp_path, compile_, monkeypatch):
     K = 3
     one = make_recipe(**common, output={"dir": str(tmp_path / "one")})
     one = one.model_copy(update={"train": one.train.model_copy(update={"steps": 2 * K})})
-    train_ranges(one, RunDir(one.out_dir), 0)
+    run_train(one, RunDir(one.out_dir), 0)
 
     half = make_recipe(**common, output={"dir": str(tmp_path / "two")})
     half = half.model_copy(update={"train": half.train.model_copy(update={"steps": K})})
-    train_ranges(half, RunDir(half.out_dir), 0)
+    run_train(half, RunDir(half.out_dir), 0)
     rest = half.model_copy(update={"train": half.train.model_copy(update={"steps": 2 * K})})
-    [res] = train_ranges(rest, RunDir(rest.out_dir), 0)
+    [res] = run_train(rest, RunDir(rest.out_dir), 0)
     assert res["steps"] == 2 * K and not res["skipped"]
 
     a, b = RunDir(one.out_dir), RunDir(rest.out_dir)
@@ -216,7 +225,7 @@ def test_sigkill_leaves_a_checkpoint_that_resumes(make_recipe, tmp_path):
     k = int(latest.read_text().strip().split("-")[1])
     assert k >= 2
     done = recipe.model_copy(update={"train": recipe.train.model_copy(update={"steps": k + 2})})
-    [res] = train_ranges(done, run, 0)
+    [res] = run_train(done, run, 0)
     assert res["steps"] == k + 2
     steps = [x["step"] for x in _metric_lines(run)]
     assert steps == list(range(1, k + 3))                               # no repeated or missing steps
@@ -255,10 +264,9 @@ def test_cifar10_recipe_trains_two_steps_on_cpu(tmp_path):
 
 
 def test_data_stream_with_workers_matches_without(make_recipe):
-    from deme_cli.engine.data import build_dataset
-    from deme_cli.engine.train import DataStream
+    from deme_cli.engine.trainer import DataStream
 
-    ds = build_dataset(make_recipe(data={"random_flip": True, "center_crop": False}), channels=3)
+    ds = _dataset(make_recipe(data={"random_flip": True, "center_crop": False}), channels=3)
     a = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=0, pin_memory=False, epoch=0, batch=5)
     b = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False, epoch=0, batch=5)
     for _ in range(5):                                   # crosses into epoch 1 (8 batches per epoch)
@@ -326,7 +334,7 @@ def test_trainer_draws_timesteps_by_eq6(make_recipe, tiny_ddpm, monkeypatch, sam
     coin per micro-batch; antithetic pairs t with lo + hi - 1 - t (range) or T - 1 - t (global)."""
     recipe = make_recipe(train={"batch_size": batch, "grad_accum": accum, "steps": steps, "ema": False},
                          deme={"p": p, "sampling": sampling, "antithetic": antithetic, "consistency_weight": 0.0})
-    tr = RangeTrainer(recipe, NARROW, Path(tiny_ddpm), 1000)
+    tr = trainer_for(recipe, NARROW)
     made, seen = _record_timesteps(tr, monkeypatch)
     lines = [tr.train_step() for _ in range(steps)]
     assert len(made) == len(seen) == steps * accum

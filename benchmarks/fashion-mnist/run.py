@@ -170,16 +170,17 @@ def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, 
 def precompute_reference(out: Path, recipe: Path, sets: list[str]) -> None:
     """The reference set's Inception features into <out>/reference/eval/cache/ (eval's own cache file, same key),
     through the recipe's own eval settings, so that seed_reference_cache can hand them to every run dir."""
-    from deme_cli.engine import metrics
-    from deme_cli.engine.denoise import pick_device
+    from deme_cli.engine.devices import pick_device
+    from deme_cli.engine.features import load_extractor
+    from deme_cli.engine.fid import load_reference
     from deme_cli.engine.recipe import load_recipe
 
     t0 = time.time()
     r = load_recipe(recipe, sets)
     dev = pick_device(r.train.device)
-    ext = metrics.load_extractor(r.eval.feature_extractor, r.eval.mode, dev)
-    ref = metrics.load_reference(r.eval.reference, ext, r.eval.mode, batch_size=r.eval.batch_size, device=dev,
-                                 cache_dir=out / "reference" / "eval" / "cache", want_feats=True)
+    ext = load_extractor(r.eval.feature_extractor, r.eval.mode, dev)
+    ref = load_reference(r.eval.reference, ext, r.eval.mode, batch_size=r.eval.batch_size, device=dev,
+                         cache_dir=out / "reference" / "eval" / "cache", want_feats=True)
     log(f"reference features: {ref.num_images} images, {time.time() - t0:.0f} s")
 
 

@@ -1,9 +1,10 @@
 """`deme run`: split, train (all ranges), merge, sample, eval, in order, as one resumable job.
 
-Each stage is the same engine function its own subcommand calls, and each already skips work that is complete
-(training resumes from its latest checkpoint, sampling keeps images already written, merge and eval reuse results
-whose inputs did not change). On top of that, `run.json` in the run directory records, per stage, the recipe values
-the stage's output was produced from. A later `deme run` whose recipe differs in those values refuses to mix the
+Each stage is the same stage function its own subcommand calls, on one base resolved once, and each already skips
+work that is complete (training resumes from its latest checkpoint, sampling keeps images already written, merge and
+eval reuse results whose inputs did not change). On top of that, `run.json` in the run directory records, per stage,
+the recipe values the stage's output was produced from: the sections its function and the functions before it take
+(read off their signatures). A later `deme run` whose recipe differs in those values refuses to mix the
 old outputs with new ones: it names the stage and the difference and suggests `--force`.
 """
 from __future__ import annotations
@@ -13,63 +14,68 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..engine.errors import UsageError
+from ..engine.recipe import stage_keys, stage_kwargs
 from ..engine.runs import RunDir, read_json, write_json
+from .eval import evaluate
+from .merge import merge_ranges
+from .sample import sample_model
+from .split import split_ranges
+from .train import train_ranges
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    sections: tuple  # recipe sections (and top-level keys) the stage's output depends on, upstream ones included
-    run: Callable[..., Any]
+    fn: Callable[..., Any]          # the stage function: its signature says which recipe sections it reads
+    run: Callable[..., Any]         # (recipe, base, run dir, force, models) -> status
 
 
-def _split(recipe, run, force, models):
-    from ..engine.splitting import run_split
-
+def _split(recipe, base, run, force, models):
     if run.ranges_json.is_file() and not force:
         return "kept"
-    run_split(recipe, run, force=True)    # a forced run retrains every range on the new ranges
+    split_ranges(base, run, force=True, **stage_kwargs(split_ranges, recipe))  # a forced run retrains every range
     return "done"
 
 
-def _train(recipe, run, force, models):
-    from ..engine.train import train_ranges
-
-    summaries = train_ranges(recipe, run, None, force=force)
+def _train(recipe, base, run, force, models):
+    summaries = train_ranges(base, run, force=force, resolved=recipe.to_toml(), **stage_kwargs(train_ranges, recipe))
     return "kept" if all(r["skipped"] for r in summaries) else "done"
 
 
-def _merge(recipe, run, force, models):
-    from ..engine.merge import run_merge
-
+def _merge(recipe, base, run, force, models):
     if "merged" not in models:
         return "not needed"
-    # weights from the recipe; a recipe without weights gets them searched (merge.search / merge.objective)
-    r = run_merge(recipe, run, search=recipe.merge.weights is None, force=force)
+    r = merge_ranges(base, run, force=force, **stage_kwargs(merge_ranges, recipe))   # merge.weights decides
     return "kept" if r.get("skipped") else "done"
 
 
-def _sample(recipe, run, force, models):
-    from ..engine.sample import run_sample
-
-    generated = [run_sample(recipe, run, m, force=force)["generated"] for m in models]  # every model, no short cut
+def _sample(recipe, base, run, force, models):
+    kw = stage_kwargs(sample_model, recipe)
+    generated = [sample_model(base, run, m, force=force, **kw)["generated"] for m in models]  # every model
     return "done" if any(generated) else "kept"
 
 
-def _eval(recipe, run, force, models):
-    from ..engine.metrics import run_eval
-
-    return run_eval(recipe, run, models, allow_fewer=False, force=force)
+def _eval(recipe, base, run, force, models):
+    return evaluate(base, run, models, allow_fewer=False, force=force, **stage_kwargs(evaluate, recipe))
 
 
-_UP_TO_TRAIN = ("model", "data", "ranges", "train", "deme", "seed")
 STAGES = [
-    Stage("split", ("model", "ranges"), _split),
-    Stage("train", _UP_TO_TRAIN, _train),
-    Stage("merge", _UP_TO_TRAIN + ("merge",), _merge),
-    Stage("sample", _UP_TO_TRAIN + ("merge", "sample"), _sample),
-    Stage("eval", _UP_TO_TRAIN + ("merge", "sample", "eval"), _eval),
+    Stage("split", split_ranges, _split),
+    Stage("train", train_ranges, _train),
+    Stage("merge", merge_ranges, _merge),
+    Stage("sample", sample_model, _sample),
+    Stage("eval", evaluate, _eval),
 ]
+SPEED_ONLY = {"data": ("num_workers",)}   # recipe keys that change how fast a stage runs, not what it produces
+# what a key meant before it was written out explicitly (run.json of older versions recorded None)
+EARLIER_NONE = {"merge.weights": "search"}    # `deme run` searched the weights when merge.weights was unset
+
+
+def stage_sections(stage: Stage) -> list[str]:
+    """The recipe sections and top-level keys a stage's output depends on: those its function and the functions of
+    the stages before it take (read off their signatures, recipe.stage_keys)."""
+    upto = STAGES[:STAGES.index(stage) + 1]
+    return list(dict.fromkeys(k for s in upto for k in stage_keys(s.fn)))
 
 
 def _flatten(d: Any, prefix: str = "") -> dict:
@@ -84,14 +90,35 @@ def _flatten(d: Any, prefix: str = "") -> dict:
 def stage_inputs(recipe, stage: Stage) -> dict:
     """The recipe values a stage's output depends on (flattened, dotted keys)."""
     full = recipe.model_dump(mode="json")
-    full["model"] = {k: v for k, v in full["model"].items()}
-    full["data"] = {k: v for k, v in full["data"].items() if k != "num_workers"}  # speed only
-    return _flatten({k: full[k] for k in stage.sections})
+    for section, keys in SPEED_ONLY.items():
+        full[section] = {k: v for k, v in full[section].items() if k not in keys}
+    return _flatten({k: full[k] for k in stage_sections(stage)})
 
 
-def differences(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def recipe_defaults() -> dict:
+    """Every recipe key's default (dotted), for comparing with run.json of versions that wrote None for them."""
+    from ..engine.recipe import Recipe
+
+    out = {}
+    for name, f in Recipe.model_fields.items():
+        fields = getattr(f.annotation, "model_fields", None)
+        for k, g in (fields or {name: f}).items():
+            if not g.is_required():
+                out[f"{name}.{k}" if fields else name] = g.default
+    return out
+
+
+def differences(old: dict, new: dict, defaults: Optional[dict] = None) -> list[str]:
+    """`key: old -> new` for every recorded key whose value changed. A key the old record lacks was not recorded
+    then (its stage did not read it in that version): it cannot differ. An old None stands for the key's default
+    (EARLIER_NONE, else `defaults`), from versions that did not write defaults out."""
+    defaults = {**(defaults or {}), **EARLIER_NONE}
+    out = []
+    for k in sorted(old):
+        was = defaults.get(k, old[k]) if old[k] is None else old[k]
+        if k in new and was != new[k]:
+            out.append(f"{k}: {old[k]!r} -> {new[k]!r}")
+    return out
 
 
 def check_provenance(recipe, run: RunDir, record: dict) -> None:
@@ -100,7 +127,7 @@ def check_provenance(recipe, run: RunDir, record: dict) -> None:
         old = record.get("stages", {}).get(stage.name)
         if not old:
             continue
-        diff = differences(old["inputs"], stage_inputs(recipe, stage))
+        diff = differences(old["inputs"], stage_inputs(recipe, stage), recipe_defaults())
         if diff:
             more = f" (and {len(diff) - 2} more)" if len(diff) > 2 else ""
             raise UsageError(f"the '{stage.name}' stage in '{run.root}' was produced from a different recipe "
@@ -111,7 +138,7 @@ def preflight_eval(recipe) -> None:
     """What the eval stage will need, checked before any training: a reference for FID/KID (and an image folder for
     the loss by timestep), a CLIP model for CLIP score. A missing eval.reference fails in seconds, not after hours."""
     from ..engine import loss_by_t
-    from ..engine.metrics import reference_kind
+    from ..engine.fid import reference_kind
 
     e = recipe.eval
     if any(m in e.metrics for m in ("fid", "kid")):
@@ -120,14 +147,16 @@ def preflight_eval(recipe) -> None:
         except UsageError as err:
             raise UsageError(f"{err} (checked before training: `deme run` ends with eval)") from None
     if "loss" in e.metrics:
-        loss_by_t.check_reference(recipe)
+        loss_by_t.check_reference(e)
     if "clip" in e.metrics and not e.clip_model:
         raise UsageError("eval.metrics has \"clip\" but eval.clip_model is not set; set it to a CLIP folder or hub id "
                          "(checked before training: `deme run` ends with eval)")
 
 
 def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None) -> dict:
-    """Run every stage in order; returns {"stages": [...], "models": {...}, "run": path}."""
+    """Run every stage in order on one resolved base; returns {"stages": [...], "models": {...}, "run": path}."""
+    from ..engine.base import resolve_base
+
     models = list(dict.fromkeys(recipe.run.models))
     if not models:
         raise UsageError("run.models is empty; list the models to sample and evaluate, e.g. [\"base\", \"merged\"]")
@@ -138,13 +167,14 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
     record_file = run.root / "run.json"
     record = read_json(record_file) if record_file.is_file() and not force else {"stages": {}}
     check_provenance(recipe, run, record)
+    base = resolve_base(recipe.model, recipe.train.device)
 
     stages, eval_result = [], None
     for stage in STAGES:
         if on_stage:
             on_stage(stage.name)
         t0 = time.time()
-        status = stage.run(recipe, run, force, models)
+        status = stage.run(recipe, base, run, force, models)
         seconds = time.time() - t0
         if stage.name == "eval":
             eval_result, status = status, "done" if status.get("scored") else "kept"

@@ -27,10 +27,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from . import ui
 from .data import HFImages, ImageDataset, ImageFiles, augment_rng
@@ -38,7 +37,6 @@ from .errors import UsageError
 from .text2image import FrozenEncoders
 
 METADATA = "metadata.jsonl"
-DEFAULT_CAPTION_COLUMN = "text"
 CACHE_SHARD = 512           # items per cache shard (SD v1 at 512 px: ~150 MB of float16 per shard)
 CACHE_FORMAT = 1            # bump when the cache layout changes
 _DROPOUT_STREAM = 0xC0D     # seed-sequence tag of the caption-dropout stream (apart from crop/flip and order)
@@ -72,7 +70,7 @@ def _folder_pairs(data) -> tuple[Any, list[str]]:
     if not meta.is_file():
         raise UsageError(f"'{root}' has no {METADATA}; text-to-image training needs one line per image like "
                          f'{{"file_name": "0001.png", "text": "a caption"}}')
-    key = data.caption_column or DEFAULT_CAPTION_COLUMN
+    key = data.caption_column
     files, captions = [], []
     for n, line in enumerate(meta.read_text().splitlines(), 1):
         if not line.strip():
@@ -99,7 +97,7 @@ def _folder_pairs(data) -> tuple[Any, list[str]]:
 def _hf_pairs(data) -> tuple[Any, list[str]]:
     """Columns data.image_column and data.caption_column of datasets.load_dataset(data.name, split=data.split)."""
     images = HFImages(data)
-    key = data.caption_column or DEFAULT_CAPTION_COLUMN
+    key = data.caption_column
     if key not in images.ds.column_names:
         raise UsageError(f"dataset '{data.name}' has no column '{key}' (columns: {', '.join(images.ds.column_names)}); "
                          f"set data.caption_column")
@@ -144,7 +142,7 @@ class CaptionedImages(ImageDataset):
         return {"pixels": pixels, "caption": "" if drop else self.captions[index]}
 
 
-class CachedPairs(Dataset):
+class CachedPairs:
     """Pairs from the latent cache: {"latents": (4, h, w), "text_embeds": (L, D)}, float32."""
 
     def __init__(self, cache_dir: Path, info: dict, seed: int, random_flip: bool, caption_dropout: float):
@@ -237,24 +235,21 @@ def build_cache(cache_dir: Path, encoders: FrozenEncoders, n: int, load: Callabl
             "resolution": resolution, "random_flip": random_flip, "dtype": "float16"}
 
 
-def cache_root(recipe) -> Path:
-    return Path(recipe.out_dir) / "cache"
-
-
 # --- the training task ---------------------------------------------------------------------------------------------
 
 class TextToImageTask:
     """Stable Diffusion: a batch is image-caption pairs; x0 = VAE latents, the UNet also takes the text embeddings.
 
-    Plugs into train.RangeTrainer: `dataset()` and `prepare(batch) -> (x0, {"encoder_hidden_states": c})`.
+    Plugs into trainer.RangeTrainer: `dataset()` and `prepare(batch) -> (x0, {"encoder_hidden_states": c})`.
     """
 
     name = "text_to_image"
 
-    def __init__(self, recipe, pipeline_dir: Path, unet, device):
-        data = recipe.data
-        self.recipe, self.device = recipe, device
-        self.encoders = FrozenEncoders(pipeline_dir, device)
+    def __init__(self, base, unet, data, *, seed: int, device, cache_dir: Optional[Path] = None,
+                 batch_size: int = 16):
+        """`cache_dir`: where latents are cached (data.cache_latents); `batch_size`: images per encoder call."""
+        self.data, self.seed, self.device, self.batch_size = data, seed, device, batch_size
+        self.encoders = FrozenEncoders(base.folder, device)
         self.encoders.check_unet(unet.config)
         down = 2 ** (len(unet.config.block_out_channels) - 1)
         if data.resolution % (self.encoders.scale * down):
@@ -263,27 +258,29 @@ class TextToImageTask:
         self.n, self.load, self.captions = image_caption_pairs(data)
         self.cache_dir = self.cache_info = None
         if data.cache_latents:
-            self.cache_dir, self.cache_info = self._cache()
+            if cache_dir is None:
+                raise ValueError("data.cache_latents needs a cache folder")
+            self.cache_dir, self.cache_info = self._cache(cache_dir)
             self.encoders = None  # the frozen encoders are no longer needed: free their memory
             if getattr(device, "type", str(device)) == "cuda":
                 import torch
 
                 torch.cuda.empty_cache()
 
-    def _cache(self) -> tuple[Path, dict]:
+    def _cache(self, root: Path) -> tuple[Path, dict]:
         from accelerate import PartialState
 
         from .runs import read_json, write_json
 
-        data, state = self.recipe.data, PartialState()
+        data, state = self.data, PartialState()
         if not data.center_crop and state.is_main_process:
             ui.warn("cached latents use the centre crop; set data.cache_latents = false to train on random crops")
         key = cache_key(data, self.captions, self.encoders.identity())
-        folder = cache_root(self.recipe) / key
+        folder = root / key
         if (folder / "cache.json").is_file():
             return folder, read_json(folder / "cache.json")
         info = build_cache(folder, self.encoders, self.n, self.load, self.captions, data.resolution, data.random_flip,
-                           self.recipe.train.batch_size, state.process_index, state.num_processes)
+                           self.batch_size, state.process_index, state.num_processes)
         state.wait_for_everyone()
         if state.is_main_process:
             write_json(folder / "cache.json", {**info, "key": key})
@@ -291,7 +288,7 @@ class TextToImageTask:
         return folder, info
 
     def dataset(self):
-        data, seed = self.recipe.data, self.recipe.seed
+        data, seed = self.data, self.seed
         if self.cache_dir is not None:
             return CachedPairs(self.cache_dir, self.cache_info, seed, data.random_flip, data.caption_dropout)
         return CaptionedImages(self.load, self.n, self.captions, data.caption_dropout, resolution=data.resolution,

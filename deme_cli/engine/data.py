@@ -1,6 +1,6 @@
 """Training images: local image folders and Hugging Face datasets, with the release's transforms.
 
-`build_dataset(recipe, channels)` returns a map-style dataset of float tensors in [-1, 1], shape (C, H, W), where C is
+`build_dataset(data, seed, channels)` returns a map-style dataset of float tensors in [-1, 1], shape (C, H, W), where C is
 the model's `in_channels` (images are converted to grayscale, RGB or RGBA to match) and H = W = data.resolution.
 Transform (the release's, paper-spec section 2.3): resize the shorter side to the resolution (bilinear), centre or
 random crop, optional horizontal flip, scale to [-1, 1].
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from .errors import UsageError
 
@@ -161,7 +160,7 @@ def to_tensor(img, resolution: int, channels: int, center_crop: bool, random_fli
     return x / 127.5 - 1.0
 
 
-class ImageDataset(Dataset):
+class ImageDataset:
     """Images as (C, H, W) float tensors in [-1, 1]; key = index or (index, epoch).
 
     Subclasses for text-to-image add captions by overriding `item(index, image)`.
@@ -192,15 +191,15 @@ class ImageDataset(Dataset):
         return image
 
 
-def build_dataset(recipe, channels: int = 3):
-    """The recipe's training images as a map-style dataset (see the module docstring)."""
-    data = recipe.data
+def build_dataset(data, seed: int, channels: int = 3):
+    """The training images of `[data]` as a map-style dataset (see the module docstring); `seed` drives the
+    augmentations."""
     if channels not in PIL_MODES:
         raise UsageError(f"the model takes {channels} input channels; image training supports "
                          f"{', '.join(map(str, PIL_MODES))}")
     load = SOURCES[data.source](data)
     n = len(load) if data.max_samples is None else min(len(load), data.max_samples)
-    return ImageDataset(load, n, data.resolution, channels, data.center_crop, data.random_flip, recipe.seed)
+    return ImageDataset(load, n, data.resolution, channels, data.center_crop, data.random_flip, seed)
 
 
 # --- order -------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ the other images. The denoising loop is our own (not a diffusers pipeline) and t
     __call__(x, t, ctx)     the model output (epsilon) at integer timestep t; every row of x shares t
     decode(x)               images in [-1, 1]
 
-so a text-to-image denoiser (prompts, guidance, VAE decode) plugs into the same loop (`model_specs.DENOISER_KINDS`).
+so a text-to-image denoiser (prompts, guidance, VAE decode) plugs into the same loop (the model kinds of kinds.py).
 
 The "ensemble" (the paper's "before merge", Eq. 7) routes each denoising step to the range model whose [lo, hi)
 holds t; all samples of a batch share t and one scheduler, so multistep solvers see one history.
@@ -26,12 +26,30 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from .devices import resolve_precision
 from .errors import UsageError
 from .speed import compile_backend
+
+
+@dataclass
+class Loaded:
+    """A model loaded for sampling: its denoiser and what the records say about it (model_specs.py)."""
+
+    denoiser: Any
+    info: dict                                   # what samples.json records about the model
+    identity: dict = field(default_factory=dict)  # what must match for a resume (hashes)
+    cond: Optional[Callable[[int], Any]] = None  # the condition of image k (its prompt), None if unconditional
+    settings: dict = field(default_factory=dict)  # more settings that determine the pixels (guidance, prompts)
+    record: dict = field(default_factory=dict)    # more samples.json entries ("prompts": one per image)
+
+    def conds_for(self, indices) -> Optional[list]:
+        return None if self.cond is None else [self.cond(k) for k in indices]
+
 
 
 # --- schedulers --------------------------------------------------------------------------------------------------
@@ -77,24 +95,7 @@ def make_scheduler(name: str, config: dict, eta: float = 0.0):
     return scheduler, step_kw
 
 
-# --- devices and precision ---------------------------------------------------------------------------------------
-
-def pick_device(choice: str = "auto"):
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device is 'cuda' but no CUDA device is available; set train.device = \"auto\"")
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(choice)
-
-
-def resolve_precision(precision: str, device) -> str:
-    """auto: bf16 on CUDA, fp32 on the CPU (bf16 autocast is ~13x slower on our CPUs)."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
+# --- precision -------------------------------------------------------------------------------------------------
 
 def _autocast(precision: str, device):
     import torch

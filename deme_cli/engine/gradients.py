@@ -1,13 +1,13 @@
 """Gradient similarity across timesteps: the paper's Fig. 1a, the "task affinity" of Go et al. (ANT, NeurIPS 2023).
 
-For a fixed batch of real images x0 and a fixed noise eps, both shared by every timestep and seeded with recipe.seed,
+For a fixed batch of real images x0 and a fixed noise eps, both shared by every timestep and seeded with the recipe's seed,
 and for each timestep t of a grid of B timesteps:
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     g_t = d/d(theta) mean_batch,pixels (target_t - model_theta(x_t, t))^2     (target: eps for eps-prediction)
 
 theta is the pretrained UNet's parameters (all, or those whose names match `--params`); the model is in eval mode
-(dropout off). The batch is prepared as training prepares it (train.make_task): for Stable Diffusion, x0 is the VAE
+(dropout off). The batch is prepared as training prepares it (the model kind's task, kinds.py): for Stable Diffusion, x0 is the VAE
 latents and the UNet is conditioned on the captions' text embeddings (captions never dropped). The B x B matrix S[i, j] = cos(g_i, g_j) is symmetric, has a unit diagonal and lies in [-1, 1].
 
 Memory stays bounded: each gradient is reduced to a vector as soon as it is computed (REDUCERS), so at most one full
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import re
 import tempfile
@@ -40,15 +39,14 @@ import numpy as np
 
 from . import ui
 from .errors import UsageError
-from .runs import RunDir, write_json
 
+DEFAULT_BINS = 20           # timestep bins of the matrix when neither bins nor timesteps are given
 NPZ_FILE = "gradients.npz"
 JSON_FILE = "gradients.json"
 HEATMAP_FILE = "gradients.png"
 HISTOGRAM_FILE = "gradients-hist.png"
 CHUNK = 1 << 22              # gradient elements per projection chunk (bounds the sketch's temporary memory)
 EXACT_LIMIT = 4 << 30        # bytes of gradients the exact reducer may keep (B x #params x 4)
-
 
 # --- the timestep grid ---------------------------------------------------------------------------------------------
 
@@ -59,13 +57,11 @@ def bin_grid(T: int, bins: int) -> tuple[np.ndarray, np.ndarray]:
     edges = (np.arange(bins + 1) * T) // bins
     return (edges[:-1] + edges[1:] - 1) // 2, edges
 
-
 def parse_timesteps(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
         raise UsageError(f"--timesteps expects comma-separated integers like 10,100,500, got '{text}'") from None
-
 
 def explicit_grid(T: int, timesteps: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Given timesteps (sorted); bin i owns [edges[i], edges[i+1]) with edges halfway between neighbours, 0 and T."""
@@ -76,7 +72,6 @@ def explicit_grid(T: int, timesteps: list[int]) -> tuple[np.ndarray, np.ndarray]
         raise UsageError(f"--timesteps must lie in [0, {T}) (the model's num_train_timesteps), got {ts[0]}..{ts[-1]}")
     t = np.array(ts, dtype=np.int64)
     return t, np.concatenate([[0], (t[:-1] + t[1:] + 1) // 2, [T]]).astype(np.int64)
-
 
 # --- parameters ----------------------------------------------------------------------------------------------------
 
@@ -103,7 +98,6 @@ def select_parameters(module, patterns: Optional[str]) -> list[tuple[str, Any]]:
                          f"use a glob such as 'up_blocks.*' or a regex such as 're:attentions'")
     return chosen
 
-
 # --- reducers: full gradient -> the vector whose cosines we take ----------------------------------------------------
 
 def _chunks(name: str, grad, seed: int):
@@ -114,7 +108,6 @@ def _chunks(name: str, grad, seed: int):
     for c, start in enumerate(range(0, flat.numel(), CHUNK)):
         s = int(np.random.SeedSequence([seed, zlib.crc32(name.encode()), c]).generate_state(1)[0])
         yield flat[start:start + CHUNK], torch.Generator(device=flat.device).manual_seed(s)
-
 
 def countsketch(grads: list[tuple[str, Any]], k: int, seed: int):
     """Sparse random projection to k dims: sum_j s_j g_j e_{h_j}, s_j = +-1, h_j uniform in [0, k)."""
@@ -128,7 +121,6 @@ def countsketch(grads: list[tuple[str, Any]], k: int, seed: int):
             signed = torch.where(r < k, part, -part).double()
             out.index_add_(0, r % k, signed)
     return out.cpu()
-
 
 def gaussian_sketch(grads: list[tuple[str, Any]], k: int, seed: int):
     """Dense Gaussian projection to k dims, R^T g with R_jl ~ N(0, 1), generated in row blocks (the 1/sqrt(k)
@@ -145,16 +137,13 @@ def gaussian_sketch(grads: list[tuple[str, Any]], k: int, seed: int):
                 out += (piece @ torch.randn(piece.numel(), k, generator=gen, device=dev)).double()
     return out.cpu()
 
-
 def exact(grads: list[tuple[str, Any]], k: int, seed: int):
     """The full gradient, flattened, on the CPU."""
     import torch
 
     return torch.cat([g.reshape(-1).float().cpu() for _, g in grads])
 
-
 REDUCERS: dict[str, Callable] = {"countsketch": countsketch, "gaussian": gaussian_sketch, "exact": exact}
-
 
 def cosine_matrix(vectors) -> np.ndarray:
     """B x B cosine similarities of the rows of `vectors` (B x d): symmetric, unit diagonal, clipped to [-1, 1]."""
@@ -169,7 +158,6 @@ def cosine_matrix(vectors) -> np.ndarray:
     np.fill_diagonal(s, 1.0)
     return np.clip(s, -1.0, 1.0)
 
-
 # --- the denoising loss ----------------------------------------------------------------------------------------------
 
 def denoising_gradient(unet, params: list[tuple[str, Any]], scheduler, x0, noise, t: int,
@@ -177,12 +165,12 @@ def denoising_gradient(unet, params: list[tuple[str, Any]], scheduler, x0, noise
     """(gradients as (name, tensor) pairs, loss): the mean-MSE denoising loss of the batch at timestep t.
 
     `cond`: extra UNet inputs (text embeddings for Stable Diffusion). The target follows the scheduler's
-    prediction_type, as in training (train.TARGETS).
+    prediction_type, as in training (loss.TARGETS).
     """
     import torch
     import torch.nn.functional as F
 
-    from .train import TARGETS
+    from .loss import TARGETS
 
     kind = scheduler.config.prediction_type
     if kind not in TARGETS:
@@ -196,145 +184,27 @@ def denoising_gradient(unet, params: list[tuple[str, Any]], scheduler, x0, noise
     return [(n, g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)], \
         float(loss.detach())
 
-
-def fixed_batch(recipe, pipeline_dir: Path, unet, device, n: int):
-    """n training items chosen by a permutation seeded with recipe.seed, prepared as training prepares them.
+def fixed_batch(base, data, seed: int, unet, device, n: int):
+    """n training items of `[data]` chosen by a permutation seeded with `seed`, prepared as training prepares them.
 
     Returns (x0, cond, indices): x0 the images in [-1, 1] (pixel models) or their VAE latents (Stable Diffusion),
     cond the extra UNet inputs (the captions' text embeddings; captions are never dropped here).
     """
     from torch.utils.data import default_collate
 
-    from .train import make_task
-
-    data = recipe.data.model_copy(update={"cache_latents": False, "caption_dropout": 0.0})  # a few items: no cache
-    task = make_task(recipe.model_copy(update={"data": data}), pipeline_dir, unet, device)
+    data = data.model_copy(update={"cache_latents": False, "caption_dropout": 0.0})  # a few items: no cache
+    task = base.kind.task(base, unet, data, seed=seed, device=device)
     ds = task.dataset()
     if len(ds) < n:
         ui.warn(f"the data holds {len(ds)} images, fewer than --batch-size {n}: using all of them")
         n = len(ds)
-    idx = np.sort(np.random.default_rng([recipe.seed, 0x6AD]).permutation(len(ds))[:n])
+    idx = np.sort(np.random.default_rng([seed, 0x6AD]).permutation(len(ds))[:n])
     x0, cond = task.prepare(default_collate([ds[int(i)] for i in idx]))
     return x0, cond, idx
-
-
-# --- the analysis ----------------------------------------------------------------------------------------------------
-
-def _device(recipe) -> str:
-    import torch
-
-    want = recipe.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UsageError("train.device is 'cuda' but no CUDA device is available; set train.device = \"auto\"")
-    return "cuda" if want in ("cuda", "auto") and torch.cuda.is_available() else "cpu"
-
-
-def analyze_gradients(recipe, run: RunDir, *, bins: Optional[int], timesteps: Optional[str], params: Optional[str],
-                      method: str, sketch_dim: int, batch_size: int, force: bool = False) -> dict:
-    """Compute (or reuse) the B x B gradient cosine-similarity matrix and its pictures; returns the summary.
-
-    bins        number of equal timestep bins B over [0, T), one timestep at each centre (default 20)
-    timesteps   explicit comma-separated timesteps instead of bins ("10,100,500")
-    params      parameter-name pattern(s) (see select_parameters); None: all parameters
-    method      countsketch | gaussian | exact (see REDUCERS)
-    sketch_dim  k, the sketch's dimension (ignored by exact)
-    batch_size  images in the fixed batch (and noise draws), each timestep's loss averages over them
-    force       recompute even if gradients.npz already holds this analysis
-    """
-    import torch
-    from diffusers import DDPMScheduler
-
-    from .models import load_unet, resolve_pretrained, scheduler_config, unet_hash
-
-    # Check the request.
-    if method not in REDUCERS:
-        raise UsageError(f"unknown --method '{method}' (known: {', '.join(REDUCERS)})")
-    if method != "exact" and sketch_dim < 1:
-        raise UsageError(f"--sketch-dim must be at least 1, got {sketch_dim}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if bins is not None and timesteps is not None:
-        raise UsageError("give either --bins or --timesteps, not both")
-    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    scheduler = DDPMScheduler.from_config(scheduler_config(pipeline_dir))
-    T = int(scheduler.config.num_train_timesteps)
-    if timesteps is not None:
-        ts, edges = explicit_grid(T, parse_timesteps(timesteps))
-    else:
-        ts, edges = bin_grid(T, 20 if bins is None else bins)
-
-    # Load the pretrained model and choose its parameters.
-    device = _device(recipe)
-    unet = load_unet(pipeline_dir).to(device).eval()
-    unet.requires_grad_(True)
-    chosen = select_parameters(unet, params)
-    numel = sum(p.numel() for _, p in chosen)
-    if method == "exact" and len(ts) * numel * 4 > EXACT_LIMIT:
-        raise UsageError(f"--method exact would keep {len(ts) * numel * 4 / 2**30:.1f} GiB of gradients; use "
-                         f"--method countsketch")
-    x0, cond, image_idx = fixed_batch(recipe, pipeline_dir, unet, device, batch_size)
-    settings = {"model": recipe.model.pretrained, "model_hash": unet_hash(unet), "T": T, "seed": recipe.seed,
-                "batch_size": int(x0.shape[0]), "images": [int(i) for i in image_idx], "data": recipe.data.path
-                or recipe.data.name, "resolution": recipe.data.resolution, "params": params or "*",
-                "num_tensors": len(chosen), "num_params": int(numel), "method": method,
-                "sketch_dim": None if method == "exact" else int(sketch_dim),
-                "prediction_type": scheduler.config.prediction_type, "timesteps": ts.tolist(),
-                "edges": edges.tolist(), "loss": "mean squared error over batch, channels and pixels",
-                "conditioning": sorted(cond),
-                "model_mode": "eval (dropout off), fp32"}
-
-    # Reuse a finished analysis with the same settings; refuse to replace a different one without --force.
-    out = run.analysis
-    if (out / NPZ_FILE).is_file() and not force:
-        old = load_matrix(out / NPZ_FILE)
-        if old["settings"] == settings:
-            ui.info(f"{out / NPZ_FILE} already holds this analysis; --force recomputes it")
-            summary = summarize(old["matrix"], old["timesteps"], T)
-            plot_all(out, old["matrix"], old["timesteps"], old["edges"], T, settings, summary)
-            return _result(out, summary, settings, reused=True)
-        differ = [k for k in settings if old["settings"].get(k) != settings[k]]
-        raise UsageError(f"'{out / NPZ_FILE}' holds an analysis with other settings ({', '.join(differ)}); pass "
-                         f"--force to replace it")
-
-    # Fixed noise, shared by every timestep.
-    gen = torch.Generator().manual_seed(recipe.seed)
-    noise = torch.randn(x0.shape, generator=gen).to(device)
-    x0 = x0.to(device, torch.float32)
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-
-    # One gradient per timestep, reduced at once.
-    reduce, rows, losses, norms = REDUCERS[method], [], [], []
-    with ui.progress("gradients", total=len(ts), unit="timestep", every=1) as bar:
-        for t in ts:
-            grads, loss = denoising_gradient(unet, chosen, scheduler, x0, noise, int(t), cond)
-            with torch.no_grad():
-                rows.append(reduce(grads, sketch_dim, recipe.seed).numpy())
-                norms.append(math.sqrt(sum(float(g.double().pow(2).sum()) for _, g in grads)))
-            losses.append(loss)
-            del grads
-            bar.update(1, t=int(t), loss=loss)
-    matrix = cosine_matrix(np.stack(rows))
-    del rows
-
-    # Write the matrix, the summary and the pictures.
-    summary = summarize(matrix, ts, T)
-    save_matrix(out / NPZ_FILE, matrix, ts, edges, T, settings, loss=np.array(losses), grad_norm=np.array(norms))
-    write_json(out / JSON_FILE, {"summary": summary, "settings": settings, "loss": losses, "grad_norm": norms})
-    plot_all(out, matrix, ts, edges, T, settings, summary)
-    return _result(out, summary, settings, reused=False)
-
-
-def _result(out: Path, summary: dict, settings: dict, reused: bool) -> dict:
-    return {"analysis": str(out), "reused": reused, "summary": summary,
-            "files": {k: str(out / f) for k, f in (("matrix", NPZ_FILE), ("summary", JSON_FILE),
-                                                   ("heatmap", HEATMAP_FILE), ("histogram", HISTOGRAM_FILE))},
-            "settings": {k: v for k, v in settings.items() if k not in ("images", "edges")}}
-
 
 def _pairs(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
     iu = np.triu_indices(len(matrix), 1)
     return matrix[iu][mask[iu]]
-
 
 def summarize(matrix: np.ndarray, timesteps: np.ndarray, T: int) -> dict:
     """Mean similarity of adjacent bins, of pairs more than T/2 apart, of pairs inside [0, T/4), of all pairs."""
@@ -350,7 +220,6 @@ def summarize(matrix: np.ndarray, timesteps: np.ndarray, T: int) -> dict:
             "distant_mean": mean(far), "distant_pairs": int(len(far)),
             "first_quarter_mean": mean(first), "first_quarter_pairs": int(len(first)),
             "all_pairs_mean": mean(_pairs(matrix, gap >= 0)), "min": round(float(matrix.min()), 4)}
-
 
 # --- files -----------------------------------------------------------------------------------------------------------
 
@@ -369,14 +238,12 @@ def _replace(path: Path, write: Callable[[str], None], suffix: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
-
 def save_matrix(path: Path, matrix: np.ndarray, timesteps, edges, T: int, settings: dict, **extra) -> None:
     """gradients.npz: matrix (B x B), timesteps (B), edges (B + 1), T, settings (JSON string), extra arrays."""
     arrays = {"matrix": np.asarray(matrix, np.float64), "timesteps": np.asarray(timesteps, np.int64),
               "edges": np.asarray(edges, np.int64), "T": np.int64(T), "settings": np.array(json.dumps(settings)),
               **{k: np.asarray(v) for k, v in extra.items()}}
     _replace(Path(path), lambda tmp: np.savez(tmp, **arrays), ".npz")
-
 
 def load_matrix(path: Path) -> dict:
     """Read a gradients.npz back (never unpickles), checking that its parts fit together."""
@@ -395,7 +262,6 @@ def load_matrix(path: Path) -> dict:
                          f"(with --force)")
     return {"matrix": m, "timesteps": t, "edges": e, "T": T, "settings": settings}
 
-
 # --- pictures --------------------------------------------------------------------------------------------------------
 
 def _subtitle(settings: dict) -> str:
@@ -403,14 +269,12 @@ def _subtitle(settings: dict) -> str:
     return (f"model {settings['model_hash'][:8]}, params {settings['params']} ({settings['num_params']:,}), "
             f"batch {settings['batch_size']}, seed {settings['seed']}, {how}")
 
-
 def plot_all(out: Path, matrix, timesteps, edges, T: int, settings: dict, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     plot_heatmap(out / HEATMAP_FILE, matrix, timesteps, edges, T, settings, summary)
     plot_histogram(out / HISTOGRAM_FILE, matrix, timesteps, T, settings)
-
 
 def plot_heatmap(path: Path, matrix, timesteps, edges, T: int, settings: dict, summary: dict) -> None:
     """B x B cells drawn over their timestep bins, t = 0 at the top left; diverging colours, -1 blue, +1 red."""
@@ -439,7 +303,6 @@ def plot_heatmap(path: Path, matrix, timesteps, edges, T: int, settings: dict, s
     ax.set_title(_subtitle(settings), fontsize=7, color="0.35")
     _replace(Path(path), lambda tmp: fig.savefig(tmp, format="png"), ".png")
     plt.close(fig)
-
 
 def plot_histogram(path: Path, matrix, timesteps, T: int, settings: dict) -> None:
     """Density of pairwise similarities (i < j): all pairs vs pairs whose timesteps both lie in [0, T/4)."""

@@ -71,25 +71,23 @@ class HeldOut:
                 "noise_seed": self.seed}
 
 
-def load_heldout(recipe, folder: str, unet, device, *, num_images: Optional[int], seed: int,
-                 timesteps: Callable[[int, int], Any], timesteps_rule: str, batch_size: int, what: str) -> HeldOut:
-    """The held-out set of `folder` (an image folder; for text-to-image models with captions, as training data).
+def load_heldout(base, data, folder: str, unet, device, *, num_images: Optional[int], seed: int,
+                 timesteps: Callable[[int, int], Any], timesteps_rule: str, batch_size: int, what: str,
+                 cache_dir: Optional[Path] = None) -> HeldOut:
+    """The held-out set of `folder` (an image folder; for text-to-image models with captions, read as `[data]` reads
+    training data, latents cached under `cache_dir` when data.cache_latents).
 
     `timesteps(n, T)` gives the n timesteps; noise comes from one generator seeded with `seed`, drawn once for all
     images (so it does not depend on the batch size). `what` names the recipe key in errors."""
     import torch
-    from diffusers import DDPMScheduler
-
-    from .models import resolve_pretrained, scheduler_config
-    from .train import TARGETS, make_task
 
     ref = Path(folder).expanduser()
     if not ref.is_dir():
         raise UsageError(f"{what} '{folder}' is not a folder; point it at a held-out image folder")
-    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    data = recipe.data.model_copy(update={"source": "imagefolder", "path": str(ref), "max_samples": None,
-                                          "center_crop": True, "random_flip": False, "caption_dropout": 0.0})
-    task = make_task(recipe.model_copy(update={"data": data}), pipeline_dir, unet, device)
+    data = data.model_copy(update={"source": "imagefolder", "path": str(ref), "max_samples": None,
+                                   "center_crop": True, "random_flip": False, "caption_dropout": 0.0,
+                                   "cache_latents": data.cache_latents and cache_dir is not None})
+    task = base.kind.task(base, unet, data, seed=seed, device=device, cache_dir=cache_dir, batch_size=batch_size)
     dataset = task.dataset()
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
     if num_images is not None and n < num_images:
@@ -97,11 +95,7 @@ def load_heldout(recipe, folder: str, unet, device, *, num_images: Optional[int]
         ui.warn(f"{what} '{folder}' holds {len(dataset)} images, fewer than the {num_images} asked for; using {n}")
     indices = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, n).round()})
     n = len(indices)
-    scheduler = DDPMScheduler.from_config(scheduler_config(pipeline_dir))
-    if scheduler.config.prediction_type not in TARGETS:
-        raise UsageError(f"the scheduler's prediction_type '{scheduler.config.prediction_type}' is not supported "
-                         f"(known: {', '.join(TARGETS)})")
-    T = int(scheduler.config.num_train_timesteps)
+    scheduler, T = base.noise_scheduler(), base.T
     t_all = timesteps(n, T).long()
     gen = torch.Generator().manual_seed(seed)
     items = [dataset[(i, 0)] for i in indices]
@@ -149,7 +143,7 @@ def per_image_losses(predict: Predict, held: HeldOut):
     """The n per-image losses (mean squared error against the prediction-type target), float64, CPU, in order."""
     import torch
 
-    from .train import noisy_and_target
+    from .loss import noisy_and_target
 
     out = []
     with torch.no_grad():

@@ -24,16 +24,17 @@ from .runs import RunDir
 LOSS_PLOT = "loss-by-t.png"
 
 
-def settings(recipe) -> dict:
-    e = recipe.eval
+def settings(e) -> dict:
+    """The `[eval]` values that determine the loss by timestep."""
     return {"bins": e.loss_bins, "num_images": e.loss_num_images, "seed": e.loss_seed, "reference": e.reference}
 
 
-def check_reference(recipe) -> None:
-    """The loss is scored on the images of eval.reference: it must be an image folder (checked before any work)."""
-    from .metrics import reference_kind
+def check_reference(e) -> None:
+    """The loss is scored on the images of eval.reference (`[eval]`): it must be an image folder (checked before any
+    work)."""
+    from .fid import reference_kind
 
-    ref = recipe.eval.reference
+    ref = e.reference
     if not ref:
         raise UsageError("eval.metrics has \"loss\", which scores the images of eval.reference, but eval.reference "
                          "is not set; point it at a folder of held-out images")
@@ -43,7 +44,7 @@ def check_reference(recipe) -> None:
                          f"image folder; '{ref}' is a {'statistics file' if kind == 'npz' else 'dataset name'}")
 
 
-def _predict(recipe, run: RunDir, spec: str, device, base_hash: str):
+def _predict(base, run: RunDir, spec: str, device, base_hash: str, models: dict):
     """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions).
 
     A model finetuned from another base than model.pretrained is refused: its ratio to this base would mislead."""
@@ -51,44 +52,50 @@ def _predict(recipe, run: RunDir, spec: str, device, base_hash: str):
     from .heldout import model_predict, routed_predict
     from .model_specs import load_unets
 
-    loaded = load_unets(recipe, run, spec, device)
+    loaded = load_unets(base, run, spec, device, **models)
     info = loaded.info
     made_from = {m.get("base_hash") for m in info.get("members", [])} | {(info.get("meta") or {}).get("base_hash")}
     made_from.discard(None)
     if made_from and made_from != {base_hash}:
         raise UsageError(f"model '{spec}' was finetuned from another base model (base_hash "
-                         f"{', '.join(sorted(made_from))}) than model.pretrained = '{recipe.model.pretrained}' "
+                         f"{', '.join(sorted(made_from))}) than model.pretrained = '{base.pretrained}' "
                          f"(base_hash {base_hash}); point model.pretrained at its base, or retrain it")
     d = loaded.denoiser
     predict = routed_predict(d.models, d.ranges) if isinstance(d, EnsembleDenoiser) else model_predict(d.model)
     return predict, loaded.identity.get("hash")
 
 
-def _fingerprint(recipe, identity, ref_files: list) -> str:
-    blob = {"settings": settings(recipe), "model": identity, "reference": ref_files,
-            "model_section": recipe.model.model_dump(), "data": {"resolution": recipe.data.resolution}}
+def _fingerprint(e, base, resolution: int, identity, ref_files: list) -> str:
+    blob = {"settings": settings(e), "model": identity, "reference": ref_files,
+            "model_section": {"pretrained": base.pretrained, "revision": base.revision},
+            "data": {"resolution": resolution}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def score(recipe, run: RunDir, models: Sequence[str], device, previous: dict, force: bool) -> dict:
+def score(base, run: RunDir, models: Sequence[str], device, previous: dict, force: bool, *, ev, data,
+          ranges, use_ema: bool) -> dict:
     """{model: loss_by_t record} for every model in `models`; `previous` holds the records already in eval/*.json
-    (reused when their fingerprint matches, unless `force`)."""
+    (reused when their fingerprint matches, unless `force`).
+
+    ev       [eval] (reference, loss_bins, loss_num_images, loss_seed, batch_size)
+    data     [data] (resolution; how a text-to-image reference folder is read)
+    ranges   [ranges], use_ema: merge.use_ema (which range models `range:I` and `ensemble` load)
+    """
     import torch
 
     from . import ui
     from .heldout import binned_means, binned_timesteps, equal_bins, load_heldout, per_image_losses
-    from .metrics import _file_key, image_files
-    from .models import load_unet, resolve_pretrained
-
-    e = recipe.eval
-    check_reference(recipe)
+    from .features import _file_key, image_files
+    e = ev
+    check_reference(e)
+    spec_args = {"ranges": ranges, "use_ema": use_ema, "resolution": data.resolution}
     ref_files = [_file_key(Path(f)) for f in image_files(Path(e.reference).expanduser())]
-    predicts = {"base": _predict(recipe, run, "base", device, "")}
+    predicts = {"base": _predict(base, run, "base", device, "", spec_args)}
     base_hash = predicts["base"][1]
     for m in dict.fromkeys(models):
         if m != "base":
-            predicts[m] = _predict(recipe, run, m, device, base_hash)
-    prints = {m: _fingerprint(recipe, h, ref_files) for m, (_, h) in predicts.items()}
+            predicts[m] = _predict(base, run, m, device, base_hash, spec_args)
+    prints = {m: _fingerprint(e, base, data.resolution, h, ref_files) for m, (_, h) in predicts.items()}
     todo = [m for m in models if force or (previous.get(m) or {}).get("fingerprint") != prints[m]]
     out = {m: previous[m] for m in models if m not in todo}
     for m in out:
@@ -96,9 +103,8 @@ def score(recipe, run: RunDir, models: Sequence[str], device, previous: dict, fo
     if not todo:
         return out
 
-    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    unet = load_unet(pipeline_dir)
-    held = load_heldout(recipe, e.reference, unet, device, num_images=e.loss_num_images, seed=e.loss_seed,
+    unet = base.load_unet()
+    held = load_heldout(base, data, e.reference, unet, device, cache_dir=run.cache, num_images=e.loss_num_images, seed=e.loss_seed,
                         timesteps=lambda n, T: binned_timesteps(n, T, e.loss_bins, e.loss_seed),
                         timesteps_rule=f"image k: uniform in bin k mod {e.loss_bins} (seed {e.loss_seed})",
                         batch_size=e.batch_size, what="eval.reference")
@@ -108,12 +114,12 @@ def score(recipe, run: RunDir, models: Sequence[str], device, previous: dict, fo
     if min(counts) == 0:
         raise UsageError(f"eval.reference holds {held.n} images, fewer than eval.loss_bins = {e.loss_bins}; score "
                          f"more images or use fewer bins")
-    base = binned_means(per_image_losses(predicts["base"][0], held), held.t, edges)
+    base_loss = binned_means(per_image_losses(predicts["base"][0], held), held.t, edges)
     for m in todo:
-        losses = base if m == "base" else binned_means(per_image_losses(predicts[m][0], held), held.t, edges)
-        ratio = [a / b for a, b in zip(losses, base)]
+        losses = base_loss if m == "base" else binned_means(per_image_losses(predicts[m][0], held), held.t, edges)
+        ratio = [a / b for a, b in zip(losses, base_loss)]
         out[m] = {"bins": [list(b) for b in edges], "loss": losses, "ratio": ratio,
-                  "ratio_mean": sum(ratio) / len(ratio), "base_loss": base, "images_per_bin": counts,
+                  "ratio_mean": sum(ratio) / len(ratio), "base_loss": base_loss, "images_per_bin": counts,
                   **held.describe(), "precision": "fp32", "fingerprint": prints[m]}
         ui.info(f"eval {m}: held-out loss / base, mean over {len(edges)} bins: {out[m]['ratio_mean']:.4f}")
     del unet
@@ -122,13 +128,13 @@ def score(recipe, run: RunDir, models: Sequence[str], device, previous: dict, fo
     return out
 
 
-def plot(run: RunDir, records: dict, recipe) -> str:
+def plot(run: RunDir, records: dict, name: str) -> str:
     """eval/loss-by-t.png: every model's ratio to the base against t."""
     from .plots import loss_by_t_plot
 
     path = run.root / "eval" / LOSS_PLOT
     path.parent.mkdir(parents=True, exist_ok=True)
     any_rec = next(iter(records.values()))
-    loss_by_t_plot(records, path, f"{recipe.name}: held-out loss by timestep, ratio to the base "
+    loss_by_t_plot(records, path, f"{name}: held-out loss by timestep, ratio to the base "
                                   f"({any_rec['num_images']} images of eval.reference)")
     return str(path)

@@ -119,8 +119,9 @@ class MergeSpec:
     seed: int = 0          # dare
 
     @classmethod
-    def from_recipe(cls, recipe) -> "MergeSpec":
-        return cls(recipe.merge.method, recipe.merge.density, recipe.merge.seed)
+    def from_section(cls, merge) -> "MergeSpec":
+        """The spec of a recipe's [merge] section."""
+        return cls(merge.method, merge.density, merge.seed)
 
     def describe(self) -> dict:
         m = get_method(self.method)

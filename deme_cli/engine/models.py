@@ -73,15 +73,6 @@ def scheduler_config(pipeline_dir: Path) -> dict:
     return json.loads(cfg.read_text())
 
 
-def num_train_timesteps(pipeline_dir: Path) -> int:
-    return int(scheduler_config(pipeline_dir).get("num_train_timesteps", 1000))
-
-
-def is_text_to_image(pipeline_dir: Path) -> bool:
-    cfg = json.loads((unet_folder(pipeline_dir) / "config.json").read_text())
-    return cfg.get("_class_name") == "UNet2DConditionModel"
-
-
 def load_unet(folder: Path, dtype=None):
     """Load a UNet2DModel or UNet2DConditionModel from a UNet folder or a pipeline folder."""
     import diffusers
@@ -294,10 +285,10 @@ def load_model_folder(folder: Path, dtype=None):
     return DemeModel(unet, proj)
 
 
-def load_base(pretrained: str, revision: Optional[str] = None, projection: bool = False, dtype=None):
-    """The pretrained UNet as a DemeModel (with identity projections if asked, which compute the same function)."""
-    unet = load_unet(resolve_pretrained(pretrained, revision), dtype=dtype)
-    return wrap(unet, projection)
+def load_base(folder, projection: bool = False, dtype=None):
+    """The UNet of a local pipeline (or UNet) folder as a DemeModel, with identity projections if asked (they compute
+    the same function). Hub ids are resolved once, by base.resolve_base; stages load through the resolved base."""
+    return wrap(load_unet(Path(folder), dtype=dtype), projection)
 
 
 # --- identity ----------------------------------------------------------------------------------------------------

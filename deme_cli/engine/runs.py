@@ -63,6 +63,11 @@ class RunDir:
     def analysis(self) -> Path:
         return self.root / "analysis"
 
+    @property
+    def cache(self) -> Path:
+        """Cached latents and text embeddings of text-to-image training data (captions.py)."""
+        return self.root / "cache"
+
 
 def model_dirname(model: str) -> str:
     """Folder name for a model spec: `range:2` -> `range-2`."""

@@ -172,26 +172,27 @@ def prompts_digest(prompts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def text_to_image(recipe, device, load):
-    """sample.DENOISER_KINDS["text-to-image"]: prompts, encoders, then the UNet(s) from load(), wrapped for sampling.
+def text_to_image(base, sample, resolution: int, device, load):
+    """The text-to-image kind's denoiser (kinds.py): prompts, encoders, then the UNet(s) from load(), wrapped for
+    sampling with `[sample]`'s prompts and guidance; `resolution` (data.resolution) sizes latents when the UNet's
+    config has no sample size.
 
     Image k gets prompt k mod len(prompts); samples.json records the prompt of every image ("prompts") so CLIP score
     can pair them, and the resume settings include the prompts' digest and the guidance.
     """
-    from .models import resolve_pretrained
+    from .denoise import Loaded
     from .prompts import load_prompts, prompt_for
-    from .model_specs import Loaded
 
-    s = recipe.sample
+    s = sample
     prompts = load_prompts(s)                   # bad prompts and a pipeline without encoders fail before load()
-    encoders = FrozenEncoders(resolve_pretrained(recipe.model.pretrained, recipe.model.revision), device)
+    encoders = FrozenEncoders(base.folder, device)
     loaded = load()
     encoders.check_unet(loaded.denoiser.modules[0].config)
     per_image = [prompt_for(prompts, k) for k in range(s.num_images)]
     guidance = {"guidance_scale": s.guidance_scale, "negative_prompt": s.negative_prompt}
     denoiser = TextToImageDenoiser(loaded.denoiser, encoders, s.guidance_scale, s.negative_prompt)
     if not loaded.denoiser.modules[0].config.sample_size:   # no latent size in the config: data.resolution pixels
-        side = recipe.data.resolution // encoders.scale
+        side = resolution // encoders.scale
         denoiser.sample_shape = (encoders.latent_channels, side, side)
     return Loaded(
         denoiser,

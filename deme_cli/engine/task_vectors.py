@@ -1,27 +1,7 @@
-"""`deme merge`: merge the N range models into one by task-vector arithmetic (paper section 3.3, Eq. 8).
-
-Task vectors tau_i = theta_i - theta over every floating-point tensor of the range models (the EMA weights in
-`ranges/<i>/final/` by default, the raw ones in `final-raw/` with merge.use_ema = false), projections included: their
-base is the identity, so tau = W_i - I. A range model without projections counts as identity projections (tau = 0).
-Non-float tensors are copied from theta. Then
-
-    theta_merged = theta + combine_i(w_i, tau_i)                        (Eq. 8 for task_arithmetic: sum_i w_i tau_i)
-
-Methods (task_arithmetic, ties, dare) are in merge_methods.py.
-Weights: `--weights`, else merge.weights, else 1/N each (the uniform soup). The release hard-codes
-[0.1, 0.1, 0.2, 0.5] for N = 4 (low t first); weights need not sum to 1.
-
-Streaming: the base UNet is loaded once (the only whole model in memory: its hash is the identity that range models
-record, computed the way `train` computes it); range models are read tensor by tensor from their safetensors files and
-the merged tensors are written as they are computed (`safetensors_stream`), in float64 so that weight 1 on one range
-gives back that range's weights exactly. Peak memory: about one model plus a few tensors, not N + 1 models
-(benchmarks/merge_memory.py measures it).
-
-Output: `<run>/merged/` in the format of a range's `final/` (unet/ with the base UNet's config.json, projection
-.safetensors, deme.json) plus merge.json (method, weights, density/seed where used, the range models and their
-identities, the search log). It is written to a temporary folder and renamed, so an existing merged/ is only replaced
-by a complete new one. Re-running with the same settings and unchanged range models skips the merge (merge.json's
-"fingerprint"); `--force` merges again.
+"""Task vectors (paper section 3.3, Eq. 8): the range models as merge inputs, and the merged weights
+theta + combine_i(w_i, tau_i), tau_i = theta_i - theta on float tensors (projections: base = identity; a range without
+projections: tau = 0; non-float tensors from theta; methods in merge_methods.py). Streamed tensor by tensor in float64
+(safetensors_stream; theta is the only whole model in memory); CandidateMerger keeps them in memory for the search.
 """
 from __future__ import annotations
 
@@ -32,7 +12,6 @@ import json
 import math
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -64,9 +43,10 @@ def parse_weights(text: str) -> list[float]:
     return values
 
 
-def resolve_weights(weights: Optional[list[float]], n: int, source: str = "--weights") -> list[float]:
-    """The merge weights: the given ones (checked against N), else 1/N each."""
-    if weights is None:
+def resolve_weights(weights, n: int, source: str = "--weights") -> list[float]:
+    """The merge weights for n ranges: a list (checked against N), or "uniform" / "search" / None: 1/N each (the
+    search starts from the uniform average)."""
+    if weights is None or isinstance(weights, str):
         return [1.0 / n] * n
     if len(weights) != n:
         raise UsageError(f"{source} has {len(weights)} values but there are {n} ranges (ranges.n); give one weight "
@@ -157,10 +137,8 @@ class MergeInputs:
                     r.unet = r.projection = None
 
 
-def _find_range_models(recipe, run: RunDir) -> list[RangeModel]:
+def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
     """The N range model folders, checked for presence and completeness (cheap: no tensors read)."""
-    use_ema = recipe.merge.use_ema
-    n = recipe.ranges.n
     folders = [run.final(i, ema=use_ema) for i in range(n)]
     missing = [i for i, f in enumerate(folders) if not (f / META_FILE).is_file()]
     if missing:
@@ -202,20 +180,20 @@ def _find_range_models(recipe, run: RunDir) -> list[RangeModel]:
     return out
 
 
-def load_inputs(recipe, run: RunDir) -> MergeInputs:
-    """Find and check the range models, load theta, and plan the output tensors. Raises UsageError on bad input."""
-    from .models import identity_projection_state, load_unet, resolve_pretrained, unet_folder, unet_hash
+def load_inputs(base, run: RunDir, *, n: int, use_ema: bool) -> MergeInputs:
+    """Find and check the n range models of the run (final/, or final-raw/ without `use_ema`), load theta (the
+    base's UNet), and plan the output tensors. Raises UsageError on bad input."""
+    from .models import identity_projection_state, unet_folder, unet_hash
 
-    ranges = _find_range_models(recipe, run)
-    pipeline_dir = resolve_pretrained(recipe.model.pretrained, recipe.model.revision)
-    base_unet = load_unet(pipeline_dir)
+    ranges = _find_range_models(run, n, use_ema)
+    base_unet = base.load_unet()
     base_unet.requires_grad_(False)
     base_hash = unet_hash(base_unet)
     if ranges[0].meta["base_hash"] != base_hash:
         raise UsageError(f"the range models were finetuned from a different base model (base_hash "
-                         f"{ranges[0].meta['base_hash']}) than model.pretrained = '{recipe.model.pretrained}' "
+                         f"{ranges[0].meta['base_hash']}) than model.pretrained = '{base.pretrained}' "
                          f"(base_hash {base_hash}); point model.pretrained at their base or retrain them")
-    inputs = MergeInputs(base_unet, unet_folder(pipeline_dir), base_hash, ranges, None)
+    inputs = MergeInputs(base_unet, unet_folder(base.folder), base_hash, ranges, None)
     if any(r.projection_file for r in ranges):
         inputs.identity = identity_projection_state(base_unet)
     inputs.entries = _plan(inputs)
@@ -419,64 +397,3 @@ def _replace_dir(new: Path, dest: Path) -> None:
         old.rename(dest)
         raise
     shutil.rmtree(old, ignore_errors=True)
-
-
-# --- the command -------------------------------------------------------------------------------------------------
-
-def _fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _previous(run: RunDir) -> Optional[dict]:
-    f = run.merged / MERGE_JSON
-    if not (f.is_file() and (run.merged / "unet" / UNET_WEIGHTS).is_file() and (run.merged / META_FILE).is_file()):
-        return None
-    try:
-        return read_json(f)
-    except (OSError, ValueError):
-        return None
-
-
-def run_merge(recipe, run: RunDir, weights: Optional[list[float]] = None, search: bool = False,
-              force: bool = False, processes: int = 1, gpus: str = "auto") -> dict:
-    """Merge the range models of `run` into `run.merged`; with `search`, find the weights first (its candidates
-    scored by `processes` processes on the slots of `gpus`). Returns merge.json plus "skipped" (True when merged/
-    already held this merge) and "merged" (the folder)."""
-    n = recipe.ranges.n
-    spec = MergeSpec.from_recipe(recipe)
-    get_method(spec.method)
-    start = resolve_weights(weights if weights is not None else recipe.merge.weights, n,
-                            "--weights" if weights is not None else "merge.weights")
-    inputs = load_inputs(recipe, run)
-    settings = {**spec.describe(), "use_ema": recipe.merge.use_ema, "base_hash": inputs.base_hash,
-                "ranges": [r.identity() for r in inputs.ranges]}
-    if search:
-        from .merge_search import search_settings
-        settings["search"] = search_settings(recipe, start)
-    else:
-        settings["weights"] = start
-    fingerprint = _fingerprint(settings)
-    prev = _previous(run)
-    if prev is not None and prev.get("fingerprint") == fingerprint and not force:
-        ui.info(f"{run.merged} already holds this merge (same settings, same range models); --force merges again")
-        return {**prev, "skipped": True, "merged": str(run.merged)}
-
-    t0 = time.time()
-    log = None
-    if search:
-        from .merge_search import search_weights
-        log = search_weights(recipe, run, inputs, spec, start, processes=processes, gpus=gpus)
-        final = list(log["best"]["weights"])
-    else:
-        final = start
-    method = get_method(spec.method)
-    record = {**spec.describe(), "weights": final, "use_ema": recipe.merge.use_ema,
-              "base": {"pretrained": recipe.model.pretrained, "base_hash": inputs.base_hash},
-              "ranges": settings["ranges"], "projection": inputs.has_projections, "search": log,
-              "recipe": recipe.name, "fingerprint": fingerprint, "summary": method.summary}
-    meta = {"kind": "merged", "base_hash": inputs.base_hash, "recipe": recipe.name, **spec.describe(),
-            "weights": final, "use_ema": recipe.merge.use_ema, "projection": inputs.has_projections,
-            "ranges": [{"index": r.index, **({k: r.meta["range"][k] for k in ("lo", "hi")} if r.meta.get("range")
-                                             else {})} for r in inputs.ranges]}
-    write_merged_folder(inputs, final, spec, run.merged, meta, record)
-    return {**record, "skipped": False, "merged": str(run.merged), "seconds": round(time.time() - t0, 3)}

@@ -1,4 +1,5 @@
-"""Fan-out: independent jobs as separate processes on disjoint devices, and SLURM job-array scripts (DESIGN.md s. 8).
+"""Fan-out: independent jobs as separate processes on disjoint devices (DESIGN.md s. 8), shared by `deme train --all
+--launcher local`, `deme sample --processes P` and the weight search's pool.
 
 The N ranges of a recipe are independent jobs; so are the shards of a sampling run. Each job is an ordinary `deme`
 command (`python -m deme_cli ...`, or `accelerate launch` with its own rendezvous port when a job spans several
@@ -9,8 +10,6 @@ GPUs) in its own process, never one process group with different models per rank
 - `run_jobs(jobs, slots)`: runs the jobs on the slots, a new job starting as soon as a slot frees (waves when there
   are more jobs than slots), logs each job's output to its own file, shows one combined progress view (a rich table
   on a terminal, periodic plain lines otherwise) and returns every job's exit code and last log lines.
-- `slurm_scripts(...)`: a job-array script (one range per array task) and a merge job that waits for the whole array
-  (`sbatch --dependency=afterok`), plus submit.sh, which submits both.
 """
 from __future__ import annotations
 
@@ -303,76 +302,7 @@ def metrics_progress(metrics: Path, total: int) -> Callable[[], tuple]:
     return read
 
 
-# --- SLURM ---------------------------------------------------------------------------------------------------------
-
-def _sbatch_lines(options: list[str]) -> list[str]:
-    lines = []
-    for o in options or []:
-        o = o.strip().lstrip("-")
-        if not o:
-            continue
-        lines.append(f"#SBATCH --{o}")
-    return lines
-
-
-def slurm_scripts(recipe, recipe_file: Path, folder: Path, n: int, gpus_per_range: int = 1,
-                  options: Optional[list[str]] = None, search: bool = False) -> dict[str, str]:
-    """{file name: text} of train.sbatch (array 0..n-1), merge.sbatch and submit.sh, to live in `folder`."""
-    py, cwd, rf = shlex.quote(sys.executable), shlex.quote(str(Path.cwd())), shlex.quote(str(recipe_file))
-    logs = shlex.quote(str(folder))
-    extra = _sbatch_lines(options or [])
-    if gpus_per_range > 1:
-        launch = (f"{py} -m accelerate.commands.launch --multi_gpu --num_processes {gpus_per_range} "
-                  f"--main_process_port $(( {BASE_PORT + 1} + SLURM_ARRAY_TASK_ID % 1000 )) "
-                  f"-m deme_cli train {rf} --range \"$SLURM_ARRAY_TASK_ID\"")
-    else:
-        launch = f"{py} -m deme_cli train {rf} --range \"$SLURM_ARRAY_TASK_ID\""
-    train = "\n".join([
-        "#!/bin/bash",
-        f"# DeMe finetuning of the {n} ranges of recipe '{recipe.name}': one range per array task.",
-        "# Each task is an ordinary `deme train --range I`"
-        + (f" (accelerate data parallel over {gpus_per_range} GPUs)" if gpus_per_range > 1 else "") + ".",
-        "# Resumable: a requeued task, or this script submitted again, continues from ranges/I/checkpoints/latest.",
-        f"#SBATCH --job-name=deme-{recipe.name}",
-        f"#SBATCH --array=0-{n - 1}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
-        f"#SBATCH --gres=gpu:{gpus_per_range}",
-        f"#SBATCH --cpus-per-task={8 * gpus_per_range}",
-        f"#SBATCH --output={folder}/train-%A_%a.log",
-        "#SBATCH --requeue",
-        *extra,
-        "set -euo pipefail",
-        f"cd {cwd}",
-        f"exec {launch}",
-        ""])
-    merge = "\n".join([
-        "#!/bin/bash",
-        f"# Merge the {n} range models of recipe '{recipe.name}' once every array task of train.sbatch succeeded.",
-        f"#SBATCH --job-name=deme-{recipe.name}-merge",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
-        *(["#SBATCH --gres=gpu:1"] if search else []),
-        "#SBATCH --cpus-per-task=8",
-        f"#SBATCH --output={folder}/merge-%j.log",
-        *extra,
-        "set -euo pipefail",
-        f"cd {cwd}",
-        f"exec {py} -m deme_cli merge {rf}{' --search' if search else ''}",
-        ""])
-    submit = "\n".join([
-        "#!/bin/bash",
-        "# Submit the training array, then the merge job that waits for all of it (afterok).",
-        "set -euo pipefail",
-        f"train=$(sbatch --parsable {logs}/train.sbatch)",
-        "train=${train%%;*}",
-        f"merge=$(sbatch --parsable --dependency=afterok:$train {logs}/merge.sbatch)",
-        f"echo \"submitted training array $train ({n} ranges) and merge job ${{merge%%;*}}; logs in {folder}\"",
-        ""])
-    return {"train.sbatch": train, "merge.sbatch": merge, "submit.sh": submit}
-
-
-# --- `deme train --all --launcher local | slurm` ----------------------------------------------------------------
+# --- the recipe launched jobs read ---------------------------------------------------------------------------------
 
 def launch_recipe_file(recipe, run) -> Path:
     """Where launched jobs read the resolved recipe: <run>/launch/recipe.toml (output.dir made absolute)."""
@@ -386,106 +316,3 @@ def write_launch_recipe(recipe, run) -> Path:
     fixed = recipe.model_copy(update={"output": recipe.output.model_copy(update={"dir": str(path.parent.parent)})})
     write_atomic(path, fixed.to_toml())
     return path
-
-
-def _range_args(recipe_file: Path, index: int, force: bool) -> list[str]:
-    return ["train", str(recipe_file), "--range", str(index)] + (["--force"] if force else [])
-
-
-def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool = False,
-                poll_s: float = 1.0) -> dict:
-    """Train every range as its own process on the slots of `gpus` (see run_jobs); finished ranges are skipped.
-
-    Returns {"ranges": one summary per range (with "status", "exit_code", "log"), "failed": [indices]}.
-    """
-    from .models import read_meta
-    from .splitting import load_ranges
-    from .train import reexport_if_stale, trained_meta
-
-    slots = device_slots(gpus, per_range, check=True)
-    ranges = load_ranges(recipe, run)          # ranges.json exists before any job starts: no job computes it
-    recipe_file = write_launch_recipe(recipe, run)
-    jobs, kept = [], {}
-    for r in ranges:
-        meta = None if force else trained_meta(recipe, run, r)
-        if meta is not None:
-            reexport_if_stale(run, r)
-            kept[r.index] = meta
-            continue
-        jobs.append(Job(f"range {r.index}", _range_args(recipe_file, r.index, force), run.range_dir(r.index) /
-                        "launch.log", metrics_progress(run.metrics(r.index), recipe.train.steps), per_range))
-    if kept:
-        ui.info(f"already trained for {recipe.train.steps} steps, kept: range {', '.join(map(str, sorted(kept)))} "
-                f"(--force trains them again)")
-    if jobs:
-        ui.info(f"training {len(jobs)} range(s) as separate processes on {len(slots)} slot(s): "
-                f"{', '.join(s.name for s in slots)}; logs in {run.root}/ranges/<i>/launch.log")
-        run_jobs(jobs, slots, f"deme train {recipe.name}", poll_s=poll_s)
-    by_index = {int(j.args[3]): j for j in jobs}
-    summaries, failed = [], []
-    for r in ranges:
-        s = {"range": r.index, "lo": r.lo, "hi": r.hi, "final": str(run.final(r.index))}
-        job = by_index.get(r.index)
-        if job is None:
-            s.update(status="kept", skipped=True, steps=kept[r.index].get("steps"), loss=kept[r.index].get("loss"))
-        elif job.returncode == 0:
-            meta = read_meta(run.final(r.index)) if run.final(r.index).is_dir() else {}
-            s.update(status="done", skipped=False, steps=meta.get("steps"), loss=meta.get("loss"),
-                     device=job.slot.name, seconds=round(job.seconds, 1), log=str(job.log))
-        else:
-            failed.append(r.index)
-            s.update(status="failed", skipped=False, exit_code=job.returncode, device=job.slot.name if job.slot
-                     else None, log=str(job.log), log_tail=tail(job.log))
-        summaries.append(s)
-    return {"launcher": "local", "slots": [s.name for s in slots], "ranges": summaries, "failed": failed,
-            "report": failure_report(jobs)}
-
-
-def local_plan(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool = False) -> list[str]:
-    """The commands train_local would start (for --dry-run), one line per range, assuming no range is finished."""
-    slots = device_slots(gpus, per_range)
-    rf = launch_recipe_file(recipe, run)
-    lines = []
-    for i in range(recipe.ranges.n):
-        slot = slots[i % len(slots)]
-        wave = i // len(slots)
-        argv = deme_command(_range_args(rf, i, force), per_range, BASE_PORT + 1 + i % len(slots), cpu=not slot.gpus)
-        env = slot.env()["CUDA_VISIBLE_DEVICES"]
-        lines.append(f"# range {i} on {slot.name}{f' (wave {wave + 1})' if wave else ''}: "
-                     f"CUDA_VISIBLE_DEVICES={env!r} {shlex.join(argv)}")
-    return lines
-
-
-def slurm_emit(recipe, run, gpus_per_range: int = 1, options: Optional[list[str]] = None,
-               write: bool = True) -> dict:
-    """Write (or, with write=False, only render) the SLURM scripts under <run>/launch/slurm/. Returns
-    {"folder", "files": {path: text}, "submit": command}."""
-    if gpus_per_range < 1:
-        raise UsageError(f"--gpus-per-range must be at least 1, got {gpus_per_range}")
-    folder = Path(run.root).resolve() / "launch" / "slurm"
-    recipe_file = launch_recipe_file(recipe, run)
-    scripts = slurm_scripts(recipe, recipe_file, folder, recipe.ranges.n, gpus_per_range, options,
-                            search=recipe.merge.weights is None)
-    files = {str(folder / name): text for name, text in scripts.items()}
-    if write:
-        from .runs import write_atomic
-
-        write_launch_recipe(recipe, run)
-        for path, text in files.items():
-            write_atomic(Path(path), text)
-            os.chmod(path, 0o755)
-    return {"launcher": "slurm", "folder": str(folder), "recipe": str(recipe_file), "files": files,
-            "submit": f"bash {shlex.quote(str(folder / 'submit.sh'))}"}
-
-
-def slurm_submit(emitted: dict) -> str:
-    """Run submit.sh (sbatch must be on PATH); returns what it printed."""
-    import shutil
-
-    if shutil.which("sbatch") is None:
-        raise UsageError("sbatch is not on PATH; use --emit to write the job scripts and submit them where SLURM is")
-    p = subprocess.run(["bash", str(Path(emitted["folder"]) / "submit.sh")], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise UsageError(f"sbatch refused the jobs: {(p.stderr or p.stdout).strip().splitlines()[-1:]}; the scripts "
-                         f"are in {emitted['folder']}")
-    return p.stdout.strip()

@@ -1,13 +1,12 @@
 """`deme sample`: generate images from the base, merged, range or ensemble model with per-image seeds.
 
-Image k uses seed + k (denoise.py: the loop, the schedulers, batch invariance; model_specs.py: what each model spec
-loads). Writes numbered PNGs, grid.png and samples.json (model and its hash, scheduler, steps, eta, seeds, precision)
+Image k uses seed + k (engine/denoise.py: the loop, the schedulers, batch invariance; engine/model_specs.py: what
+each model spec loads; engine/images.py: the folder). Writes numbered PNGs, grid.png and samples.json (model and its hash, scheduler, steps, eta, seeds, precision)
 into the run dir; a re-run keeps the images made with the same settings and refuses other settings unless --force.
 `--processes P` (or `accelerate launch`) splits the seeds across processes; the images do not change.
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -15,68 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
-
-from .denoise import generate_batches, make_scheduler, pick_device, resolve_precision
-from .errors import UsageError
-from .model_specs import Loaded, load_model, parse_model_spec
-from .runs import RunDir, read_json, write_json
-
-SAMPLES_JSON = "samples.json"
-GRID_FILE = "grid.png"
-GRID_MAX = 64                                   # images in grid.png
-_PNG = re.compile(r"^(\d{6})\.png$")
+from ..engine.base import Base, resolve_base
+from ..engine.denoise import Loaded, generate_batches, make_scheduler
+from ..engine.errors import UsageError
+from ..engine.images import GRID_FILE, SAMPLES_JSON, existing_images, save_png, write_grid
+from ..engine.model_specs import load_model, parse_model_spec
+from ..engine.recipe import DataSection, MergeSection, RangesSection, SampleSection, stage_kwargs
+from ..engine.runs import RunDir, read_json, write_json
 
 
-# --- `deme sample` -----------------------------------------------------------------------------------------------
-
-def existing_images(folder: Path) -> dict[int, Path]:
-    """Numbered PNGs (000000.png ...) in a sample folder, by index."""
-    if not folder.is_dir():
-        return {}
-    out = {}
-    for p in folder.iterdir():
-        m = _PNG.match(p.name)
-        if m:
-            out[int(m.group(1))] = p
-    return out
-
-
-def _save_png(path: Path, img: np.ndarray, size: Optional[int]) -> None:
-    from PIL import Image
-
-    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    if size is not None and im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_grid(folder: Path, n: int, out: Path) -> Optional[Path]:
-    """grid.png of the first up to 64 numbered images in `folder`."""
-    from PIL import Image
-
-    files = existing_images(folder)
-    idx = sorted(k for k in files if k < n)[:GRID_MAX]
-    if not idx:
-        return None
-    ims = [Image.open(files[k]).convert("RGB") for k in idx]
-    w, h = ims[0].size
-    cols = math.ceil(math.sqrt(len(ims)))
-    rows = math.ceil(len(ims) / cols)
-    grid = Image.new("RGB", (cols * w, rows * h))
-    for j, im in enumerate(ims):
-        grid.paste(im, ((j % cols) * w, (j // cols) * h))
-    tmp = out.with_name(f".{out.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
-
-
-def _settings(recipe, spec: str, loaded: Loaded, precision: str) -> dict:
+def _settings(s: SampleSection, spec: str, loaded: Loaded, precision: str) -> dict:
     """What determines the pixels: a resume must match these."""
-    s = recipe.sample
     return {"model": spec, "model_hash": loaded.identity.get("hash"), "scheduler": s.scheduler, "steps": s.steps,
             "eta": s.eta if s.scheduler == "ddim" else None, "seed": s.seed, "precision": precision,
             "output_size": s.output_size}
@@ -101,36 +49,37 @@ class Shard:
         return Shard(int(m.group(1)), int(m.group(2)))
 
 
-def _distributed(device_choice: str = "auto"):
+def _distributed(base: Base):
     """(Shard, device, barrier) when run under `accelerate launch` / torchrun with several processes, else None."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=device_choice == "cpu" or not torch.cuda.is_available())
+    state = PartialState(cpu=base.on_cpu)
     return Shard(state.process_index, state.num_processes), state.device, state.wait_for_everyone
 
 
 class _Job:
     """One `deme sample` run: the model loaded, its settings, and the sample folder."""
 
-    def __init__(self, recipe, run: RunDir, spec: str, device, target=None):
-        """`device`: where the model is loaded; `target`: where the images are made (default: `device`)."""
-        from .models import resolve_pretrained, scheduler_config
-        from .speed import use_compile
+    def __init__(self, base: Base, run: RunDir, spec: str, device, *, sample: SampleSection, models: dict,
+                 target=None):
+        """`device`: where the model is loaded; `target`: where the images are made (default: `device`); `models`:
+        what model_specs.load_model takes besides (ranges, use_ema, resolution)."""
+        from ..engine.devices import resolve_precision
+        from ..engine.speed import use_compile
 
-        s = self.s = recipe.sample
-        self.recipe, self.spec, self.device = recipe, spec, device
+        s = self.s = sample
+        self.spec, self.device = spec, device
         target = target if target is not None else device
         self.kind, _ = parse_model_spec(spec)
         self.precision = resolve_precision(s.precision, target)
-        self.sched_cfg = scheduler_config(resolve_pretrained(recipe.model.pretrained, recipe.model.revision))
+        self.sched_cfg = base.scheduler_config
         make_scheduler(s.scheduler, self.sched_cfg, s.eta)       # fail on a bad scheduler before loading models
-        self.loaded = load_model(recipe, run, spec, device)
+        self.loaded = load_model(base, run, spec, device, sample=s, **models)
         self.folder = run.samples(spec)
         self.meta_path = self.folder / SAMPLES_JSON
-        self.settings = {**_settings(recipe, spec, self.loaded, self.precision), **self.loaded.settings}
+        self.settings = {**_settings(s, spec, self.loaded, self.precision), **self.loaded.settings}
         self.compile, self.target = use_compile(s.compile, target), target
 
     def check_resume(self, force: bool) -> dict[int, Path]:
@@ -165,7 +114,7 @@ class _Job:
 
     def generate(self, shard: Shard = Shard()) -> dict:
         """Make the missing images this shard owns; returns {"generated", "time_s", "calls"}."""
-        from . import ui
+        from ..engine import ui
 
         s = self.s
         have = existing_images(self.folder)
@@ -182,7 +131,7 @@ class _Job:
                                                     batch_size=s.batch_size, precision=self.precision,
                                                     device=self.device, compile=self.compile):
                     for j, img in zip(pos, images):
-                        _save_png(self.folder / f"{todo[j]:06d}.png", img, s.output_size)
+                        save_png(self.folder / f"{todo[j]:06d}.png", img, s.output_size)
                     bar.update(len(pos))
         return {"generated": len(todo), "time_s": time.time() - t0,
                 "calls": getattr(self.loaded.denoiser, "calls", None)}
@@ -215,26 +164,40 @@ def _sum_calls(parts: list) -> Optional[list]:
 
 def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: int = 1, gpus: str = "auto",
                shard: Optional[Shard] = None) -> dict:
+    """`deme sample RECIPE --model SPEC` for a recipe (the fan-out's workers read the recipe from a file)."""
+    from ..engine.processes import write_launch_recipe
+
+    recipe_file = write_launch_recipe(recipe, run) if processes > 1 and shard is None else None
+    return sample_model(resolve_base(recipe.model, recipe.train.device), run, spec, force=force, processes=processes,
+                        gpus=gpus, shard=shard, recipe_file=recipe_file, **stage_kwargs(sample_model, recipe))
+
+
+def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, data: DataSection,
+                 ranges: RangesSection, merge: MergeSection, force: bool = False, processes: int = 1,
+                 gpus: str = "auto", shard: Optional[Shard] = None, recipe_file: Optional[Path] = None) -> dict:
     """Write run.samples(spec)/000000.png ..., grid.png and samples.json; skip images already written.
 
     The images can be made by several processes, each making the images k with k % P == its rank (the pixels do not
     depend on which process makes an image: per-image seeds, batch-invariant arithmetic on the CPU):
     - under `accelerate launch --num_processes P` (or torchrun): every process runs this; the main one writes
       samples.json and grid.png once all are done;
-    - `processes` = P > 1: this process starts P `deme sample --shard I/P` workers (launch.run_jobs, one per slot
-      of `gpus`), waits for them and writes samples.json and grid.png;
+    - `processes` = P > 1: this process starts P `deme sample --shard I/P` workers (processes.run_jobs, one per slot
+      of `gpus`) on `recipe_file`, waits for them and writes samples.json and grid.png;
     - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
+
+    data.resolution sizes UNets without a sample size; ranges and merge.use_ema say which range models to load.
     """
+    models = {"ranges": ranges, "use_ema": merge.use_ema, "resolution": data.resolution}
     if shard is not None:
-        return _sample_worker(recipe, run, spec, shard)
+        return _sample_worker(base, run, spec, shard, sample, models)
     if processes > 1:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--processes starts its own processes; under accelerate launch or torchrun leave it out "
                              "(the launched processes already share the images)")
-        return _sample_fan_out(recipe, run, spec, force, processes, gpus)
-    dist = _distributed(recipe.train.device)
+        return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, recipe_file)
+    dist = _distributed(base)
     if dist is None:
-        job = _Job(recipe, run, spec, pick_device(recipe.train.device))
+        job = _Job(base, run, spec, base.device, sample=sample, models=models)
         record = job.start(job.check_resume(force), force)
         out = job.generate()
         return job.finish(record, out["generated"], out["time_s"], out["calls"])
@@ -242,7 +205,7 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: i
     # Under accelerate launch: the main process removes (--force) and writes samples.json; all make their share.
     me, device, barrier = dist
     t0 = time.time()
-    job = _Job(recipe, run, spec, device)
+    job = _Job(base, run, spec, device, sample=sample, models=models)
     have = job.check_resume(force)                # every process checks, so a refusal stops them all alike
     barrier()
     record = job.start(have, force, me.count) if me.rank == 0 else None
@@ -265,9 +228,9 @@ def _collect(job: "_Job", record: dict, count: int, elapsed: float) -> dict:
     return job.finish(record, sum(p["generated"] for p in parts), elapsed, _sum_calls([p.get("calls") for p in parts]))
 
 
-def _sample_worker(recipe, run: RunDir, spec: str, shard: Shard) -> dict:
+def _sample_worker(base: Base, run: RunDir, spec: str, shard: Shard, sample: SampleSection, models: dict) -> dict:
     """`deme sample --shard I/P`: make this shard's missing images (the starting process checked the settings)."""
-    job = _Job(recipe, run, spec, pick_device(recipe.train.device))
+    job = _Job(base, run, spec, base.device, sample=sample, models=models)
     if not job.meta_path.is_file():
         raise UsageError(f"--shard is for workers started by 'deme sample --processes'; '{job.meta_path}' is missing")
     out = job.generate(shard)
@@ -275,26 +238,27 @@ def _sample_worker(recipe, run: RunDir, spec: str, shard: Shard) -> dict:
     return {"model": spec, "shard": f"{shard.rank}/{shard.count}", **out, "folder": str(job.folder)}
 
 
-def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int, gpus: str) -> dict:
+def _sample_fan_out(base: Base, run: RunDir, spec: str, force: bool, processes: int, gpus: str,
+                    sample: SampleSection, models: dict, recipe_file: Path) -> dict:
     """`deme sample --processes P`: P worker processes on the slots of `gpus`, then samples.json and the grid.
 
     When a worker fails, returns the record with "failed" (shard names) and "report" (exit codes, log tails)."""
     import torch
 
-    from . import launch
+    from ..engine import processes as launch
 
-    on_cpu = recipe.train.device == "cpu" or (gpus == "auto" and not torch.cuda.is_available())
+    on_cpu = base.device_choice == "cpu" or (gpus == "auto" and base.on_cpu)
     slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
     on_cpu = on_cpu or not slots[0].gpus
     # the model is loaded here for its identity (settings) and the checks only: on the CPU, GPUs stay free for workers
-    job = _Job(recipe, run, spec, torch.device("cpu"), target=torch.device("cpu" if on_cpu else "cuda"))
+    job = _Job(base, run, spec, torch.device("cpu"), sample=sample, models=models,
+               target=torch.device("cpu" if on_cpu else "cuda"))
     record = job.start(job.check_resume(force), force, processes)
-    recipe_file = launch.write_launch_recipe(recipe, run)
     for r in range(processes):
         _shard_file(job.folder, Shard(r, processes)).unlink(missing_ok=True)
     folder = job.folder
 
-    n, seen = recipe.sample.num_images, {"t": 0.0, "have": {}}
+    n, seen = sample.num_images, {"t": 0.0, "have": {}}
 
     def progress(rank: int):
         def read() -> tuple:
@@ -304,7 +268,7 @@ def _sample_fan_out(recipe, run: RunDir, spec: str, force: bool, processes: int,
         return read
 
     have = existing_images(folder)
-    busy = {k % processes for k in range(recipe.sample.num_images) if k not in have}   # shards with work left
+    busy = {k % processes for k in range(sample.num_images) if k not in have}   # shards with work left
     jobs = [launch.Job(f"shard {r}/{processes}", ["sample", str(recipe_file), "--model", spec, "--shard",
                                                   f"{r}/{processes}"],
                        folder.parent / f".{folder.name}-shard-{r}.log", progress(r)) for r in sorted(busy)]

@@ -1,0 +1,209 @@
+"""`deme eval`: score each model's samples and write one JSON per model.
+
+FID / KID through clean-fid (engine/features.py: the images' features; engine/fid.py: the reference and the
+distances), CLIP score (engine/clip.py) and the held-out loss by timestep (engine/loss_by_t.py). A model's result is
+reused while the inputs it was computed from (its fingerprint) are unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..engine.base import Base, resolve_base
+from ..engine.clip import clip_score, load_clip
+from ..engine.errors import UsageError
+from ..engine.features import (BACKEND, MODES, FeatureExtractor, _file_key, extractor_key, files_features,
+                               image_files, load_extractor)
+from ..engine.fid import load_reference, reference_kind, score_features
+from ..engine.recipe import DataSection, EvalSection, MergeSection, RangesSection, SampleSection, stage_kwargs
+from ..engine.runs import RunDir, read_json, write_json
+
+
+# --- `deme eval` -------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Job:
+    model: str
+    folder: Path
+    files: list[str]
+    samples: dict
+    requested: int
+    indices: list[int]                  # the sample index of each file (its seed and prompt), gaps possible
+
+
+def _plan(e: EvalSection, requested: int, run: RunDir, models: Sequence[str], allow_fewer: bool) -> list[_Job]:
+    """Check every model's samples before any heavy work; bad input is a UsageError."""
+    from ..engine.model_specs import parse_model_spec
+    from ..engine.images import SAMPLES_JSON, existing_images
+
+    jobs = []
+    for m in models:
+        parse_model_spec(m)
+        folder = run.samples(m)
+        have = existing_images(folder)
+        if not have:
+            raise UsageError(f"no samples for model '{m}' in '{folder}'; run 'deme sample RECIPE --model {m}' first")
+        idx = sorted(k for k in have if k < requested)
+        if len(idx) < requested and not allow_fewer:
+            raise UsageError(f"'{folder}' holds {len(idx)} of the {requested} images to score; run 'deme sample' "
+                             f"with sample.num_images = {requested}, or pass --allow-fewer")
+        if not idx:
+            raise UsageError(f"'{folder}' holds no images numbered below {requested}")
+        meta = read_json(folder / SAMPLES_JSON) if (folder / SAMPLES_JSON).is_file() else {}
+        if "clip" in e.metrics:
+            prompts = meta.get("prompts")
+            if not prompts or len(prompts) <= idx[-1]:
+                raise UsageError(f"CLIP score needs the prompts of model '{m}''s samples, but its samples.json has "
+                                 f"none; remove \"clip\" from eval.metrics for unconditional models")
+        jobs.append(_Job(m, folder, [str(have[k]) for k in idx], meta, requested, idx))
+    return jobs
+
+
+_PER_CALL = ("time_s", "images_per_s", "created", "generated", "skipped")  # samples.json keys of one sample call
+
+
+def _fingerprint(job: _Job, e: EvalSection, seed: int, reference: Optional[str],
+                 extractor_id: Optional[str]) -> Optional[str]:
+    """Inputs that determine an eval result; None when they cannot be pinned down (then it is always recomputed)."""
+    if extractor_id is None and any(m in e.metrics for m in ("fid", "kid")):
+        return None
+    ref_id: Any = reference
+    if reference and Path(reference).expanduser().exists():
+        p = Path(reference).expanduser()
+        ref_id = _file_key(p) if p.is_file() else [_file_key(Path(f)) for f in image_files(p)]
+    # samples.json is rewritten by every `deme sample` call; its per-call bookkeeping (how many images this call made
+    # or kept, how long it took, the ensemble's calls per range) says nothing about the images, so it is left out:
+    # otherwise re-running `deme run` re-scores every model once after its samples were made
+    samples = {k: v for k, v in job.samples.items() if k not in _PER_CALL}
+    if isinstance(samples.get("model_info"), dict):
+        samples["model_info"] = {k: v for k, v in samples["model_info"].items() if k != "calls_per_range"}
+    blob = {"samples": samples,
+            "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor_id,
+            "mode": e.mode, "metrics": [m for m in e.metrics if m in SAMPLE_METRICS],
+            "clip": e.clip_model,
+            "seed": seed}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+SAMPLE_METRICS = ("fid", "kid", "clip")          # scored on sample folders; "loss" needs no samples (loss_by_t.py)
+
+
+def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = False, force: bool = False,
+             extractor: Optional[FeatureExtractor] = None) -> dict:
+    """`deme eval RECIPE --models ...` for a recipe."""
+    return evaluate(resolve_base(recipe.model, recipe.train.device), run, models, allow_fewer=allow_fewer,
+                    force=force, extractor=extractor, **stage_kwargs(evaluate, recipe))
+
+
+def evaluate(base: Base, run: RunDir, models: Sequence[str], *, eval: EvalSection, sample: SampleSection,
+             data: DataSection, ranges: RangesSection, merge: MergeSection, seed: int, name: str,
+             allow_fewer: bool = False, force: bool = False, extractor: Optional[FeatureExtractor] = None) -> dict:
+    """Score each model; writes run.eval_json(model). `extractor` overrides eval.feature_extractor.
+
+    FID / KID / CLIP score need the model's samples (the first eval.num_images, default sample.num_images; KID's
+    subsets drawn with `seed`); "loss" (loss_by_t.py) needs only the models (data, ranges and merge.use_ema say how
+    to load them). A model's JSON keeps the parts not asked for this time (each carries its own fingerprint)."""
+    from ..engine import loss_by_t, ui
+    from ..engine.model_specs import parse_model_spec
+
+    e = eval
+    if e.mode not in MODES:
+        raise UsageError(f"unknown eval.mode '{e.mode}' (known: {', '.join(MODES)})")
+    for m in models:
+        parse_model_spec(m)
+    need_ref = any(m in e.metrics for m in ("fid", "kid"))
+    want_samples = any(m in e.metrics for m in SAMPLE_METRICS)
+    want_loss = "loss" in e.metrics
+    if need_ref:
+        reference_kind(e.reference)
+    if want_loss:
+        loss_by_t.check_reference(e)
+    jobs = _plan(e, e.num_images or sample.num_images, run, models, allow_fewer) if want_samples else []
+    device = base.device
+    # the networks (the Inception, CLIP) are loaded only once a model needs scoring: an up-to-date re-run loads none
+    ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor, e.mode)) \
+        if need_ref else None
+    clip = None
+    old = {m: (read_json(run.eval_json(m)) if run.eval_json(m).is_file() else {}) for m in models}
+
+    ref = None
+    results, scored = {m: dict(old[m]) for m in models}, []     # scored: the models computed now, not reused
+    for job in jobs:
+        fp = _fingerprint(job, e, seed, e.reference if need_ref else None, ext_id)
+        prev = old[job.model]
+        if not force and fp is not None and prev.get("fingerprint") == fp:
+            ui.info(f"eval {job.model}: up to date ({run.eval_json(job.model)}); --force recomputes it")
+            continue
+        if extractor is None:
+            extractor = load_extractor(e.feature_extractor, e.mode, device) if need_ref \
+                else FeatureExtractor(lambda x: x, "none")
+        if clip is None and "clip" in e.metrics:
+            clip = load_clip(e.clip_model, device)
+        t0 = time.time()
+        values: dict = {}
+        notes: list = []
+        if need_ref:
+            if ref is None:
+                from PIL import Image
+
+                res = Image.open(job.files[0]).size[0]
+                ref = load_reference(e.reference, extractor, e.mode, res=res, split=e.reference_split,
+                                     batch_size=e.batch_size, device=device, cache_dir=run.root / "eval" / "cache",
+                                     want_feats="kid" in e.metrics)
+            feats = files_features(job.files, extractor, e.mode, e.batch_size, device)
+            values, notes = score_features(feats, ref, e.metrics, seed)
+        if clip is not None:
+            prompts = [job.samples["prompts"][k] for k in job.indices]     # image k was made from prompt k
+            values["clip_score"] = clip_score(job.files, prompts, clip, device, e.batch_size)
+        s = job.samples
+        # the sample part is replaced whole; a loss_by_t scored earlier keeps its own fingerprint
+        results[job.model] = {k: v for k, v in old[job.model].items() if k == "loss_by_t"}
+        results[job.model].update({
+            "model": job.model, "metrics": values, "backend": BACKEND, "backend_version": _version("clean-fid"),
+            "mode": e.mode, "feature_extractor": extractor.info if need_ref else None,
+            "clip_model": e.clip_model if clip is not None else None,
+            "num_images": len(job.files), "num_images_requested": job.requested,
+            "reference": ref.describe() if ref is not None else None,
+            "samples": str(job.folder), "seeds": s.get("seeds"),
+            "sampler": {k: s.get(k) for k in ("scheduler", "steps", "eta", "precision", "batch_size")
+                        + (("guidance_scale", "negative_prompt", "prompt_source") if "prompts" in s else ())},
+            "model_hash": (s.get("settings") or {}).get("model_hash"), "kid_seed": seed, "notes": notes,
+            "time_s": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "fingerprint": fp,
+        })
+        for n in notes:
+            ui.warn(n)
+        scored.append(job.model)
+    loss_plot = None
+    if want_loss:
+        records = loss_by_t.score(base, run, models, device,
+                                  {m: old[m].get("loss_by_t") for m in models if old[m].get("loss_by_t")}, force,
+                                  ev=e, data=data, ranges=ranges, use_ema=merge.use_ema)
+        for m in models:
+            if records[m] is not (old[m].get("loss_by_t")) and m not in scored:
+                scored.append(m)
+            results[m]["loss_by_t"] = records[m]
+        loss_plot = loss_by_t.plot(run, records, name)
+    for m in models:
+        r = results[m]
+        r.setdefault("model", m)
+        metrics = {k: v for k, v in (r.get("metrics") or {}).items() if k != "loss_ratio"}
+        if r.get("loss_by_t"):
+            metrics["loss_ratio"] = r["loss_by_t"]["ratio_mean"]
+        r["metrics"] = metrics
+        if m in scored:
+            write_json(run.eval_json(m), r)
+    return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored,
+            **({"loss_plot": loss_plot} if loss_plot else {})}
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return None

@@ -1,0 +1,125 @@
+"""`deme merge`: merge the N range models into one by task-vector arithmetic (paper section 3.3, Eq. 8).
+
+Task vectors tau_i = theta_i - theta over every floating-point tensor of the range models (the EMA weights in
+`ranges/<i>/final/` by default, the raw ones in `final-raw/` with merge.use_ema = false), projections included: their
+base is the identity, so tau = W_i - I. A range model without projections counts as identity projections (tau = 0).
+Non-float tensors are copied from theta. Then
+
+    theta_merged = theta + combine_i(w_i, tau_i)                        (Eq. 8 for task_arithmetic: sum_i w_i tau_i)
+
+Methods (task_arithmetic, ties, dare) are in engine/merge_methods.py; inputs and merging in engine/task_vectors.py.
+Weights: merge.weights, one meaning everywhere (`deme merge`, `deme run`, the SLURM scripts): "uniform" (1/N each,
+the uniform soup; the default), "search" (searched by merge.search with merge.objective: engine/weight_search.py;
+`--search` sets it) or a list, one per range, low t first (`--weights` sets it). The release hard-codes
+[0.1, 0.1, 0.2, 0.5] for N = 4; weights need not sum to 1.
+
+Streaming: the base UNet is loaded once (the only whole model in memory: its hash is the identity that range models
+record, computed the way `train` computes it); range models are read tensor by tensor from their safetensors files and
+the merged tensors are written as they are computed (`safetensors_stream`), in float64 so that weight 1 on one range
+gives back that range's weights exactly. Peak memory: about one model plus a few tensors, not N + 1 models
+(benchmarks/merge_memory.py measures it).
+
+Output: `<run>/merged/` in the format of a range's `final/` (unet/ with the base UNet's config.json, projection
+.safetensors, deme.json) plus merge.json (method, weights, density/seed where used, the range models and their
+identities, the search log). It is written to a temporary folder and renamed, so an existing merged/ is only replaced
+by a complete new one. Re-running with the same settings and unchanged range models skips the merge (merge.json's
+"fingerprint"); `--force` merges again.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Optional
+
+from ..engine import ui
+from ..engine.base import Base, resolve_base
+from ..engine.merge_methods import MergeSpec, get_method
+from ..engine.models import META_FILE, UNET_WEIGHTS
+from ..engine.recipe import (DataSection, EvalSection, MergeSection, RangesSection, SampleSection, TrainSection,
+                             stage_kwargs)
+from ..engine.runs import RunDir, read_json
+from ..engine.task_vectors import MERGE_JSON, load_inputs, resolve_weights, write_merged_folder
+
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _previous(run: RunDir) -> Optional[dict]:
+    f = run.merged / MERGE_JSON
+    if not (f.is_file() and (run.merged / "unet" / UNET_WEIGHTS).is_file() and (run.merged / META_FILE).is_file()):
+        return None
+    try:
+        return read_json(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_merge(recipe, run: RunDir, weights: Optional[list[float]] = None, search: bool = False,
+              force: bool = False, processes: int = 1, gpus: str = "auto") -> dict:
+    """`deme merge RECIPE` for a recipe: `weights` (--weights) or `search` (--search) set merge.weights; with both,
+    the weights are where a coordinate search starts."""
+    start = None
+    if weights is not None or search:
+        update = {"weights": "search" if search else [float(w) for w in weights]}
+        recipe = recipe.model_copy(update={"merge": recipe.merge.model_copy(update=update)})
+        start = [float(w) for w in weights] if search and weights is not None else None
+    return merge_ranges(resolve_base(recipe.model, recipe.train.device), run, force=force, processes=processes,
+                        gpus=gpus, start=start, **stage_kwargs(merge_ranges, recipe))
+
+
+def merge_ranges(base: Base, run: RunDir, *, merge: MergeSection, ranges: RangesSection, sample: SampleSection,
+                 eval: EvalSection, data: DataSection, train: TrainSection, seed: int, name: str,
+                 force: bool = False, processes: int = 1, gpus: str = "auto",
+                 start: Optional[list[float]] = None) -> dict:
+    """Merge the range models of `run` into `run.merged` with merge.weights; for "search", find the weights first
+    (its candidates scored by `processes` processes on the slots of `gpus`; a coordinate search starts from `start`,
+    default 1/N each). Returns merge.json plus "skipped" (True when merged/ already held this merge) and "merged"
+    (the folder).
+
+    The search reads [sample] and [eval] (the kid/fid objectives' sampler and features), [data] and train.batch_size
+    (the loss objectives' images and batch) and `seed` (KID's subsets).
+    """
+    from ..engine.search_objectives import SearchSetup
+
+    n = ranges.n
+    spec = MergeSpec.from_section(merge)
+    get_method(spec.method)
+    search = merge.weights == "search"
+    start = resolve_weights(start if search and start is not None else merge.weights, n,
+                            "--weights" if start is not None else "merge.weights")
+    setup = SearchSetup(base.with_precision(sample.precision), merge, sample, eval, data, train.batch_size, seed)
+    inputs = load_inputs(base, run, n=n, use_ema=merge.use_ema)
+    settings = {**spec.describe(), "use_ema": merge.use_ema, "base_hash": inputs.base_hash,
+                "ranges": [r.identity() for r in inputs.ranges]}
+    if search:
+        from ..engine.weight_search import search_settings
+        settings["search"] = search_settings(setup, n, start)
+    else:
+        settings["weights"] = start
+    fingerprint = _fingerprint(settings)
+    prev = _previous(run)
+    if prev is not None and prev.get("fingerprint") == fingerprint and not force:
+        ui.info(f"{run.merged} already holds this merge (same settings, same range models); --force merges again")
+        return {**prev, "skipped": True, "merged": str(run.merged)}
+
+    t0 = time.time()
+    log = None
+    if search:
+        from ..engine.weight_search import search_weights
+        log = search_weights(setup, ranges, run, inputs, spec, start, processes=processes, gpus=gpus)
+        final = list(log["best"]["weights"])
+    else:
+        final = start
+    method = get_method(spec.method)
+    record = {**spec.describe(), "weights": final, "use_ema": merge.use_ema,
+              "base": {"pretrained": base.pretrained, "base_hash": inputs.base_hash},
+              "ranges": settings["ranges"], "projection": inputs.has_projections, "search": log,
+              "recipe": name, "fingerprint": fingerprint, "summary": method.summary}
+    meta = {"kind": "merged", "base_hash": inputs.base_hash, "recipe": name, **spec.describe(),
+            "weights": final, "use_ema": merge.use_ema, "projection": inputs.has_projections,
+            "ranges": [{"index": r.index, **({k: r.meta["range"][k] for k in ("lo", "hi")} if r.meta.get("range")
+                                             else {})} for r in inputs.ranges]}
+    write_merged_folder(inputs, final, spec, run.merged, meta, record)
+    return {**record, "skipped": False, "merged": str(run.merged), "seconds": round(time.time() - t0, 3)}

@@ -1,0 +1,195 @@
+"""`deme train`: decoupled finetuning of one copy of the pretrained model per timestep range (paper section 3.2).
+
+Range i trains a student (the pretrained UNet with identity-initialised channel-wise projections) on
+
+    L_i = ||eps - eps_theta_i(x_t, t)||^2 + lambda * ||eps_theta(x_t, t) - eps_theta_i(x_t, t)||^2        (Eq. 5)
+
+where eps_theta is the frozen pretrained teacher, evaluated on the same x_t and t, and t is drawn by Eq. 6 (with
+probability p from all of [0, T), else from the range). AdamW, an LR schedule, gradient accumulation, grad-norm
+clipping and an EMA with the release's warm-up; accelerate places the models and runs mixed precision and DDP.
+
+Outputs per range (runs.RunDir): checkpoints/step-<k>/ + checkpoints/latest (see checkpoints.py), metrics.jsonl (one
+line per optimizer step), final/ (EMA weights, or raw when train.ema = false), final-raw/ (raw weights),
+recipe.resolved.toml. Re-running continues from `latest`; a finished range is skipped unless forced.
+
+The stage is `train_ranges(base, run, data=..., ranges=..., train=..., deme=..., seed=..., name=...)`; `run_train`
+resolves the base of a recipe and calls it (the CLI and tests). The per-range state and one optimizer step live in
+the engine (trainer.py, loss.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Optional
+
+from ..engine import checkpoints, exports, ui
+from ..engine.base import Base, resolve_base
+from ..engine.errors import UsageError
+from ..engine.models import read_meta, save_model_folder
+from ..engine.ranges import Range
+from ..engine.recipe import DataSection, DemeSection, RangesSection, TrainSection, stage_kwargs
+from ..engine.runs import RunDir, write_atomic
+from ..engine.splitting import load_ranges
+from ..engine.trainer import RangeTrainer
+
+
+def run_train(recipe, run: RunDir, index: Optional[int] = None, force: bool = False) -> list[dict]:
+    """`deme train RECIPE --range I` (or every range when `index` is None) for a recipe."""
+    base = resolve_base(recipe.model, recipe.train.device)
+    return train_ranges(base, run, index=index, force=force, resolved=recipe.to_toml(),
+                        **stage_kwargs(train_ranges, recipe))
+
+
+def train_ranges(base: Base, run: RunDir, *, data: DataSection, ranges: RangesSection, train: TrainSection,
+                 deme: DemeSection, seed: int, name: str, index: Optional[int] = None, force: bool = False,
+                 resolved: str = "") -> list[dict]:
+    """Train range `index` (or every range when None), one after another. Returns one summary per range.
+
+    base      the resolved base; its precision becomes train.mixed_precision
+    resolved  the resolved recipe (TOML) each range records as recipe.resolved.toml
+    """
+    n = ranges.n
+    if index is not None and not 0 <= index < n:
+        raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
+    base = base.with_precision(train.mixed_precision)
+    chosen = load_ranges(base, ranges, run)
+    chosen = chosen if index is None else [chosen[index]]
+    return [train_range(base, run, r, data=data, train=train, deme=deme, seed=seed, name=name, force=force,
+                        resolved=resolved) for r in chosen]
+
+
+def _summary(r: Range, steps: int, loss: Optional[float], final: Path, skipped: bool) -> dict:
+    return {"range": r.index, "lo": r.lo, "hi": r.hi, "steps": steps, "loss": loss, "final": str(final),
+            "skipped": skipped}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past `step` (written after the checkpoint we resume from), so steps are never repeated."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+    if keep != lines:
+        write_atomic(path, "".join(x + "\n" for x in keep))
+
+
+def _recent_loss(path: Path, n: int = 10) -> Optional[float]:
+    """Mean total loss over the last n logged steps."""
+    if not path.is_file():
+        return None
+    vals = []
+    for line in path.read_text().splitlines()[-n:]:
+        try:
+            vals.append(float(json.loads(line)["loss"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return sum(vals) / len(vals) if vals else None
+
+
+def trained_meta(train: TrainSection, run: RunDir, r: Range) -> Optional[dict]:
+    """deme.json of range r's final model when it is finished for these settings (train.steps, same [lo, hi)), else
+    None. Raises UsageError when the range's latest checkpoint is past train.steps.
+    """
+    tr = train
+    resume = checkpoints.latest(run.checkpoints(r.index))
+    resume_step = int(json.loads((resume / "state.json").read_text())["step"]) if resume else 0
+    if resume_step > tr.steps:
+        raise UsageError(f"range {r.index} already has a checkpoint at step {resume_step}, past train.steps = "
+                         f"{tr.steps}; raise train.steps or start over with --force")
+    if run.final(r.index).is_dir() and resume_step in (0, tr.steps):
+        meta = read_meta(run.final(r.index))
+        if meta.get("steps") == tr.steps and meta.get("range", {}).get("lo") == r.lo \
+                and meta.get("range", {}).get("hi") == r.hi:
+            return meta
+    return None
+
+
+def reexport_if_stale(run: RunDir, r: Range) -> bool:
+    """Re-export a finished range's final/ that was exported before the EMA fix (exports.py) from its last
+    checkpoint, saying so in one line; True when it did. UsageError when no checkpoint is left to do it from."""
+    # under accelerate launch only the main process rewrites the folder; the others see it finished
+    if not exports.is_stale(run.final(r.index)) or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    ck = exports.reexport(run, r.index)
+    ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA weights "
+            f"from checkpoints/{ck.name} without training")
+    return True
+
+
+def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, train: TrainSection, deme: DemeSection,
+                seed: int, name: str, force: bool = False, resolved: str = "") -> dict:
+    """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint."""
+    tr = train
+    rdir, ckpt_dir, metrics = run.range_dir(r.index), run.checkpoints(r.index), run.metrics(r.index)
+
+    # Start over, or skip a finished range.
+    if force:
+        for p in (ckpt_dir, run.final(r.index), run.final(r.index, ema=False)):
+            shutil.rmtree(p, ignore_errors=True)
+        metrics.unlink(missing_ok=True)
+    resume = checkpoints.latest(ckpt_dir)
+    meta = trained_meta(train, run, r)
+    if meta is not None:
+        if not reexport_if_stale(run, r):
+            ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
+                    f"use --force to train it again")
+        return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
+
+    # Build the trainer and resume.
+    trainer = RangeTrainer(base, r, data=data, train=train, deme=deme, seed=seed, cache_dir=run.cache)
+    main = trainer.acc.is_main_process
+    if resume is not None:
+        trainer.load_checkpoint(resume)
+        if main:
+            ui.info(f"range {r.index}: resuming from {resume.name}")
+    if main:
+        rdir.mkdir(parents=True, exist_ok=True)
+        if resolved:
+            write_atomic(rdir / "recipe.resolved.toml", resolved)
+        _truncate_metrics(metrics, trainer.step)
+
+    # Train.
+    desc = f"range {r.index} [{r.lo}, {r.hi})"
+    with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
+          else nullcontext()) as bar:
+        with (open(metrics, "a") if main else nullcontext()) as log:
+            def record(pending) -> None:
+                line = pending()
+                if main:
+                    log.write(json.dumps(line) + "\n")
+                    log.flush()
+                    bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
+
+            pending = None          # the step whose metrics are not read yet (read after queuing the next one)
+            while trainer.step < tr.steps:
+                queued = trainer.launch_step()
+                if pending is not None:
+                    record(pending)
+                pending = queued
+                if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps:
+                    record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)
+                    pending = None
+                    trainer.save_checkpoint(ckpt_dir)
+
+    # Save the final models: EMA (or raw) in final/, raw in final-raw/.
+    loss = _recent_loss(metrics) if main else None
+    if main:
+        raw, ema = trainer.final_states()
+        meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
+                "recipe": name, "ema": ema is not None, "projection": deme.projection,
+                "deme": deme.model_dump(), "loss": loss}
+        model = trainer.unwrapped()
+        save_model_folder(run.final(r.index, ema=False), model, {**meta, "weights": "raw"}, state=raw)
+        save_model_folder(run.final(r.index), model, {**meta, "weights": "ema" if ema is not None else "raw"},
+                          state=ema if ema is not None else raw)
+    trainer.acc.wait_for_everyone()
+    return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)

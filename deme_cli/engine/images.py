@@ -1,0 +1,65 @@
+"""Sample folders: numbered PNGs (000000.png is image 0, made with seed + 0), grid.png and samples.json."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+SAMPLES_JSON = "samples.json"
+
+
+GRID_FILE = "grid.png"
+
+
+GRID_MAX = 64                                   # images in grid.png
+
+
+_PNG = re.compile(r"^(\d{6})\.png$")
+
+
+def existing_images(folder: Path) -> dict[int, Path]:
+    """Numbered PNGs (000000.png ...) in a sample folder, by index."""
+    if not folder.is_dir():
+        return {}
+    out = {}
+    for p in folder.iterdir():
+        m = _PNG.match(p.name)
+        if m:
+            out[int(m.group(1))] = p
+    return out
+
+
+def save_png(path: Path, img: np.ndarray, size: Optional[int]) -> None:
+    from PIL import Image
+
+    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    if size is not None and im.size != (size, size):
+        im = im.resize((size, size), Image.BICUBIC)
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_grid(folder: Path, n: int, out: Path) -> Optional[Path]:
+    """grid.png of the first up to 64 numbered images in `folder`."""
+    from PIL import Image
+
+    files = existing_images(folder)
+    idx = sorted(k for k in files if k < n)[:GRID_MAX]
+    if not idx:
+        return None
+    ims = [Image.open(files[k]).convert("RGB") for k in idx]
+    w, h = ims[0].size
+    cols = math.ceil(math.sqrt(len(ims)))
+    rows = math.ceil(len(ims) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for j, im in enumerate(ims):
+        grid.paste(im, ((j % cols) * w, (j // cols) * h))
+    tmp = out.with_name(f".{out.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,149 @@
+"""Where the weight search scores its candidates: one candidate model on the objective's device
+(`candidate_evaluator`), its merges held in memory when they fit (`make_merger`), and `SearchPool`, P processes on
+disjoint device slots that score independent candidates in parallel (`deme merge --search --processes P`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from . import ui
+from .errors import UsageError
+from .search_objectives import OBJECTIVES
+
+
+def free_bytes(device) -> Optional[int]:
+    """Memory free for new tensors on `device` (CUDA: free device memory; CPU: MemAvailable), None if unknown."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def make_merger(inputs, spec, device):
+    """Task vectors held on the device when they fit in 70% of its free memory, else merges streamed from disk."""
+    from .task_vectors import CandidateMerger, StreamingMerger
+
+    need, free = CandidateMerger.nbytes(inputs), free_bytes(device)
+    if free is not None and need > 0.7 * free:
+        ui.warn(f"the task vectors ({need / 2 ** 30:.1f} GiB) do not fit next to the search on {device.type}; "
+                f"each candidate is merged from disk instead (slower)")
+        return StreamingMerger(inputs, spec)
+    return CandidateMerger(inputs, spec, device)
+
+
+def candidate_evaluator(setup, run, inputs, spec):
+    """(objective, merger, evaluate(weights) -> score): one candidate model on the objective's device."""
+    from .task_vectors import new_candidate_model
+
+    objective = OBJECTIVES[setup.merge.objective](setup, run, inputs)
+    model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
+    merger = make_merger(inputs, spec, objective.device)
+
+    if hasattr(objective, "set_baseline"):          # an objective relative to theta (range_loss)
+        merger.load_into(model, [0.0] * inputs.n)   # all weights 0: theta itself
+        objective.set_baseline(model)
+
+    def evaluate(weights: list[float]) -> float:
+        merger.load_into(model, weights)
+        return float(objective(model))
+    return objective, merger, evaluate
+
+
+def _pool_worker(setup, ranges, run, env: dict, tasks, results) -> None:
+    """A search process: builds its own objective and candidate model, then scores the weight vectors it is sent."""
+    import os
+    import traceback
+
+    os.environ.update(env)                    # before torch initialises CUDA: this worker's GPU (or none)
+    try:
+        ui.console.quiet = True               # the main process reports; warnings would repeat once per worker
+        from .task_vectors import load_inputs
+        from .merge_methods import MergeSpec
+
+        inputs = load_inputs(setup.base, run, n=ranges.n, use_ema=setup.merge.use_ema)
+        objective, merger, evaluate = candidate_evaluator(setup, run, inputs, MergeSpec.from_section(setup.merge))
+        results.put(("ready", {"describe": objective.describe(), "merges": type(merger).kind}))
+        for job in iter(tasks.get, None):
+            i, weights = job
+            results.put(("score", i, evaluate(weights)))
+    except BaseException as e:  # the main process raises it
+        results.put(("error", isinstance(e, UsageError), str(e), traceback.format_exc()))
+
+
+class SearchPool:
+    """P worker processes (spawned), each scoring candidates on its own device slot; `map` keeps the input order.
+
+    A candidate's score is a deterministic function of its weights, so the search takes the same decisions and logs
+    the same scores as the serial one (on the CPU: with the same number of threads per process; on GPUs: the same
+    kind of card).
+    """
+
+    def __init__(self, setup, ranges, run, processes: int, gpus: str = "auto"):
+        """`setup`: search_objectives.SearchSetup; `ranges`: [ranges] (each worker loads the N range models)."""
+        import multiprocessing as mp
+        import os
+
+        from .processes import device_slots
+
+        on_cpu = setup.base.device_choice == "cpu" or (gpus == "auto" and setup.base.on_cpu)
+        slots = device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
+        ctx = mp.get_context("spawn")         # fork after torch initialised is unsafe; spawn starts clean
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        threads = str(max(1, (os.cpu_count() or 1) // processes))
+        self.procs = []
+        for k in range(processes):
+            slot = slots[k % len(slots)]
+            env = slot.env() if slot.gpus else {"CUDA_VISIBLE_DEVICES": "",
+                                                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+            p = ctx.Process(target=_pool_worker, args=(setup, ranges, run, env, self.tasks, self.results), daemon=True)
+            p.start()
+            self.procs.append(p)
+        self.slots = [slots[k % len(slots)].name for k in range(processes)]
+        self.info = None
+        for _ in range(processes):
+            msg = self._get()
+            self.info = self.info or msg[1]
+
+    def _get(self):
+        import queue
+
+        while True:
+            try:
+                msg = self.results.get(timeout=5)
+            except queue.Empty:
+                dead = [p for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise RuntimeError(f"a search process ended unexpectedly (exit code {dead[0].exitcode})")
+                continue
+            if msg[0] == "error":
+                self.close()
+                if msg[1]:
+                    raise UsageError(msg[2])
+                raise RuntimeError(f"a search process failed: {msg[2]}\n{msg[3]}")
+            return msg
+
+    def map(self, weights: list) -> list[float]:
+        for i, w in enumerate(weights):
+            self.tasks.put((i, list(w)))
+        out = [None] * len(weights)
+        for _ in weights:
+            _, i, s = self._get()
+            out[i] = s
+        return out
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()

@@ -1,0 +1,74 @@
+"""What the commands print for a person (stderr, rich tables): one function per result. `--json` prints the result
+itself instead."""
+from __future__ import annotations
+
+from typing import Optional
+
+from .engine import ui
+
+METRIC_NAMES = {"clip_score": "CLIP score", "loss_ratio": "loss / base", "kid_std": "KID std"}
+
+
+def merge(result: dict) -> None:
+    """`deme merge`: the weights per range, and the best candidates of a search."""
+    extra = "".join(f", {k} {result[k]}" for k in ("density", "seed") if k in result)
+    ui.table(f"{result['method']}{extra}{' (unchanged)' if result['skipped'] else ''} -> {result['merged']}",
+             ["range", "timesteps", "weight", "model"],
+             [[r["index"], f"[{r['lo']}, {r['hi']})" if r.get("lo") is not None else None, w, r["path"]]
+              for r, w in zip(result["ranges"], result["weights"])])
+    log = result.get("search")
+    if log:
+        top = sorted(log["candidates"], key=lambda c: c["score"])[:10]
+        ui.info(f"search: {log['strategy']}, {log['evaluations']} merges scored by {log['objective']} (lower is "
+                f"better) in {log['seconds']:.0f} s; the best is written")
+        ui.table(f"best {len(top)} candidates", ["rank", "weights", log["objective"]],
+                 [[k + 1, ", ".join(f"{x:g}" for x in c["weights"]), c["score"]] for k, c in enumerate(top)])
+
+
+def evaluation(r: dict) -> None:
+    """`deme eval`: one column per model, then the loss by timestep."""
+    res = r["results"]
+    keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
+    rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
+    rows.append(["images"] + [res[m].get("num_images") for m in res])
+    if r.get("reference"):
+        ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
+    ui.table("eval", ["metric"] + list(res), rows)
+    loss_by_t(res, r.get("loss_plot"))
+
+
+def loss_by_t(results: dict, plot: Optional[str]) -> None:
+    """The held-out loss by timestep bin: the base's loss, then each model's ratio to it."""
+    curves = {m: v["loss_by_t"] for m, v in results.items() if v.get("loss_by_t")}
+    if not curves:
+        return
+    first = next(iter(curves.values()))
+    rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for c in curves.values()]
+            for b, (lo, hi) in enumerate(first["bins"])]
+    rows.append(["mean of ratios", None] + [c["ratio_mean"] for c in curves.values()])
+    ui.table(f"held-out loss by timestep ({first['num_images']} images): base loss, and each model / base",
+             ["t", "base loss"] + list(curves), rows)
+    if plot:
+        ui.info(f"plot: {plot}")
+
+
+def gradients(result: dict) -> None:
+    """`deme analyze-gradients`: the similarity summary and the files written."""
+    s = result["summary"]
+    ui.table(f"gradient similarity over {s['bins']} timesteps -> {result['analysis']}", ["pairs", "count", "mean"],
+             [["adjacent bins", s["bins"] - 1, s["adjacent_mean"]],
+              ["more than T/2 apart", s["distant_pairs"], s["distant_mean"]],
+              ["inside [0, T/4)", s["first_quarter_pairs"], s["first_quarter_mean"]],
+              ["all", s["bins"] * (s["bins"] - 1) // 2, s["all_pairs_mean"]]])
+    for name, f in result["files"].items():
+        ui.info(f"{name}: {f}")
+
+
+def pipeline(name: str, r: dict) -> None:
+    """`deme run`: the results per model, the loss by timestep, the stages."""
+    keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
+    ui.table(f"DeMe results ({name}){' vs ' + r['reference'] if r.get('reference') else ''}",
+             ["model"] + [METRIC_NAMES.get(k, k.upper()) for k in keys] + ["images"],
+             [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
+    loss_by_t(r["models"], r.get("loss_plot"))
+    ui.table("stages", ["stage", "status", "seconds"], [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
