@@ -1,20 +1,20 @@
-"""The `deme` command line: thin Typer commands that parse, call the engine and render.
+"""The `deme` command line: thin Typer commands that parse the options, call the commands (deme_cli/commands) and
+print their results (tables.py).
 
-Importing this module must not import torch or diffusers (they take ~11 s): engine modules are imported inside the
-commands. Exit codes: 0 success, 2 bad input (one sentence on stderr), 1 failure while running.
+Importing this module must not import torch or diffusers (they take ~11 s): every module imports them inside the
+functions that need them. Exit codes: 0 success, 2 bad input (one sentence on stderr), 1 failure while running.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
-import inspect
-
 import typer
 
-from .commands.analyze_gradients import analyze_gradients as gradients_stage
 from . import tables
+from .commands.analyze_gradients import analyze_gradients as gradients_stage
 from .engine import ui
 from .engine.errors import UsageError
 from .engine.gradients import DEFAULT_BINS, REDUCERS
@@ -227,8 +227,8 @@ def merge(recipe: Path = RecipeArg,
           method: Optional[str] = typer.Option(None, help=f"{_names(MERGE_METHODS)} (overrides merge.method)."),
           search: bool = typer.Option(False, "--search", help="Search the weights: merge.weights = \"search\" "
                                       "(merge.search strategy, merge.objective)."),
-          processes: int = typer.Option(1, "--processes", "-p", help="--search: score candidates in P processes, "
-                                        "one per slot of --gpus (same results as one process)."),
+          processes: int = typer.Option(1, "--processes", "-p", help="The weight search: score candidates in P "
+                                        "processes, one per slot of --gpus (same results as one process)."),
           gpus: str = GpusOpt,
           set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt, dry_run: bool = DryOpt,
           as_json: bool = JsonOpt, force: bool = ForceOpt):
@@ -351,7 +351,8 @@ def eval_(recipe: Path = RecipeArg,
 @app.command(name="analyze-gradients")
 def analyze_gradients(recipe: Path = RecipeArg,
                       bins: Optional[int] = typer.Option(None, help="Number of equal timestep bins B over [0, T), "
-                                                         f"one timestep at each bin centre. \\[default: {DEFAULT_BINS}]"),
+                                                         "one timestep at each bin centre. "
+                                                         f"\\[default: {DEFAULT_BINS}]"),
                       timesteps: Optional[str] = typer.Option(None, help="Explicit timesteps instead of bins, "
                                                               "comma-separated (10,100,500)."),
                       params: Optional[str] = typer.Option(None, help="Only parameters whose names match: globs "

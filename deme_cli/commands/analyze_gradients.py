@@ -15,9 +15,9 @@ import numpy as np
 from ..engine import ui
 from ..engine.base import Base, resolve_base
 from ..engine.errors import UsageError
-from ..engine.gradients import (DEFAULT_BINS, EXACT_LIMIT, HEATMAP_FILE, HISTOGRAM_FILE, JSON_FILE, NPZ_FILE, REDUCERS, bin_grid,
-                                cosine_matrix, denoising_gradient, explicit_grid, fixed_batch, load_matrix,
-                                parse_timesteps, plot_all, save_matrix, select_parameters, summarize)
+from ..engine.gradients import (DEFAULT_BINS, EXACT_LIMIT, HEATMAP_FILE, HISTOGRAM_FILE, JSON_FILE, NPZ_FILE,
+                                REDUCERS, bin_grid, cosine_matrix, denoising_gradient, explicit_grid, fixed_batch,
+                                load_matrix, parse_timesteps, plot_all, save_matrix, select_parameters, summarize)
 from ..engine.recipe import DataSection, stage_kwargs
 from ..engine.runs import RunDir, write_json
 

@@ -1,9 +1,10 @@
 """`deme sample`: generate images from the base, merged, range or ensemble model with per-image seeds.
 
-Image k uses seed + k (engine/denoise.py: the loop, the schedulers, batch invariance; engine/model_specs.py: what
-each model spec loads; engine/images.py: the folder). Writes numbered PNGs, grid.png and samples.json (model and its hash, scheduler, steps, eta, seeds, precision)
-into the run dir; a re-run keeps the images made with the same settings and refuses other settings unless --force.
-`--processes P` (or `accelerate launch`) splits the seeds across processes; the images do not change.
+Image k uses seed + k (engine/denoise.py: the loop, the schedulers, batch invariance; engine/model_specs.py: what each
+model spec loads; engine/images.py: the folder). Writes numbered PNGs, grid.png and samples.json (model and its hash,
+scheduler, steps, eta, seeds, precision) into the run dir; a re-run keeps the images made with the same settings and
+refuses other settings unless --force. `--processes P` (or `accelerate launch`) splits the seeds across processes; the
+images do not change.
 """
 from __future__ import annotations
 

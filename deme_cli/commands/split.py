@@ -26,8 +26,9 @@ def split_ranges(base: Base, run: RunDir, *, ranges: RangesSection, force: bool 
             same = False
         trained = trained_on(run)
         if not same and trained:
-            raise UsageError(f"'{run.ranges_json}' holds other ranges, and range{'s' if len(trained) > 1 else ''} "
-                             f"{', '.join(map(str, trained))} {'were' if len(trained) > 1 else 'was'} trained on them; re-run "
-                             f"with --force to replace it (then 'deme train --force' retrains them), or use another --out")
+            many = len(trained) > 1
+            raise UsageError(f"'{run.ranges_json}' holds other ranges, and range{'s' if many else ''} "
+                             f"{', '.join(map(str, trained))} {'were' if many else 'was'} trained on them; re-run with "
+                             f"--force to replace it (then 'deme train --force' retrains them), or use another --out")
     write_json(run.ranges_json, result)
     return result

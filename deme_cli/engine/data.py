@@ -1,7 +1,7 @@
 """Training images: local image folders and Hugging Face datasets, with the release's transforms.
 
-`build_dataset(data, seed, channels)` returns a map-style dataset of float tensors in [-1, 1], shape (C, H, W), where C is
-the model's `in_channels` (images are converted to grayscale, RGB or RGBA to match) and H = W = data.resolution.
+`build_dataset(data, seed, channels)` returns a map-style dataset of float tensors in [-1, 1], shape (C, H, W), where
+C is the model's `in_channels` (images are converted to grayscale, RGB or RGBA to match) and H = W = data.resolution.
 Transform (the release's, paper-spec section 2.3): resize the shorter side to the resolution (bilinear), centre or
 random crop, optional horizontal flip, scale to [-1, 1].
 

@@ -1,14 +1,15 @@
 """Gradient similarity across timesteps: the paper's Fig. 1a, the "task affinity" of Go et al. (ANT, NeurIPS 2023).
 
-For a fixed batch of real images x0 and a fixed noise eps, both shared by every timestep and seeded with the recipe's seed,
-and for each timestep t of a grid of B timesteps:
+For a fixed batch of real images x0 and a fixed noise eps, both shared by every timestep and seeded with the recipe's
+seed, and for each timestep t of a grid of B timesteps:
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
     g_t = d/d(theta) mean_batch,pixels (target_t - model_theta(x_t, t))^2     (target: eps for eps-prediction)
 
 theta is the pretrained UNet's parameters (all, or those whose names match `--params`); the model is in eval mode
-(dropout off). The batch is prepared as training prepares it (the model kind's task, kinds.py): for Stable Diffusion, x0 is the VAE
-latents and the UNet is conditioned on the captions' text embeddings (captions never dropped). The B x B matrix S[i, j] = cos(g_i, g_j) is symmetric, has a unit diagonal and lies in [-1, 1].
+(dropout off). The batch is prepared as training prepares it (the model kind's task, kinds.py): for Stable Diffusion,
+x0 is the VAE latents and the UNet is conditioned on the captions' text embeddings (captions never dropped). The B x B
+matrix S[i, j] = cos(g_i, g_j) is symmetric, has a unit diagonal and lies in [-1, 1].
 
 Memory stays bounded: each gradient is reduced to a vector as soon as it is computed (REDUCERS), so at most one full
 gradient exists at a time:

@@ -104,7 +104,8 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
         return out
 
     unet = base.load_unet()
-    held = load_heldout(base, data, e.reference, unet, device, cache_dir=run.cache, num_images=e.loss_num_images, seed=e.loss_seed,
+    held = load_heldout(base, data, e.reference, unet, device, cache_dir=run.cache, num_images=e.loss_num_images,
+                        seed=e.loss_seed,
                         timesteps=lambda n, T: binned_timesteps(n, T, e.loss_bins, e.loss_seed),
                         timesteps_rule=f"image k: uniform in bin k mod {e.loss_bins} (seed {e.loss_seed})",
                         batch_size=e.batch_size, what="eval.reference")
