@@ -19,6 +19,13 @@ from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWrite
 N = 3
 
 
+def _spec(method: str, **settings) -> merge_methods.MergeSpec:
+    """The merge spec of a [merge] section with this method (and density, seed): the recipe's defaults otherwise."""
+    from deme_cli.engine.recipe import MergeSection
+
+    return merge_methods.MergeSpec.from_section(MergeSection(method=method, **settings))
+
+
 def _perturbed(base_unet, seed: int, scale: float, projection: bool):
     """A range model: theta plus Gaussian noise, with projections = identity plus noise."""
     gen = torch.Generator().manual_seed(seed)
@@ -150,7 +157,7 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     gen = torch.Generator().manual_seed(0)
     taus = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
     w = [0.5, 1.0, 0.2, 0.7]
-    spec = merge_methods.MergeSpec("ties", density=0.3)
+    spec = _spec("ties", density=0.3)
     out = merge_methods.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
     trimmed = torch.stack([wi * merge_methods.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
     elected = torch.sign(trimmed.sum(0))
@@ -164,7 +171,7 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     a = torch.tensor([3.0, -1.0], dtype=torch.float64)
     b = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     c = torch.tensor([2.0, 5.0], dtype=torch.float64)
-    out = merge_methods.combine(merge_methods.MergeSpec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
+    out = merge_methods.combine(_spec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
     assert torch.equal(out, torch.tensor([2.5, 5.0], dtype=torch.float64))
 
 
@@ -172,11 +179,11 @@ def test_ties_one_range_density_one_is_task_arithmetic(setup):
     recipe, run = setup()
     inputs = merge_inputs(recipe, run)
     w = [0.0, 0.7, 0.0]
-    ta = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
-    ties = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("ties", density=1.0))
+    ta = task_vectors.merged_state(inputs, w, _spec("task_arithmetic"))
+    ties = task_vectors.merged_state(inputs, w, _spec("ties", density=1.0))
     assert all(torch.equal(ta[k], ties[k]) for k in ta)
     tau = torch.randn(50, dtype=torch.float64)
-    assert torch.equal(merge_methods.combine(merge_methods.MergeSpec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
+    assert torch.equal(merge_methods.combine(_spec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
 
 
 # --- DARE ---------------------------------------------------------------------------------------------------------
@@ -185,7 +192,7 @@ def test_dare_preserves_expectation_and_keeps_density():
     gen = torch.Generator().manual_seed(1)
     tau = torch.randn(2000, generator=gen, dtype=torch.float64)
     density, seeds = 0.3, 400
-    outs = torch.stack([merge_methods.combine(merge_methods.MergeSpec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
+    outs = torch.stack([merge_methods.combine(_spec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
                         for s in range(seeds)])
     kept = (outs != 0).double().mean().item()
     assert abs(kept - density) < 0.01
@@ -201,17 +208,17 @@ def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
     recipe, run = setup()
     inputs = merge_inputs(recipe, run)
     w = [0.3, 0.5, 0.2]
-    ta = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("task_arithmetic"))
-    d1 = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=1.0, seed=5))
+    ta = task_vectors.merged_state(inputs, w, _spec("task_arithmetic"))
+    d1 = task_vectors.merged_state(inputs, w, _spec("dare", density=1.0, seed=5))
     assert all(torch.equal(ta[k], d1[k]) for k in ta)
-    a = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
-    b = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
-    c = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=6))
+    a = task_vectors.merged_state(inputs, w, _spec("dare", density=0.5, seed=5))
+    b = task_vectors.merged_state(inputs, w, _spec("dare", density=0.5, seed=5))
+    c = task_vectors.merged_state(inputs, w, _spec("dare", density=0.5, seed=6))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     # the drop of each tensor depends on its name only, not on the order tensors are streamed in
     inputs.entries = list(reversed(inputs.entries))
-    r = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec("dare", density=0.5, seed=5))
+    r = task_vectors.merged_state(inputs, w, _spec("dare", density=0.5, seed=5))
     assert all(torch.equal(a[k], r[k]) for k in a)
 
 

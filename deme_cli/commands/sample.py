@@ -252,9 +252,8 @@ def _sample_fan_out(base: Base, run: RunDir, spec: str, force: bool, processes: 
 
     from ..engine import processes as launch
 
-    on_cpu = base.device_choice == "cpu" or (gpus == "auto" and base.on_cpu)
-    slots = launch.device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
-    on_cpu = on_cpu or not slots[0].gpus
+    slots = launch.worker_slots(base, gpus, processes)
+    on_cpu = not slots[0].gpus
     # the model is loaded here for its identity (settings) and the checks only: on the CPU, GPUs stay free for workers
     job = _Job(base, run, spec, torch.device("cpu"), sample=sample, models=models,
                target=torch.device("cpu" if on_cpu else "cuda"))

@@ -113,10 +113,10 @@ def get_method(name: str) -> MergeMethod:
 
 @dataclass(frozen=True)
 class MergeSpec:
-    """How to combine the task vectors (weights excluded)."""
-    method: str = "task_arithmetic"
-    density: float = 0.2   # ties: fraction kept by magnitude; dare: keep probability
-    seed: int = 0          # dare
+    """How to combine the task vectors (weights excluded): merge.method, merge.density, merge.seed."""
+    method: str
+    density: float         # ties: fraction kept by magnitude; dare: keep probability
+    seed: int              # dare
 
     @classmethod
     def from_section(cls, merge) -> "MergeSpec":

@@ -74,6 +74,14 @@ def device_slots(spec: str, per_job: int = 1, check: bool = False) -> list[Slot]
     return slots
 
 
+def worker_slots(base, gpus: str, processes: int) -> list[Slot]:
+    """The slots of P worker processes started here for a stage on `base` (sharded sampling, the search pool): P CPU
+    slots when the base computes on the CPU (train.device = "cpu", or "auto" without a GPU and --gpus auto), else the
+    slots of --gpus (checked against the GPUs this machine shows)."""
+    on_cpu = base.device_choice == "cpu" or (gpus == "auto" and base.on_cpu)
+    return device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
+
+
 def _slots(spec: str, per_job: int) -> list[Slot]:
     spec = (spec or "auto").strip().lower()
     if per_job < 1:

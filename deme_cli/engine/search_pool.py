@@ -91,10 +91,9 @@ class SearchPool:
         import multiprocessing as mp
         import os
 
-        from .processes import device_slots
+        from .processes import worker_slots
 
-        on_cpu = setup.base.device_choice == "cpu" or (gpus == "auto" and setup.base.on_cpu)
-        slots = device_slots(f"cpu:{processes}" if on_cpu else gpus, check=True)
+        slots = worker_slots(setup.base, gpus, processes)
         ctx = mp.get_context("spawn")         # fork after torch initialised is unsafe; spawn starts clean
         self.tasks, self.results = ctx.Queue(), ctx.Queue()
         threads = str(max(1, (os.cpu_count() or 1) // processes))
