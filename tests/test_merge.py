@@ -581,7 +581,8 @@ def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, mo
     monkeypatch.setattr(features, "array_features", fake_features)
     recipe, run = setup(merge={"objective": "kid", "shapes": [[1.0, 0.0, 0.0]], "scales": [1.0]},
                         sample={"steps": 7}, eval={"feature_extractor": str(ext)})
-    assert recipe.merge.search == "scaled" and recipe.merge.search_num_images == 1000 and recipe.merge.search_steps is None
+    m = recipe.merge
+    assert m.search == "scaled" and m.search_num_images == 1000 and m.search_steps is None
     log = merge.run_merge(recipe, run, search=True)["search"]
     assert seen == [(1000, 7), (1000, 7)]                       # theta and the one candidate
     assert log["num_images"] == 1000 and log["sampler"]["steps"] == 7
