@@ -224,7 +224,7 @@ def check_search_reference(m, eval_reference: Optional[str], data) -> None:
     not be the images `deme eval` reports on (eval.reference); a warning when it is the training data ([data])."""
     if not m.search_reference:
         raise UsageError("the weight search needs merge.search_reference, a folder of held-out training images (not "
-                         "the test set eval reports on); set it, or give merge.weights")
+                         "the test set eval reports on); set it, or set merge.weights to \"uniform\" or a list")
     if _same_folder(m.search_reference, eval_reference):
         raise UsageError(f"merge.search_reference is eval.reference ('{m.search_reference}'): the search would be "
                          f"tuned on the images eval reports on; point it at held-out training images")
