@@ -99,14 +99,24 @@ def run_eval(recipe, run: RunDir, models: Sequence[str], allow_fewer: bool = Fal
                     force=force, extractor=extractor, **stage_kwargs(evaluate, recipe))
 
 
-def evaluate(base: Base, run: RunDir, models: Sequence[str], *, eval: EvalSection, sample: SampleSection,
-             data: DataSection, ranges: RangesSection, merge: MergeSection, seed: int, name: str,
-             allow_fewer: bool = False, force: bool = False, extractor: Optional[FeatureExtractor] = None) -> dict:
-    """Score each model; writes run.eval_json(model). `extractor` overrides eval.feature_extractor.
-
-    FID / KID / CLIP score need the model's samples (the first eval.num_images, default sample.num_images; KID's
-    subsets drawn with `seed`); "loss" (loss_by_t.py) needs only the models (data, ranges and merge.use_ema say how
-    to load them). A model's JSON keeps the parts not asked for this time (each carries its own fingerprint)."""
+def evaluate(base: Base,                           # the base: the loss ratio's denominator, the device
+             run: RunDir,                          # the run directory: samples/ and models in, eval/ out
+             models: Sequence[str],                # model specs to score
+             *,
+             eval: EvalSection,                    # metrics, reference, mode, feature extractor, CLIP, loss bins
+             sample: SampleSection,                # sample.num_images: the default of eval.num_images
+             data: DataSection,                    # loss: data.resolution and how the reference folder is read
+             ranges: RangesSection,                # loss: the range models of range:I and ensemble
+             merge: MergeSection,                  # loss: merge.use_ema, their EMA or raw weights
+             seed: int,                            # KID's subsets
+             name: str,                            # the recipe name on the loss plot
+             allow_fewer: bool = False,            # score fewer images than asked for
+             force: bool = False,                  # recompute results whose inputs did not change
+             extractor: Optional[FeatureExtractor] = None,  # overrides eval.feature_extractor (tests)
+             ) -> dict:
+    """Score each model; writes run.eval_json(model). FID / KID / CLIP score need the model's samples; "loss"
+    (loss_by_t.py) needs only the models. A model's JSON keeps the parts not asked for this time (each carries its own
+    fingerprint)."""
     from ..engine import loss_by_t, ui
     from ..engine.model_specs import parse_model_spec
 

@@ -69,18 +69,24 @@ def run_merge(recipe, run: RunDir, weights: Optional[list[float]] = None, search
                         gpus=gpus, start=start, **stage_kwargs(merge_ranges, recipe))
 
 
-def merge_ranges(base: Base, run: RunDir, *, merge: MergeSection, ranges: RangesSection, sample: SampleSection,
-                 eval: EvalSection, data: DataSection, train: TrainSection, seed: int, name: str,
-                 force: bool = False, processes: int = 1, gpus: str = "auto",
-                 start: Optional[list[float]] = None) -> dict:
-    """Merge the range models of `run` into `run.merged` with merge.weights; for "search", find the weights first
-    (its candidates scored by `processes` processes on the slots of `gpus`; a coordinate search starts from `start`,
-    default 1/N each). Returns merge.json plus "skipped" (True when merged/ already held this merge) and "merged"
-    (the folder).
-
-    The search reads [sample] and [eval] (the kid/fid objectives' sampler and features), [data] and train.batch_size
-    (the loss objectives' images and batch) and `seed` (KID's subsets).
-    """
+def merge_ranges(base: Base,                       # theta: the task vectors' base
+                 run: RunDir,                      # the run directory: ranges/<i>/final*/ in, merged/ out
+                 *,
+                 merge: MergeSection,              # weights ("uniform", "search" or a list), method, search settings
+                 ranges: RangesSection,            # N
+                 sample: SampleSection,            # search: the kid/fid objectives' sampler
+                 eval: EvalSection,                # search: their feature extractor and mode; eval.reference refused
+                 data: DataSection,                # search: how the loss objectives read held-out images
+                 train: TrainSection,              # search: train.batch_size, the loss objectives' batch
+                 seed: int,                        # search: KID's subsets
+                 name: str,                        # the recipe name merged/ records
+                 force: bool = False,              # merge again even if merged/ holds this merge
+                 processes: int = 1,               # search: score candidates in P processes
+                 gpus: str = "auto",               # search: the device slots of those processes
+                 start: Optional[list[float]] = None,  # search: where a coordinate search starts (default 1/N)
+                 ) -> dict:
+    """Merge the range models into run.merged with merge.weights, searching them first for "search". Returns
+    merge.json plus "skipped" (True when merged/ already held this merge) and "merged" (the folder)."""
     from ..engine.search_objectives import SearchSetup
 
     n = ranges.n

@@ -173,10 +173,20 @@ def run_sample(recipe, run: RunDir, spec: str, force: bool = False, processes: i
                         **stage_kwargs(sample_model, recipe))
 
 
-def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, data: DataSection,
-                 ranges: RangesSection, merge: MergeSection, force: bool = False, processes: int = 1,
-                 gpus: str = "auto", shard: Optional[Shard] = None,
-                 write_recipe: Optional[Callable[[], Path]] = None) -> dict:
+def sample_model(base: Base,                       # the pretrained model (spec "base") and its noise schedule
+                 run: RunDir,                      # the run directory: models in, samples/<spec>/ out
+                 spec: str,                        # base | merged | range:I | ensemble
+                 *,
+                 sample: SampleSection,            # sampler, steps, seeds, images, precision, prompts, guidance
+                 data: DataSection,                # data.resolution: the sample size of UNets whose config has none
+                 ranges: RangesSection,            # N: the range models of range:I and ensemble
+                 merge: MergeSection,              # merge.use_ema: those range models' EMA (final/) or raw weights
+                 force: bool = False,              # regenerate images made before
+                 processes: int = 1,               # worker processes (see below)
+                 gpus: str = "auto",               # the device slots of those processes
+                 shard: Optional[Shard] = None,    # this process is worker I/P
+                 write_recipe: Optional[Callable[[], Path]] = None,  # writes the workers' recipe file
+                 ) -> dict:
     """Write run.samples(spec)/000000.png ..., grid.png and samples.json; skip images already written.
 
     The images can be made by several processes, each making the images k with k % P == its rank (the pixels do not
@@ -187,8 +197,6 @@ def sample_model(base: Base, run: RunDir, spec: str, *, sample: SampleSection, d
       of `gpus`) on the recipe file `write_recipe()` writes once the settings are checked, waits for them and writes
       samples.json and grid.png;
     - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
-
-    data.resolution sizes UNets without a sample size; ranges and merge.use_ema say which range models to load.
     """
     models = {"ranges": ranges, "use_ema": merge.use_ema, "resolution": data.resolution}
     if shard is not None:

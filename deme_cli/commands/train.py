@@ -43,14 +43,20 @@ def run_train(recipe, run: RunDir, index: Optional[int] = None, force: bool = Fa
                         **stage_kwargs(train_ranges, recipe))
 
 
-def train_ranges(base: Base, run: RunDir, *, data: DataSection, ranges: RangesSection, train: TrainSection,
-                 deme: DemeSection, seed: int, name: str, index: Optional[int] = None, force: bool = False,
-                 resolved: str = "") -> list[dict]:
-    """Train range `index` (or every range when None), one after another. Returns one summary per range.
-
-    base      the resolved base; its precision becomes train.mixed_precision
-    resolved  the resolved recipe (TOML) each range records as recipe.resolved.toml
-    """
+def train_ranges(base: Base,                       # the pretrained model; its precision becomes train.mixed_precision
+                 run: RunDir,                      # the run directory: ranges.json in, ranges/<i>/ out
+                 *,
+                 data: DataSection,                # the training images (and captions)
+                 ranges: RangesSection,            # N, and how ranges.json is computed when missing
+                 train: TrainSection,              # optimizer, schedule, EMA, checkpoints, precision, compile
+                 deme: DemeSection,                # p (Eq. 6), consistency weight (Eq. 5), projections
+                 seed: int,                        # data order, timestep and noise generators
+                 name: str,                        # the recipe name each range model records
+                 index: Optional[int] = None,      # the range to train; None: every range, one after another
+                 force: bool = False,              # start over instead of resuming or skipping a finished range
+                 resolved: str = "",               # the resolved recipe (TOML) each range records
+                 ) -> list[dict]:
+    """Train range `index` (or every range), resuming from checkpoints; returns one summary per range."""
     n = ranges.n
     if index is not None and not 0 <= index < n:
         raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
