@@ -184,3 +184,19 @@ def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, ti
     assert a["candidates"] == b["candidates"] and len(a["candidates"]) >= 7
     assert a["best"] == b["best"] and runs["serial"]["weights"] == runs["parallel"]["weights"]
     assert len({c["score"] for c in a["candidates"]}) > 1
+
+
+def test_the_slurm_merge_job_follows_merge_weights(make_recipe, tmp_path):
+    """One meaning of merge.weights everywhere: the emitted merge job searches (and asks for a GPU) exactly when the
+    recipe says "search"; its recipe file carries the same value to `deme merge`."""
+    import tomllib
+
+    from deme_cli.commands import launch
+    from deme_cli.engine.runs import RunDir
+
+    for weights, searches in (("uniform", False), ("search", True), ([0.2, 0.8], False)):
+        recipe = make_recipe(merge={"weights": weights}, output={"dir": str(tmp_path / str(searches) / str(weights))})
+        emitted = launch.slurm_emit(recipe, RunDir(recipe.out_dir), write=True)
+        merge_job = next(t for p, t in emitted["files"].items() if p.endswith("merge.sbatch"))
+        assert ("--gres=gpu:1" in merge_job) == searches and ("--search" in merge_job) == searches
+        assert tomllib.loads(Path(emitted["recipe"]).read_text())["merge"]["weights"] == weights
