@@ -45,3 +45,20 @@ def test_bad_inputs_exit_2_with_one_sentence(recipe_file, tmp_path):
     # nothing in the run directory was written or lost
     assert (run / "keep.txt").read_text() == "precious"
     assert not (run / "ranges").exists()
+
+
+@pytest.mark.parametrize("value, expect", [
+    ('"bogus"', 'must be "uniform", "search" or a list of numbers'),
+    ("5", 'must be "uniform", "search" or a list of numbers'),
+    ('["a", "b", "c", "d"]', "list of numbers"),
+    ("[0.5, 0.5, 0.5, 0.5, 0.5]", "merge.weights has 5 values but ranges.n is"),
+])
+def test_bad_merge_weights_are_one_sentence(recipe_file, tmp_path, value, expect):
+    """merge.weights is "uniform", "search" or one number per range: anything else is refused before any work."""
+    r = _check(["merge", str(recipe_file), "--set", f"merge.weights={value}", "--dry-run"], expect)
+    assert "merge.weights" in r.output and not (tmp_path / "run").exists()
+
+
+def test_processes_without_a_search_is_refused_before_anything_is_written(recipe_file, tmp_path):
+    _check(["merge", str(recipe_file), "--processes", "2"], 'use it with --search or merge.weights = "search"')
+    assert not (tmp_path / "run").exists()

@@ -152,6 +152,15 @@ class MergeSection(_Section):
     search_steps: Optional[int] = Field(None, ge=1)  # sampler steps per candidate (kid/fid); default sample.steps
     search_reference: Optional[str] = None         # held-out TRAINING images for the search (required to search)
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _weights_ok(cls, v: Any) -> Any:
+        numbers = isinstance(v, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+        if v not in MERGE_WEIGHTS and not numbers:
+            names = ", ".join(f'"{w}"' for w in MERGE_WEIGHTS)
+            raise ValueError(f"must be {names} or a list of numbers, one per range, low t first")
+        return v
+
     def weight_shapes(self, n: int) -> list[list[float]]:
         """merge.shapes, or its default for n ranges (`default_shapes`)."""
         return [list(w) for w in self.shapes] if self.shapes is not None else default_shapes(n)
