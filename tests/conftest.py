@@ -223,8 +223,8 @@ def merge_inputs(recipe, run):
 def search_setup(recipe):
     """What the weight search reads from a recipe (as `deme merge` builds it)."""
     from deme_cli.engine.base import resolve_base
+    from deme_cli.engine.recipe import stage_kwargs
     from deme_cli.engine.search_objectives import SearchSetup
 
-    base = resolve_base(recipe.model, recipe.train.device, recipe.sample.precision)
-    return SearchSetup(base, recipe.merge, recipe.sample, recipe.eval, recipe.data, recipe.train.batch_size,
-                       recipe.seed)
+    base = resolve_base(recipe.model, recipe.train.device)
+    return SearchSetup.from_sections(base, **stage_kwargs(SearchSetup.from_sections, recipe))

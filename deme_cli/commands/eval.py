@@ -118,7 +118,7 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
     (loss_by_t.py) needs only the models. A model's JSON keeps the parts not asked for this time (each carries its own
     fingerprint)."""
     from ..engine import loss_by_t, ui
-    from ..engine.model_specs import parse_model_spec
+    from ..engine.model_specs import parse_model_spec, spec_settings
 
     e = eval
     if e.mode not in MODES:
@@ -192,7 +192,7 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
     if want_loss:
         records = loss_by_t.score(base, run, models, device,
                                   {m: old[m].get("loss_by_t") for m in models if old[m].get("loss_by_t")}, force,
-                                  ev=e, data=data, ranges=ranges, use_ema=merge.use_ema)
+                                  ev=e, data=data, specs=spec_settings(ranges, merge, data))
         for m in models:
             if records[m] is not (old[m].get("loss_by_t")) and m not in scored:
                 scored.append(m)

@@ -95,7 +95,7 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
     search = merge.weights == "search"
     start = resolve_weights(start if search and start is not None else merge.weights, n,
                             "--weights" if start is not None else "merge.weights")
-    setup = SearchSetup(base.with_precision(sample.precision), merge, sample, eval, data, train.batch_size, seed)
+    setup = SearchSetup.from_sections(base, merge=merge, sample=sample, eval=eval, data=data, train=train, seed=seed)
     inputs = load_inputs(base, run, n=n, use_ema=merge.use_ema)
     settings = {**spec.describe(), "use_ema": merge.use_ema, "base_hash": inputs.base_hash,
                 "ranges": [r.identity() for r in inputs.ranges]}

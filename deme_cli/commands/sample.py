@@ -19,7 +19,7 @@ from ..engine.base import Base, resolve_base
 from ..engine.denoise import Loaded, generate_batches, make_scheduler
 from ..engine.errors import UsageError
 from ..engine.images import GRID_FILE, SAMPLES_JSON, existing_images, save_png, write_grid
-from ..engine.model_specs import load_model, parse_model_spec
+from ..engine.model_specs import load_model, parse_model_spec, spec_settings
 from ..engine.recipe import DataSection, MergeSection, RangesSection, SampleSection, stage_kwargs
 from ..engine.runs import RunDir, read_json, write_json
 
@@ -198,7 +198,7 @@ def sample_model(base: Base,                       # the pretrained model (spec 
       samples.json and grid.png;
     - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
     """
-    models = {"ranges": ranges, "use_ema": merge.use_ema, "resolution": data.resolution}
+    models = spec_settings(ranges, merge, data)
     if shard is not None:
         return _sample_worker(base, run, spec, shard, sample, models)
     if processes > 1:

@@ -44,7 +44,7 @@ def check_reference(e) -> None:
                          f"image folder; '{ref}' is a {'statistics file' if kind == 'npz' else 'dataset name'}")
 
 
-def _predict(base, run: RunDir, spec: str, device, base_hash: str, models: dict):
+def _predict(base, run: RunDir, spec: str, device, base_hash: str, specs: dict):
     """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions).
 
     A model finetuned from another base than model.pretrained is refused: its ratio to this base would mislead."""
@@ -52,7 +52,7 @@ def _predict(base, run: RunDir, spec: str, device, base_hash: str, models: dict)
     from .heldout import model_predict, routed_predict
     from .model_specs import load_unets
 
-    loaded = load_unets(base, run, spec, device, **models)
+    loaded = load_unets(base, run, spec, device, **specs)
     info = loaded.info
     made_from = {m.get("base_hash") for m in info.get("members", [])} | {(info.get("meta") or {}).get("base_hash")}
     made_from.discard(None)
@@ -73,13 +73,13 @@ def _fingerprint(e, base, resolution: int, identity, ref_files: list) -> str:
 
 
 def score(base, run: RunDir, models: Sequence[str], device, previous: dict, force: bool, *, ev, data,
-          ranges, use_ema: bool) -> dict:
+          specs: dict) -> dict:
     """{model: loss_by_t record} for every model in `models`; `previous` holds the records already in eval/*.json
     (reused when their fingerprint matches, unless `force`).
 
     ev       [eval] (reference, loss_bins, loss_num_images, loss_seed, batch_size)
     data     [data] (resolution; how a text-to-image reference folder is read)
-    ranges   [ranges], use_ema: merge.use_ema (which range models `range:I` and `ensemble` load)
+    specs    how the model specs load (model_specs.spec_settings)
     """
     import torch
 
@@ -88,13 +88,12 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
     from .features import _file_key, image_files
     e = ev
     check_reference(e)
-    spec_args = {"ranges": ranges, "use_ema": use_ema, "resolution": data.resolution}
     ref_files = [_file_key(Path(f)) for f in image_files(Path(e.reference).expanduser())]
-    predicts = {"base": _predict(base, run, "base", device, "", spec_args)}
+    predicts = {"base": _predict(base, run, "base", device, "", specs)}
     base_hash = predicts["base"][1]
     for m in dict.fromkeys(models):
         if m != "base":
-            predicts[m] = _predict(base, run, m, device, base_hash, spec_args)
+            predicts[m] = _predict(base, run, m, device, base_hash, specs)
     prints = {m: _fingerprint(e, base, data.resolution, h, ref_files) for m, (_, h) in predicts.items()}
     todo = [m for m in models if force or (previous.get(m) or {}).get("fingerprint") != prints[m]]
     out = {m: previous[m] for m in models if m not in todo}

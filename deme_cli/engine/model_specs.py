@@ -112,6 +112,12 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[int]]:
     raise UsageError(f"unknown model '{spec}' (use one of {', '.join(MODEL_SPECS)} or range:I)")
 
 
+def spec_settings(ranges, merge, data) -> dict:
+    """What loading a model spec takes from the recipe: [ranges] (N), merge.use_ema (the range models' EMA or raw
+    weights) and data.resolution (the sample size of UNets whose config has none): `load_unets`' keywords."""
+    return {"ranges": ranges, "use_ema": merge.use_ema, "resolution": data.resolution}
+
+
 def load_unets(base, run: RunDir, spec: str, device, *, ranges, use_ema: bool,
                resolution: int) -> Loaded:
     """The UNet(s) of a model spec as a plain UNet or ensemble denoiser, without the model kind's sampling wrapper

@@ -36,6 +36,11 @@ class SearchSetup:
     batch_size: int            # train.batch_size: images per forward pass of the loss objectives
     seed: int                  # the recipe's seed: KID's subsets
 
+    @classmethod
+    def from_sections(cls, base, *, merge, sample, eval, data, train, seed: int) -> "SearchSetup":
+        """The setup of the merge stage: its base computing in sample.precision, and train.batch_size."""
+        return cls(base.with_precision(sample.precision), merge, sample, eval, data, train.batch_size, seed)
+
     @property
     def num_images(self) -> int:
         return self.merge.search_num_images
