@@ -34,6 +34,7 @@ import numpy as np
 from . import ui
 from .data import HFImages, ImageDataset, ImageFiles, augment_rng
 from .errors import UsageError
+from .runs import read_json, read_jsonl, write_json
 from .text2image import FrozenEncoders
 
 METADATA = "metadata.jsonl"
@@ -72,17 +73,11 @@ def _folder_pairs(data) -> tuple[Any, list[str]]:
                          f'{{"file_name": "0001.png", "text": "a caption"}}')
     key = data.caption_column
     files, captions = [], []
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise UsageError(f"{meta} line {n} is not valid JSON; fix or remove it") from None
-        if not isinstance(rec, dict) or "file_name" not in rec or key not in rec:
-            keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise UsageError(f"{meta} line {n} needs the keys \"file_name\" and \"{key}\" (it has: {keys}); "
-                             f"fix it or set data.caption_column")
+    def lacking(n: int, have: str) -> str:
+        return (f'{meta} line {n} needs the keys "file_name" and "{key}" (it has: {have}); fix it or set '
+                f'data.caption_column')
+
+    for n, rec in read_jsonl(meta, ("file_name", key), lacking):
         f = root / str(rec["file_name"])
         if not f.is_file():
             raise UsageError(f"{meta} line {n} names '{rec['file_name']}', which is not in '{root}'; fix the line "
@@ -269,8 +264,6 @@ class TextToImageTask:
 
     def _cache(self, root: Path) -> tuple[Path, dict]:
         from accelerate import PartialState
-
-        from .runs import read_json, write_json
 
         data, state = self.data, PartialState()
         if not data.center_crop and state.is_main_process:

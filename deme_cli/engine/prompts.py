@@ -12,11 +12,11 @@ of prompts (several images per prompt) or fall short of it (the first num_images
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Callable
 
 from .errors import UsageError
+from .runs import read_jsonl
 
 
 def _txt(path: Path, column: str) -> list[str]:
@@ -24,19 +24,10 @@ def _txt(path: Path, column: str) -> list[str]:
 
 
 def _jsonl(path: Path, column: str) -> list[str]:
-    out = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            raise UsageError(f"{path} line {n} is not valid JSON; fix or remove it") from None
-        if not isinstance(rec, dict) or column not in rec:
-            keys = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise UsageError(f"{path} line {n} has no key '{column}' (it has: {keys}); set sample.prompt_column")
-        out.append(rec[column])
-    return out
+    def lacking(n: int, have: str) -> str:
+        return f"{path} line {n} has no key '{column}' (it has: {have}); set sample.prompt_column"
+
+    return [rec[column] for _, rec in read_jsonl(path, (column,), lacking)]
 
 
 def _csv(path: Path, column: str) -> list[str]:

@@ -20,7 +20,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .errors import UsageError
 
@@ -100,6 +100,25 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_jsonl(path: Path, keys: Sequence[str], lacking: Callable[[int, str], str]) -> list[tuple[int, dict]]:
+    """(line number, record) of every non-empty line of a JSON-lines file. A line that is not JSON is a UsageError
+    naming the line; so is one that is not an object with every one of `keys`, with the message
+    `lacking(line number, the keys it has)`."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise UsageError(f"{path} line {n} is not valid JSON; fix or remove it") from None
+        if not isinstance(rec, dict) or any(k not in rec for k in keys):
+            have = ", ".join(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise UsageError(lacking(n, have))
+        out.append((n, rec))
+    return out
 
 
 def read_json(path: Path) -> Any:
