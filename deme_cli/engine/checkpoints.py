@@ -1,4 +1,4 @@
-"""Training checkpoints: complete, atomic, and found again through a `latest` pointer.
+"""Training checkpoints: complete, atomic, verified, and found again through a `latest` pointer.
 
 ```
 ranges/<i>/checkpoints/step-<k>/
@@ -7,26 +7,52 @@ ranges/<i>/checkpoints/step-<k>/
     optimizer.pt             {"optimizer", "lr_scheduler", "scaler"} plain state dicts (read with weights_only=True)
     rng.safetensors          torch / cuda / trainer-generator states per process (uint8 tensors, rank<r>.*)
     state.json               step, data position (epoch, batch), EMA update count, python and numpy RNG states, range
+    manifest.json            {"files": {name: {"bytes", "sha256"}}} of every other file; written last
 ranges/<i>/checkpoints/latest    one line: the folder name of the newest complete checkpoint
 ```
 A checkpoint is written to `.step-<k>.tmp` and renamed; `latest` is replaced (atomically) only after that, and old
 checkpoints are deleted last, so a process killed at any moment leaves `latest` pointing at a complete checkpoint.
+
+Verification and fallback: a complete folder can still be damaged afterwards (a machine crash before the data
+reached the disk, a copy cut short, a file emptied by hand). `verify(folder)` compares every file with the manifest
+(sizes first, then sha256) and says what is wrong; a folder written before manifests existed is checked by parsing
+state.json and each .safetensors header and opening optimizer.pt's zip directory (nothing is unpickled).
+`resume_point` (old name: `latest`) tries the folder `latest` names, then every other step-<k> folder newest first,
+and returns the first intact one, warning once per process (on the main one only) for each damaged one it skips; a
+`latest` naming a missing folder is skipped the same way. No step folders: None; step folders but none intact: a
+UsageError (start the range over with --force). An intact verdict is remembered per process while the files' sizes,
+mtimes and inodes stay the same (train.py asks twice before training). `load` turns any read failure that gets past
+verification into a UsageError naming the folder.
+
+Pruning after a save keeps the `keep` newest folders up to the one just written and deletes every step folder newer
+than it: those are what a resume fell back from (damaged) or skipped past, and training rewrites those steps anyway.
+Damaged folders older than the one just written are not looked for (that would mean hashing every checkpoint on every
+save); they age out like intact ones, and resume_point skips them.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from . import ui
 from .errors import UsageError
 from .runs import write_atomic
 
 LATEST = "latest"
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+REQUIRED = ("state.json", "student.safetensors", "optimizer.pt", "rng.safetensors")   # what load() reads
+_CHUNK = 4 << 20
+_warned: set[tuple[str, str]] = set()       # (folder, reason) already warned about in this process
+_intact: dict[str, tuple] = {}              # folder -> the files' (name, size, mtime_ns, inode) when verified intact
 
 
 def step_dirname(step: int) -> str:
@@ -40,24 +66,148 @@ def _step_of(p: Path) -> Optional[int]:
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoint folders, oldest first."""
+    """The step-<k> folders (intact or not: see verify), oldest first."""
     if not ckpt_dir.is_dir():
         return []
     found = [(_step_of(p), p) for p in ckpt_dir.iterdir()]
     return sorted((s, p) for s, p in found if s is not None)
 
 
-def latest(ckpt_dir: Path) -> Optional[Path]:
-    """The checkpoint `latest` points at, or None when there is none."""
-    ptr = ckpt_dir / LATEST
-    if not ptr.is_file():
+# --- verification --------------------------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: the size and sha256 of every other file in `folder` (call it after the last of them)."""
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+
+
+def _signature(folder: Path) -> tuple:
+    return tuple((p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                 for p in sorted(folder.iterdir()) if p.is_file() for st in [p.stat()])
+
+
+def _verify_manifest(folder: Path) -> Optional[str]:
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        sizes = {name: int(rec["bytes"]) for name, rec in files.items()}
+        hashes = {name: str(rec["sha256"]) for name, rec in files.items()}
+    except Exception:
+        return f"{MANIFEST} is missing or unreadable"
+    for name in REQUIRED:
+        if name not in files:
+            return f"{MANIFEST} does not list {name}"
+    for name, size in sizes.items():                 # sizes first: cheap
+        f = folder / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if (got := f.stat().st_size) != size:
+            return f"{name} is {got} bytes, {size} when written"
+    for name, digest in hashes.items():
+        if _sha256(folder / name) != digest:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _verify_old_format(folder: Path) -> Optional[str]:
+    """A checkpoint written before manifests: the files load() reads exist and their headers parse."""
+    from safetensors import safe_open
+
+    for name in REQUIRED:
+        if not (folder / name).is_file():
+            return f"{name} is missing (and there is no {MANIFEST})"
+    try:
+        if not isinstance(json.loads((folder / "state.json").read_text()).get("step"), int):
+            return "state.json has no step"
+    except Exception:
+        return "state.json cannot be parsed"
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:
+            return f"{f.name} is {f.stat().st_size} bytes and its header does not parse"
+    try:
+        with zipfile.ZipFile(folder / "optimizer.pt"):      # torch.save's zip directory sits at the end of the file
+            pass
+    except Exception:
+        return f"optimizer.pt is {(folder / 'optimizer.pt').stat().st_size} bytes and not a complete torch file"
+    return None
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None when checkpoint `folder` is intact, else a short reason (see the module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "the folder is missing"
+    if not (folder / "state.json").is_file():
+        return "state.json is missing"
+    key = str(folder.resolve())
+    sig = _signature(folder)
+    if _intact.get(key) == sig:
         return None
-    name = ptr.read_text().strip()
-    folder = ckpt_dir / name
-    if _step_of(folder) is None or not (folder / "state.json").is_file():
-        raise UsageError(f"'{ptr}' points at '{name}', which is not a complete checkpoint; start the range over "
-                         f"with --force")
-    return folder
+    reason = _verify_manifest(folder) if (folder / MANIFEST).exists() else _verify_old_format(folder)
+    if reason is None:
+        _intact[key] = sig
+    else:
+        _intact.pop(key, None)
+    return reason
+
+
+def _warn_once(key: tuple[str, str], msg: str) -> None:
+    """ui.warn once per process, and only on the main one under accelerate launch (every process resumes)."""
+    if key not in _warned:
+        _warned.add(key)
+        if int(os.environ.get("RANK", "0")) == 0:
+            ui.warn(msg)
+
+
+def resume_point(ckpt_dir: Path) -> Optional[Path]:
+    """The intact checkpoint to resume from: the one `latest` names, else the newest intact step-<k> folder, warning
+    once for each damaged one skipped. None when there are no step folders; UsageError when none is intact."""
+    ckpt_dir = Path(ckpt_dir)
+    folders = [p for _, p in reversed(list_checkpoints(ckpt_dir))]       # newest first
+    ptr, bad_ptr = ckpt_dir / LATEST, None
+    if ptr.is_file():
+        name = ptr.read_text(errors="replace").strip()
+        named = ckpt_dir / name
+        if name and Path(name).name == name and named in folders:
+            folders = [named] + [p for p in folders if p != named]
+        else:
+            bad_ptr = name
+    if not folders:
+        if bad_ptr is not None:
+            _warn_once((str(ptr), bad_ptr), f"'{ptr}' names '{bad_ptr}', which is missing or not a step-<k> "
+                                            f"folder, and no checkpoint is left; training starts from step 0")
+        return None
+    damaged = []
+    for folder in folders:
+        reason = verify(folder)
+        if reason is None:
+            if bad_ptr is not None:
+                _warn_once((str(ptr), bad_ptr), f"'{ptr}' names '{bad_ptr}', which is missing or not a step-<k> "
+                                                f"folder; resuming from {folder.name}")
+            for d, why in damaged:
+                _warn_once((str(d), why), f"checkpoint '{d}' is damaged ({why}); resuming from {folder.name}")
+            return folder
+        damaged.append((folder, reason))
+    first, why = damaged[0]
+    more = f", as are the other {len(damaged) - 1}" if len(damaged) > 1 else ""
+    raise UsageError(f"no intact checkpoint is left in '{ckpt_dir}': {first.name} is damaged ({why}){more}; start "
+                     f"the range over with --force")
+
+
+def latest(ckpt_dir: Path) -> Optional[Path]:
+    """The checkpoint to resume from, or None when there is none (the old name of resume_point)."""
+    return resume_point(ckpt_dir)
 
 
 # --- RNG states ----------------------------------------------------------------------------------------------------
@@ -122,6 +272,7 @@ def save(ckpt_dir: Path, step: int, *, student: dict, ema: Optional[dict], optim
     rng_tensors = {f"rank{r}.{k}": v for r, (tensors, _) in enumerate(rng) for k, v in tensors.items()}
     save_file(_contiguous_cpu(rng_tensors), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": [js for _, js in rng]}) + "\n")
+    write_manifest(tmp)                                 # last: a folder with a manifest is complete
     if final.exists():  # a checkpoint of this step from an interrupted earlier attempt
         shutil.rmtree(final)
     tmp.rename(final)
@@ -131,9 +282,17 @@ def save(ckpt_dir: Path, step: int, *, student: dict, ema: Optional[dict], optim
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the `keep` newest checkpoints (never the one `latest` names) and stale temporary folders."""
+    """Delete every step folder newer than the one `latest` names (left behind by a resume that fell back past them),
+    all but the `keep` newest of the rest (never the one `latest` names), and stale temporary folders."""
     pointed = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
-    for _, p in list_checkpoints(ckpt_dir)[:-keep]:
+    found = list_checkpoints(ckpt_dir)
+    at = next((s for s, p in found if p.name == pointed), None)
+    if at is not None:
+        for s, p in found:
+            if s > at:
+                shutil.rmtree(p, ignore_errors=True)
+        found = [(s, p) for s, p in found if s <= at]
+    for _, p in found[:-keep]:
         if p.name != pointed:
             shutil.rmtree(p, ignore_errors=True)
     for p in ckpt_dir.glob(f".{PREFIX}*.tmp"):
@@ -141,7 +300,17 @@ def prune(ckpt_dir: Path, keep: int) -> None:
 
 
 def load(folder: Path, generators: dict, rank: int = 0) -> dict[str, Any]:
-    """Read a checkpoint: {"student", "ema", "optim", "state"}; restores process `rank`'s RNG states."""
+    """Read a checkpoint: {"student", "ema", "optim", "state"}; restores process `rank`'s RNG states.
+
+    UsageError (naming the folder) when any of it cannot be read."""
+    try:
+        return _load(folder, generators, rank)
+    except Exception as e:
+        why = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise UsageError(f"checkpoint '{folder}' cannot be read ({why}); start the range over with --force") from None
+
+
+def _load(folder: Path, generators: dict, rank: int) -> dict[str, Any]:
     import torch
     from safetensors.torch import load_file
 
