@@ -16,8 +16,9 @@ import typer
 from . import tables
 from .commands.analyze_gradients import analyze_gradients as gradients_stage
 from .engine import ui
-from .engine.errors import UsageError
+from .engine.errors import Failed, UsageError
 from .engine.gradients import DEFAULT_BINS, REDUCERS
+from .engine.interrupts import Interrupted, handle_signals
 from .engine.merge_methods import MERGE_METHODS
 from .engine.model_specs import MODEL_SPECS
 from .engine.ranges import SPLIT_STRATEGIES
@@ -75,15 +76,28 @@ def _prepare(recipe_path: Path, sets: Optional[List[str]], out: Optional[Path], 
     return Ctx(recipe, as_json, force)
 
 
+def _say(style: str, label: str, message: str) -> None:
+    msg = str(message).strip()
+    msg = msg if msg.endswith((".", "?", "!")) else msg + "."
+    ui.console.print(f"[{style}]{label}:[/{style}] {msg}", markup=True, highlight=False, soft_wrap=True)
+
+
 def _guard(fn: Callable[[], None]) -> None:
-    """Run a command body: UsageError -> one sentence, exit 2; Ctrl-C -> exit 130."""
+    """Run a command body: UsageError -> one sentence, exit 2; a run that failed for a reason one sentence explains
+    (Failed) -> exit 1; SIGTERM, SIGINT or SIGUSR1 -> one line saying what was kept, exit 128 + the signal number
+    (interrupts.py: long loops stop at their next safe point and save first)."""
     try:
-        fn()
+        with handle_signals():
+            fn()
     except UsageError as e:
-        msg = str(e).strip()
-        msg = msg if msg.endswith((".", "?", "!")) else msg + "."
-        ui.console.print(f"[red]error:[/red] {msg}", markup=True, highlight=False, soft_wrap=True)
+        _say("red", "error", e)
         raise typer.Exit(2)
+    except Failed as e:
+        _say("red", "failed", e)
+        raise typer.Exit(1)
+    except Interrupted as e:
+        _say("yellow", "stopped", e)
+        raise typer.Exit(e.exit_code)
     except KeyboardInterrupt:
         ui.console.print("interrupted; re-run the same command to continue where it stopped.")
         raise typer.Exit(130)

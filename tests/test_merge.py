@@ -266,18 +266,21 @@ def test_tensor_file_writer_roundtrip(tmp_path):
 
 # --- re-running ---------------------------------------------------------------------------------------------------
 
-def test_rerun_skips_same_settings_and_replaces_on_change(setup):
+def test_rerun_skips_same_settings_refuses_other_ones_and_replaces_with_force(setup):
     recipe, run = setup()
     first = merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2])
     assert not first["skipped"]
     again = merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2])
     assert again["skipped"] and again["fingerprint"] == first["fingerprint"]
     assert not merge.run_merge(recipe, run, weights=[0.2, 0.2, 0.2], force=True)["skipped"]
-    changed = merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.2])
+    with pytest.raises(UsageError, match=r"merge\.weights: \[0\.2, 0\.2, 0\.2\] -> \[0\.2, 0\.3, 0\.2\]"):
+        merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.2])
+    assert json.loads((run.merged / "merge.json").read_text())["weights"] == [0.2, 0.2, 0.2]   # kept
+    changed = merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.2], force=True)
     assert not changed["skipped"]
     assert json.loads((run.merged / "merge.json").read_text())["weights"] == [0.2, 0.3, 0.2]
     assert not list(run.root.glob(".merged*"))  # no temporary folders left behind
-    default = merge.run_merge(recipe, run)
+    default = merge.run_merge(recipe, run, force=True)
     assert default["weights"] == pytest.approx([1 / N] * N)
 
 
@@ -523,7 +526,7 @@ def test_failure_while_writing_keeps_previous_merged(setup, monkeypatch):
             yield item
     monkeypatch.setattr(task_vectors, "merged_tensors", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        merge.run_merge(recipe, run, weights=[0.3, 0.1, 0.1])
+        merge.run_merge(recipe, run, weights=[0.3, 0.1, 0.1], force=True)
     assert _snapshot(run.merged) == before
     assert not list(run.root.glob(".merged*"))
 

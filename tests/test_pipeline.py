@@ -127,13 +127,17 @@ def test_run_without_an_eval_reference_stops_before_training(recipe_name, tmp_pa
                                  "--set", "data.resolution=16", "--set", "train.steps=1"])
     assert r.exit_code == 2, r.output
     err = " ".join(r.output.split())
-    assert "eval.reference is not set" in err and "checked before training" in err and "Traceback" not in err
+    assert "eval.reference is not set" in err and "checked before any stage starts" in err and "Traceback" not in err
     assert not (out / "ranges").exists() and not (out / "ranges.json").exists()
-    # with a reference that exists, the same check passes (and the run would go on)
-    from deme_cli.commands.pipeline import preflight_eval
+    # with a reference that exists, the same checks pass (and the run would go on)
+    from deme_cli.commands.pipeline import check_needs
+    from deme_cli.engine.base import resolve_base
     from deme_cli.engine.recipe import load_recipe
+    from deme_cli.engine.runs import RunDir
 
-    preflight_eval(load_recipe(recipe, [f'eval.reference="{tiny_images}"', f'model.pretrained="{tiny_ddpm}"']))
+    ok = load_recipe(recipe, [f'eval.reference="{tiny_images}"', f'model.pretrained="{tiny_ddpm}"',
+                              'data.source="imagefolder"', f'data.path="{tiny_images}"', "data.resolution=16"])
+    check_needs(ok, resolve_base(ok.model, ok.train.device), RunDir(out), list(ok.run.models))
 
 
 def test_stage_inputs_are_read_off_the_stage_signatures(make_recipe):
@@ -150,12 +154,14 @@ def test_stage_inputs_are_read_off_the_stage_signatures(make_recipe):
     recipe = make_recipe()
     inputs = stage_inputs(recipe, by_name["train"])
     d = recipe.model_dump(mode="json")
+    speed = {("data", "num_workers"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
+             ("train", "log_every"), ("train", "compile"), ("train", "gradient_checkpointing")}
     want = {f"{s}.{k}": v for s in ("model", "data", "ranges", "train", "deme") for k, v in d[s].items()
-            if (s, k) != ("data", "num_workers")}
+            if (s, k) not in speed}
     assert inputs == {**want, "seed": recipe.seed}               # every key of those sections, nothing else
     assert set(stage_inputs(recipe, by_name["eval"])) == {
         f"{s}.{k}" for s in ("model", "data", "ranges", "train", "deme", "merge", "sample", "eval") for k in d[s]
-        if (s, k) != ("data", "num_workers")} | {"seed"}
+        if (s, k) not in speed} | {"seed"}
 
 
 def test_run_json_of_older_versions_reads_unset_keys_as_their_meaning_then(make_recipe, tmp_path):

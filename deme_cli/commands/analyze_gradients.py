@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..engine import ui
+from ..engine import preflight, ui
 from ..engine.base import Base, resolve_base
 from ..engine.errors import UsageError
 from ..engine.gradients import (DEFAULT_BINS, EXACT_LIMIT, HEATMAP_FILE, HISTOGRAM_FILE, JSON_FILE, NPZ_FILE,
@@ -60,6 +60,8 @@ def analyze_gradients(base: Base, run: RunDir, *, data: DataSection, seed: int, 
     else:
         ts, edges = bin_grid(T, DEFAULT_BINS if bins is None else bins)
 
+    preflight.check_data(data, base.kind.conditional)      # before the model is loaded
+
     # Load the pretrained model and choose its parameters.
     device = base.device
     unet = base.load_unet().to(device).eval()
@@ -91,7 +93,7 @@ def analyze_gradients(base: Base, run: RunDir, *, data: DataSection, seed: int, 
             return _result(out, summary, settings, reused=True)
         differ = [k for k in settings if old["settings"].get(k) != settings[k]]
         raise UsageError(f"'{out / NPZ_FILE}' holds an analysis with other settings ({', '.join(differ)}); pass "
-                         f"--force to replace it")
+                         f"--force to replace it, or use another --out")
 
     # Fixed noise, shared by every timestep.
     gen = torch.Generator().manual_seed(seed)

@@ -32,6 +32,29 @@ def _sbatch_lines(options: list[str]) -> list[str]:
     return lines
 
 
+SIGNAL_LEAD_S = 300      # SLURM sends SIGUSR1 this many seconds before the time limit: time to write a checkpoint
+REQUEUE_EXIT = 128 + 10  # deme's exit code after SIGUSR1 (interrupts.py): the task stopped early and is requeued
+
+
+def _signalled(command: str) -> list[str]:
+    """Script lines that run `command` in its own process group and pass SIGUSR1 (SLURM's warning before the time
+    limit, `--signal=B:USR1@...`) and SIGTERM on to all of it; deme writes a checkpoint and exits, and a task stopped
+    by SIGUSR1 requeues itself (`scontrol requeue`) to continue from that checkpoint. SIGTERM (scancel, preemption)
+    also saves a checkpoint; SLURM itself requeues preempted jobs (--requeue)."""
+    return [
+        f"setsid -w {command} &",
+        "child=$!",
+        "trap 'kill -USR1 -- -\"$child\" 2>/dev/null' USR1",
+        "trap 'kill -TERM -- -\"$child\" 2>/dev/null' TERM",
+        "while :; do wait \"$child\"; rc=$?; kill -0 \"$child\" 2>/dev/null || break; done",
+        f"if [ \"$rc\" -eq {REQUEUE_EXIT} ]; then",
+        "  echo \"stopped before the time limit; requeueing job $SLURM_JOB_ID to continue from its checkpoint\"",
+        "  scontrol requeue \"$SLURM_JOB_ID\"",
+        "fi",
+        "exit \"$rc\"",
+    ]
+
+
 def slurm_scripts(recipe, recipe_file: Path, folder: Path, n: int, gpus_per_range: int = 1,
                   options: Optional[list[str]] = None, search: bool = False) -> dict[str, str]:
     """{file name: text} of train.sbatch (array 0..n-1), merge.sbatch and submit.sh, to live in `folder`."""
@@ -50,6 +73,8 @@ def slurm_scripts(recipe, recipe_file: Path, folder: Path, n: int, gpus_per_rang
         "# Each task is an ordinary `deme train --range I`"
         + (f" (accelerate data parallel over {gpus_per_range} GPUs)" if gpus_per_range > 1 else "") + ".",
         "# Resumable: a requeued task, or this script submitted again, continues from ranges/I/checkpoints/latest.",
+        f"# {SIGNAL_LEAD_S} s before the time limit SLURM sends SIGUSR1: the range writes a checkpoint, stops and the "
+        "task requeues itself.",
         f"#SBATCH --job-name=deme-{recipe.name}",
         f"#SBATCH --array=0-{n - 1}",
         "#SBATCH --nodes=1",
@@ -58,10 +83,11 @@ def slurm_scripts(recipe, recipe_file: Path, folder: Path, n: int, gpus_per_rang
         f"#SBATCH --cpus-per-task={8 * gpus_per_range}",
         f"#SBATCH --output={folder}/train-%A_%a.log",
         "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}",
         *extra,
-        "set -euo pipefail",
+        "set -uo pipefail",
         f"cd {cwd}",
-        f"exec {launch}",
+        *_signalled(launch),
         ""])
     merge = "\n".join([
         "#!/bin/bash",
@@ -72,10 +98,12 @@ def slurm_scripts(recipe, recipe_file: Path, folder: Path, n: int, gpus_per_rang
         *(["#SBATCH --gres=gpu:1"] if search else []),
         "#SBATCH --cpus-per-task=8",
         f"#SBATCH --output={folder}/merge-%j.log",
+        "#SBATCH --requeue",
+        f"#SBATCH --signal=B:USR1@{SIGNAL_LEAD_S}",
         *extra,
-        "set -euo pipefail",
+        "set -uo pipefail",
         f"cd {cwd}",
-        f"exec {py} -m deme_cli merge {rf}{' --search' if search else ''}",
+        *_signalled(f"{py} -m deme_cli merge {rf}{' --search' if search else ''}"),
         ""])
     submit = "\n".join([
         "#!/bin/bash",
@@ -103,16 +131,18 @@ def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool
     """
     from ..engine.base import resolve_base
     from ..engine.models import read_meta
+    from ..engine.recipe import stage_kwargs
     from ..engine.splitting import load_ranges
-    from .train import reexport_if_stale, trained_meta
+    from .train import finished_meta, range_inputs, reexport_if_stale
 
     slots = device_slots(gpus, per_range, check=True)
     # ranges.json exists before any job starts: no job computes it
     ranges = load_ranges(resolve_base(recipe.model, recipe.train.device), recipe.ranges, run)
     recipe_file = write_launch_recipe(recipe, run)
     jobs, kept = [], {}
+    inputs = range_inputs(**stage_kwargs(range_inputs, recipe))
     for r in ranges:
-        meta = None if force else trained_meta(recipe.train, run, r)
+        meta = None if force else finished_meta(recipe.train, run, r, inputs)   # refused when made otherwise
         if meta is not None:
             reexport_if_stale(run, r)
             kept[r.index] = meta

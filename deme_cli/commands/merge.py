@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from typing import Optional
 
-from ..engine import ui
+from ..engine import locks, provenance, ui
 from ..engine.base import Base, resolve_base
 from ..engine.merge_methods import MergeSpec, get_method
 from ..engine.models import META_FILE, UNET_WEIGHTS
@@ -40,6 +41,10 @@ from ..engine.recipe import (DataSection, EvalSection, MergeSection, RangesSecti
                              stage_kwargs)
 from ..engine.runs import RunDir, read_json
 from ..engine.task_vectors import MERGE_JSON, load_inputs, resolve_weights, write_merged_folder
+
+
+MERGE_LOCK = ".merge.lock"      # in the run directory: merged/ itself is replaced by a rename
+SEARCH_JOURNAL = ".merge-search.jsonl"   # the scores of a search so far (weight_search.Journal)
 
 
 def _fingerprint(settings: dict) -> str:
@@ -100,32 +105,65 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
     settings = {**spec.describe(), "use_ema": merge.use_ema, "base_hash": inputs.base_hash,
                 "ranges": [r.identity() for r in inputs.ranges]}
     if search:
-        from ..engine.weight_search import search_settings
+        from ..engine.weight_search import check_search, search_settings
+        check_search(setup, n)
         settings["search"] = search_settings(setup, n, start)
     else:
         settings["weights"] = start
     fingerprint = _fingerprint(settings)
-    prev = _previous(run)
-    if prev is not None and prev.get("fingerprint") == fingerprint and not force:
-        ui.info(f"{run.merged} already holds this merge (same settings, same range models); --force merges again")
-        return {**prev, "skipped": True, "merged": str(run.merged)}
+    main = int(os.environ.get("RANK", "0")) == 0
+    with locks.hold(run.root / MERGE_LOCK, f"the merge in '{run.root}'", main=main):
+        prev = _previous(run)
+        if prev is not None and not force:
+            if prev.get("fingerprint") == fingerprint:
+                ui.info(f"{run.merged} already holds this merge (same settings, same range models); --force merges "
+                        f"again")
+                return {**prev, "skipped": True, "merged": str(run.merged)}
+            # other recipe values: refused; the same values on retrained range models: merged again
+            provenance.refuse_changed(f"'{run.merged}'", _recorded_choice(prev),
+                                      provenance.flatten(_chosen(settings), "merge."))
+        t0 = time.time()
+        log, final = None, start
+        journal = None
+        if search:
+            from ..engine.weight_search import Journal, search_weights
+            journal = Journal(run.root / SEARCH_JOURNAL, fingerprint)      # a stopped search continues from it
+            log = search_weights(setup, ranges, run, inputs, spec, start, processes=processes, gpus=gpus,
+                                 journal=journal)
+            final = list(log["best"]["weights"])
+        record = _write(base, run, inputs, spec, final, log, settings, fingerprint, merge.use_ema, name)
+        if journal is not None:
+            journal.remove()
+    return {**record, "skipped": False, "merged": str(run.merged), "seconds": round(time.time() - t0, 3)}
 
-    t0 = time.time()
-    log = None
-    if search:
-        from ..engine.weight_search import search_weights
-        log = search_weights(setup, ranges, run, inputs, spec, start, processes=processes, gpus=gpus)
-        final = list(log["best"]["weights"])
-    else:
-        final = start
+
+def _chosen(settings: dict) -> dict:
+    """The part of a merge's settings the recipe chose (not the identities of the base and the range models)."""
+    return {k: v for k, v in settings.items() if k not in ("base_hash", "ranges")}
+
+
+def _recorded_choice(prev: dict) -> dict:
+    """The recipe values an existing merge.json records (flattened like `provenance.flatten(chosen, "merge.")`); for
+    a merge.json of an older version, which has no "settings", what it records at its top level."""
+    if "settings" in prev:
+        return provenance.flatten(prev["settings"], "merge.")
+    old = {k: prev[k] for k in ("method", "use_ema", "density", "seed") if k in prev}
+    if not prev.get("search") and "weights" in prev:
+        old["weights"] = prev["weights"]
+    return provenance.flatten(old, "merge.")
+
+
+def _write(base: Base, run: RunDir, inputs, spec, final: list[float], log: Optional[dict], settings: dict,
+           fingerprint: str, use_ema: bool, name: str) -> dict:
+    """Write merged/ with the weights `final` (and the search `log`); returns merge.json."""
     method = get_method(spec.method)
-    record = {**spec.describe(), "weights": final, "use_ema": merge.use_ema,
+    record = {**spec.describe(), "weights": final, "use_ema": use_ema,
               "base": {"pretrained": base.pretrained, "base_hash": inputs.base_hash},
               "ranges": settings["ranges"], "projection": inputs.has_projections, "search": log,
-              "recipe": name, "fingerprint": fingerprint, "summary": method.summary}
+              "recipe": name, "fingerprint": fingerprint, "settings": _chosen(settings), "summary": method.summary}
     meta = {"kind": "merged", "base_hash": inputs.base_hash, "recipe": name, **spec.describe(),
-            "weights": final, "use_ema": merge.use_ema, "projection": inputs.has_projections,
+            "weights": final, "use_ema": use_ema, "projection": inputs.has_projections,
             "ranges": [{"index": r.index, **({k: r.meta["range"][k] for k in ("lo", "hi")} if r.meta.get("range")
                                              else {})} for r in inputs.ranges]}
     write_merged_folder(inputs, final, spec, run.merged, meta, record)
-    return {**record, "skipped": False, "merged": str(run.merged), "seconds": round(time.time() - t0, 3)}
+    return record

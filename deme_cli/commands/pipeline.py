@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from ..engine import provenance
 from ..engine.errors import UsageError
 from ..engine.recipe import stage_keys, stage_kwargs
 from ..engine.runs import RunDir, read_json, write_json
@@ -66,7 +67,6 @@ STAGES = [
     Stage("sample", sample_model, _sample),
     Stage("eval", evaluate, _eval),
 ]
-SPEED_ONLY = {"data": ("num_workers",)}   # recipe keys that change how fast a stage runs, not what it produces
 # what a key meant before it was written out explicitly (run.json of older versions recorded None)
 EARLIER_NONE = {"merge.weights": "search"}    # `deme run` searched the weights when merge.weights was unset
 
@@ -78,21 +78,9 @@ def stage_sections(stage: Stage) -> list[str]:
     return list(dict.fromkeys(k for s in upto for k in stage_keys(s.fn)))
 
 
-def _flatten(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}." if isinstance(v, dict) else f"{prefix}{k}"))
-    return out
-
-
 def stage_inputs(recipe, stage: Stage) -> dict:
-    """The recipe values a stage's output depends on (flattened, dotted keys)."""
-    full = recipe.model_dump(mode="json")
-    for section, keys in SPEED_ONLY.items():
-        full[section] = {k: v for k, v in full[section].items() if k not in keys}
-    return _flatten({k: full[k] for k in stage_sections(stage)})
+    """The recipe values a stage's output depends on (flattened, dotted keys; provenance.SPEED_ONLY left out)."""
+    return provenance.inputs(**{k: getattr(recipe, k) for k in stage_sections(stage)})
 
 
 def recipe_defaults() -> dict:
@@ -109,16 +97,8 @@ def recipe_defaults() -> dict:
 
 
 def differences(old: dict, new: dict, defaults: Optional[dict] = None) -> list[str]:
-    """`key: old -> new` for every recorded key whose value changed. A key the old record lacks was not recorded
-    then (its stage did not read it in that version): it cannot differ. An old None stands for the key's default
-    (EARLIER_NONE, else `defaults`), from versions that did not write defaults out."""
-    defaults = {**(defaults or {}), **EARLIER_NONE}
-    out = []
-    for k in sorted(old):
-        was = defaults.get(k, old[k]) if old[k] is None else old[k]
-        if k in new and was != new[k]:
-            out.append(f"{k}: {old[k]!r} -> {new[k]!r}")
-    return out
+    """provenance.differences, where an old None also stands for what the key meant then (EARLIER_NONE)."""
+    return provenance.differences(old, new, {**(defaults or {}), **EARLIER_NONE})
 
 
 def check_provenance(recipe, run: RunDir, record: dict) -> None:
@@ -129,28 +109,34 @@ def check_provenance(recipe, run: RunDir, record: dict) -> None:
             continue
         diff = differences(old["inputs"], stage_inputs(recipe, stage), recipe_defaults())
         if diff:
-            more = f" (and {len(diff) - 2} more)" if len(diff) > 2 else ""
-            raise UsageError(f"the '{stage.name}' stage in '{run.root}' was produced from a different recipe "
-                             f"({'; '.join(diff[:2])}{more}); re-run with --force to redo it, or use another --out")
+            raise UsageError(provenance.changed_message(f"the '{stage.name}' stage in '{run.root}'", diff))
 
 
-def preflight_eval(recipe) -> None:
-    """What the eval stage will need, checked before any training: a reference for FID/KID (and an image folder for
-    the loss by timestep), a CLIP model for CLIP score. A missing eval.reference fails in seconds, not after hours."""
-    from ..engine import loss_by_t
-    from ..engine.fid import reference_kind
+def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = False) -> None:
+    """What every stage will need, checked before the first one starts (engine/preflight.py): the training data and
+    the disk for the ranges' checkpoints, the weight search's settings and held-out images, the prompts of a
+    text-to-image model, the eval reference and CLIP model. A missing eval.reference fails in seconds, not after
+    hours of training."""
+    from ..engine import preflight
+    from ..engine.splitting import load_ranges
+    from .train import trained_meta
 
-    e = recipe.eval
-    if any(m in e.metrics for m in ("fid", "kid")):
-        try:
-            reference_kind(e.reference)
-        except UsageError as err:
-            raise UsageError(f"{err} (checked before training: `deme run` ends with eval)") from None
-    if "loss" in e.metrics:
-        loss_by_t.check_reference(e)
-    if "clip" in e.metrics and not e.clip_model:
-        raise UsageError("eval.metrics has \"clip\" but eval.clip_model is not set; set it to a CLIP folder or hub id "
-                         "(checked before training: `deme run` ends with eval)")
+    try:
+        left = recipe.ranges.n if force or not run.ranges_json.is_file() else \
+            sum(trained_meta(recipe.train, run, r) is None for r in load_ranges(base, recipe.ranges, run))
+        if left:                 # ranges to train: their data, and the disk for their checkpoints
+            preflight.check_data(recipe.data, base.kind.conditional)
+            preflight.check_disk(run.root, base, recipe.train, left)
+        if "merged" in models and recipe.merge.weights == "search":
+            from ..engine.search_objectives import SearchSetup
+            from ..engine.weight_search import check_search
+
+            check_search(SearchSetup.from_sections(base, **stage_kwargs(SearchSetup.from_sections, recipe)),
+                         recipe.ranges.n)
+        preflight.check_prompts(recipe.sample, base.kind.conditional)
+        preflight.check_eval(recipe.eval, models)
+    except UsageError as err:
+        raise UsageError(f"{err} (checked before any stage starts)") from None
 
 
 def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None) -> dict:
@@ -163,11 +149,11 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
     for m in models:
         if not (m in ("base", "merged", "ensemble") or m.startswith("range:")):
             raise UsageError(f"run.models has '{m}'; use base, merged, ensemble or range:I")
-    preflight_eval(recipe)
     record_file = run.root / "run.json"
     record = read_json(record_file) if record_file.is_file() and not force else {"stages": {}}
     check_provenance(recipe, run, record)
     base = resolve_base(recipe.model, recipe.train.device)
+    check_needs(recipe, base, run, models, force)
 
     stages, eval_result = [], None
     for stage in STAGES:

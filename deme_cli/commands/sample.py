@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..engine import interrupts, locks
 from ..engine.base import Base, resolve_base
 from ..engine.denoise import Loaded, generate_batches, make_scheduler
 from ..engine.errors import UsageError
@@ -29,6 +30,13 @@ def _settings(s: SampleSection, spec: str, loaded: Loaded, precision: str) -> di
     return {"model": spec, "model_hash": loaded.identity.get("hash"), "scheduler": s.scheduler, "steps": s.steps,
             "eta": s.eta if s.scheduler == "ddim" else None, "seed": s.seed, "precision": precision,
             "output_size": s.output_size}
+
+
+def _recipe_key(setting: str) -> str:
+    """The recipe key (or what else) a sampling setting comes from, for messages."""
+    if setting == "model_hash":
+        return "the model's weights"
+    return f"sample.{setting}" if setting in SampleSection.model_fields else setting
 
 
 @dataclass(frozen=True)
@@ -88,10 +96,11 @@ class _Job:
         have = existing_images(self.folder)
         if have and not force:
             old = read_json(self.meta_path).get("settings") if self.meta_path.is_file() else None
-            changed = [k for k in self.settings if old is None or old.get(k) != self.settings[k]]
+            changed = [_recipe_key(k) for k in self.settings if old is None or old.get(k) != self.settings[k]]
             if changed:
                 raise UsageError(f"'{self.folder}' holds {len(have)} images made with other settings "
-                                 f"({', '.join(changed)}); re-run with --force to regenerate them")
+                                 f"({', '.join(changed)}); re-run with --force to regenerate them, or use another "
+                                 f"--out")
         return have
 
     def start(self, have: dict, force: bool, processes: int = 1) -> dict:
@@ -125,7 +134,8 @@ class _Job:
             seeds = [s.seed + k for k in todo]
             mine = len([k for k in range(s.num_images) if shard.owns(k)])
             desc = f"sample {self.spec}" + (f" [{shard.rank}/{shard.count}]" if shard.count > 1 else "")
-            with ui.progress(desc, total=mine, start=mine - len(todo), unit="img", every=max(1, s.batch_size)) as bar:
+            with ui.progress(desc, total=mine, start=mine - len(todo), unit="img", every=max(1, s.batch_size)) as bar, \
+                    interrupts.deferred() as stop:
                 for pos, images in generate_batches(self.loaded.denoiser, s.scheduler, s.steps, seeds,
                                                     scheduler_config=self.sched_cfg,
                                                     conds=self.loaded.conds_for(todo), eta=s.eta,
@@ -134,6 +144,11 @@ class _Job:
                     for j, img in zip(pos, images):
                         save_png(self.folder / f"{todo[j]:06d}.png", img, s.output_size)
                     bar.update(len(pos))
+                    if stop.signum:     # every image made so far is on disk: a re-run makes only the rest
+                        done = len([k for k in existing_images(self.folder) if k < s.num_images])
+                        raise interrupts.Interrupted(stop.signum, (
+                            f"sampling {self.spec} stopped by {stop.name} with {done} of {s.num_images} images in "
+                            f"{self.folder}; re-run the same command to make the rest"))
         return {"generated": len(todo), "time_s": time.time() - t0,
                 "calls": getattr(self.loaded.denoiser, "calls", None)}
 
@@ -199,15 +214,22 @@ def sample_model(base: Base,                       # the pretrained model (spec 
     - `shard` = I/P: a worker of the above; writes only its PNGs (and a small .shard file the main process reads).
     """
     models = spec_settings(ranges, merge, data)
-    if shard is not None:
+    if shard is not None:           # a worker of a fan-out: the starting process holds the folder's lock
         return _sample_worker(base, run, spec, shard, sample, models)
-    if processes > 1:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise UsageError("--processes starts its own processes; under accelerate launch or torchrun leave it out "
-                             "(the launched processes already share the images)")
-        if write_recipe is None:
-            raise ValueError("sampling with several processes needs write_recipe (the workers' recipe file)")
-        return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, write_recipe)
+    lock = run.samples(spec).parent / f".{run.samples(spec).name}.lock"
+    with locks.hold(lock, f"the samples of {spec} in '{run.root}'", main=int(os.environ.get("RANK", "0")) == 0):
+        if processes > 1:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise UsageError("--processes starts its own processes; under accelerate launch or torchrun leave it "
+                                 "out (the launched processes already share the images)")
+            if write_recipe is None:
+                raise ValueError("sampling with several processes needs write_recipe (the workers' recipe file)")
+            return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, write_recipe)
+        return _sample_here(base, run, spec, force, sample, models)
+
+
+def _sample_here(base: Base, run: RunDir, spec: str, force: bool, sample: SampleSection, models: dict) -> dict:
+    """This process makes the images (under accelerate launch: its share of them)."""
     dist = _distributed(base)
     if dist is None:
         job = _Job(base, run, spec, base.device, sample=sample, models=models)

@@ -19,15 +19,17 @@ the engine (trainer.py, loss.py).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import signal
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import checkpoints, exports, ui
+from ..engine import checkpoints, exports, interrupts, locks, preflight, provenance, ui
 from ..engine.base import Base, resolve_base
-from ..engine.errors import UsageError
+from ..engine.errors import Failed, UsageError
 from ..engine.models import read_meta, save_model_folder
 from ..engine.ranges import Range
 from ..engine.recipe import DataSection, DemeSection, RangesSection, TrainSection, stage_kwargs
@@ -63,8 +65,12 @@ def train_ranges(base: Base,                       # the pretrained model; its p
     base = base.with_precision(train.mixed_precision)
     chosen = load_ranges(base, ranges, run)
     chosen = chosen if index is None else [chosen[index]]
-    return [train_range(base, run, r, data=data, train=train, deme=deme, seed=seed, name=name, force=force,
-                        resolved=resolved) for r in chosen]
+    left = [r for r in chosen if force or trained_meta(train, run, r) is None]
+    if left:     # what training will need, before any model is loaded
+        preflight.check_data(data, base.kind.conditional)
+        preflight.check_disk(run.root, base, train, len(left))
+    return [train_range(base, run, r, data=data, ranges=ranges, train=train, deme=deme, seed=seed, name=name,
+                        force=force, resolved=resolved) for r in chosen]
 
 
 def _summary(r: Range, steps: int, loss: Optional[float], final: Path, skipped: bool) -> dict:
@@ -103,20 +109,30 @@ def _recent_loss(path: Path, n: int = 10) -> Optional[float]:
 
 def trained_meta(train: TrainSection, run: RunDir, r: Range) -> Optional[dict]:
     """deme.json of range r's final model when it is finished for these settings (train.steps, same [lo, hi)), else
-    None. Raises UsageError when the range's latest checkpoint is past train.steps.
+    None. A finished final/ is enough: its checkpoints are not read (nor verified). Raises UsageError when an
+    unfinished range's checkpoint to resume from is past train.steps.
     """
     tr = train
+    if run.final(r.index).is_dir():
+        meta = read_meta(run.final(r.index))
+        if meta.get("steps") == tr.steps and meta.get("range", {}).get("lo") == r.lo \
+                and meta.get("range", {}).get("hi") == r.hi:
+            return meta
     resume = checkpoints.latest(run.checkpoints(r.index))
     resume_step = int(json.loads((resume / "state.json").read_text())["step"]) if resume else 0
     if resume_step > tr.steps:
         raise UsageError(f"range {r.index} already has a checkpoint at step {resume_step}, past train.steps = "
                          f"{tr.steps}; raise train.steps or start over with --force")
-    if run.final(r.index).is_dir() and resume_step in (0, tr.steps):
-        meta = read_meta(run.final(r.index))
-        if meta.get("steps") == tr.steps and meta.get("range", {}).get("lo") == r.lo \
-                and meta.get("range", {}).get("hi") == r.hi:
-            return meta
     return None
+
+
+def finished_meta(train: TrainSection, run: RunDir, r: Range, inputs: dict) -> Optional[dict]:
+    """trained_meta, refusing (UsageError) a finished range made from recipe values other than `inputs`
+    (range_inputs)."""
+    meta = trained_meta(train, run, r)
+    if meta is not None:
+        provenance.refuse_changed(f"range {r.index} in '{run.root}'", meta.get("inputs"), inputs)
+    return meta
 
 
 def reexport_if_stale(run: RunDir, r: Range) -> bool:
@@ -131,24 +147,73 @@ def reexport_if_stale(run: RunDir, r: Range) -> bool:
     return True
 
 
-def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, train: TrainSection, deme: DemeSection,
-                seed: int, name: str, force: bool = False, resolved: str = "") -> dict:
-    """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint."""
+def range_inputs(*, data: DataSection, ranges: RangesSection, train: TrainSection, deme: DemeSection,
+                 seed: int) -> dict:
+    """The recipe values that shape a range model (provenance.inputs), recorded in its deme.json. train.steps is left
+    out: a finished range with more train.steps continues from its checkpoint (`trained_meta`)."""
+    return provenance.inputs(drop=("train.steps",), data=data, ranges=ranges, train=train, deme=deme, seed=seed)
+
+
+def _is_finite(x) -> bool:
+    return x is None or math.isfinite(x)
+
+
+def _check_finite(r: Range, line: dict, ckpt_dir: Path, lr: float, scaled: bool) -> None:
+    """Failed (exit 1) naming the step and the last good checkpoint when a loss or the grad norm is NaN or inf.
+    `scaled`: fp16 with a gradient scaler, which skips steps with infinite gradients itself (not a divergence)."""
+    keys = ("loss", "denoise_loss", "consistency_loss") + (() if scaled else ("grad_norm",))
+    bad = [k for k in keys if not _is_finite(line.get(k))]
+    if bad:
+        _diverged(r, line["step"], f"{bad[0]} is {line[bad[0]]}", ckpt_dir, lr)
+
+
+def _diverged(r: Range, step: int, what: str, ckpt_dir: Path, lr: float) -> None:
+    pointer = ckpt_dir / checkpoints.LATEST
+    kept = pointer.read_text().strip() if pointer.is_file() else None
+    keep = (f"the last good checkpoint, {ckpt_dir / kept}, is kept" if kept else
+            "no checkpoint was written before it")
+    raise Failed(f"range {r.index} diverged: the {what} at step {step} (train.lr = {lr:g}); training stopped and "
+                 f"{keep}; lower train.lr or train.max_grad_norm and re-run with --force")
+
+
+def _json_line(line: dict) -> str:
+    """A metrics line as strict JSON: NaN and infinities become null (they are reported, not recorded)."""
+    return json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in line.items()},
+                      allow_nan=False)
+
+
+def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, ranges: RangesSection, train: TrainSection,
+                deme: DemeSection, seed: int, name: str, force: bool = False, resolved: str = "") -> dict:
+    """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint. One process at a time
+    trains a range (locks.py); a finished range made from other recipe values is refused, not skipped."""
+    main = int(os.environ.get("RANK", "0")) == 0
+    inputs = range_inputs(data=data, ranges=ranges, train=train, deme=deme, seed=seed)
+    with locks.hold(run.range_dir(r.index) / locks.LOCK_NAME, f"range {r.index} of '{run.root}'", main=main):
+        return _train_range(base, run, r, inputs, data=data, train=train, deme=deme, seed=seed, name=name,
+                            force=force, resolved=resolved)
+
+
+def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataSection, train: TrainSection,
+                 deme: DemeSection, seed: int, name: str, force: bool, resolved: str) -> dict:
     tr = train
     rdir, ckpt_dir, metrics = run.range_dir(r.index), run.checkpoints(r.index), run.metrics(r.index)
 
-    # Start over, or skip a finished range.
+    # Start over, or skip a finished range (refused when it was made from other recipe values).
     if force:
         for p in (ckpt_dir, run.final(r.index), run.final(r.index, ema=False)):
             shutil.rmtree(p, ignore_errors=True)
         metrics.unlink(missing_ok=True)
-    resume = checkpoints.latest(ckpt_dir)
-    meta = trained_meta(train, run, r)
+    meta = finished_meta(train, run, r, inputs)
     if meta is not None:
         if not reexport_if_stale(run, r):
             ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
                     f"use --force to train it again")
         return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
+    resume = checkpoints.latest(ckpt_dir)
+    if resume is not None and run.final(r.index).is_dir():
+        # continuing a finished range to more steps: it must have been made from the same values
+        provenance.refuse_changed(f"range {r.index} in '{run.root}'", read_meta(run.final(r.index)).get("inputs"),
+                                  inputs)
 
     # Build the trainer and resume.
     trainer = RangeTrainer(base, r, data=data, train=train, deme=deme, seed=seed, cache_dir=run.cache)
@@ -163,28 +228,43 @@ def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, train: 
             write_atomic(rdir / "recipe.resolved.toml", resolved)
         _truncate_metrics(metrics, trainer.step)
 
-    # Train.
+    # Train. A signal (interrupts.py) stops at the next step boundary, after a checkpoint of that step; a NaN or
+    # infinite loss or grad norm, or weights that overflowed, stop without writing one (the last good one is kept).
     desc = f"range {r.index} [{r.lo}, {r.hi})"
     with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
-          else nullcontext()) as bar:
+          else nullcontext()) as bar, interrupts.deferred() as stop:
         with (open(metrics, "a") if main else nullcontext()) as log:
             def record(pending) -> None:
                 line = pending()
                 if main:
-                    log.write(json.dumps(line) + "\n")
+                    log.write(_json_line(line) + "\n")
                     log.flush()
                     bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
+                _check_finite(r, line, ckpt_dir, tr.lr, scaled=trainer.acc.scaler is not None)
 
             pending = None          # the step whose metrics are not read yet (read after queuing the next one)
             while trainer.step < tr.steps:
-                queued = trainer.launch_step()
+                try:
+                    queued = trainer.launch_step()
+                except RuntimeError as e:     # AdamW's step size past the float range (train.lr = 1e38)
+                    if "overflow" not in str(e):
+                        raise
+                    _diverged(r, trainer.step + 1, "optimizer update overflowed", ckpt_dir, tr.lr)
                 if pending is not None:
                     record(pending)
                 pending = queued
-                if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps:
+                stopping = trainer.any_process(stop.signum is not None)
+                if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps or stopping:
                     record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)
                     pending = None
+                    if not trainer.weights_finite():
+                        _diverged(r, trainer.step, "weights became NaN or infinite", ckpt_dir, tr.lr)
                     trainer.save_checkpoint(ckpt_dir)
+                    if stopping:
+                        raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
+                            f"range {r.index} stopped by {stop.name or 'a signal'} at step {trainer.step} of "
+                            f"{tr.steps}; checkpoint written to {ckpt_dir / checkpoints.step_dirname(trainer.step)}; "
+                            f"re-run the same command to resume from it"))
 
     # Save the final models: EMA (or raw) in final/, raw in final-raw/.
     loss = _recent_loss(metrics) if main else None
@@ -192,7 +272,7 @@ def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, train: 
         raw, ema = trainer.final_states()
         meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
                 "recipe": name, "ema": ema is not None, "projection": deme.projection,
-                "deme": deme.model_dump(), "loss": loss}
+                "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
         model = trainer.unwrapped()
         save_model_folder(run.final(r.index, ema=False), model, {**meta, "weights": "raw"}, state=raw)
         save_model_folder(run.final(r.index), model, {**meta, "weights": "ema" if ema is not None else "raw"},

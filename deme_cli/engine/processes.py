@@ -234,13 +234,17 @@ def _start(job: Job, slot: Slot, port: int, cpu_threads: int) -> subprocess.Pope
         log.close()
 
 
+STOP_GRACE_S = 120   # seconds a stopped job has to write its checkpoint (interrupts.py) before SIGKILL
+
+
 def _stop(procs: dict) -> None:
+    """SIGTERM to every job's process group (each saves at its next safe point and exits), SIGKILL after the grace."""
     for p in procs:
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    deadline = time.time() + 20
+    deadline = time.time() + STOP_GRACE_S
     for p in procs:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
@@ -279,7 +283,7 @@ def run_jobs(jobs: list[Job], slots: list[Slot], title: str, poll_s: float = 1.0
                 if queue or running:
                     time.sleep(poll_s)
             view.update(running, force=True)
-        except KeyboardInterrupt:
+        except BaseException:     # Ctrl-C, SIGTERM (interrupts.Interrupted), any error: the jobs stop too
             _stop(running)
             raise
     return jobs

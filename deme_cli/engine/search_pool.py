@@ -4,11 +4,13 @@ disjoint device slots that score independent candidates in parallel (`deme merge
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from . import ui
 from .errors import UsageError
+from .interrupts import SIGNALS
 from .search_objectives import OBJECTIVES
 
 
@@ -57,12 +59,32 @@ def candidate_evaluator(setup, run, inputs, spec):
     return objective, merger, evaluate
 
 
+def _tasks(tasks):
+    """The tasks sent to a worker until the None that ends them, or until the main process is gone."""
+    import multiprocessing as mp
+    import queue
+
+    parent = mp.parent_process()
+    while True:
+        try:
+            job = tasks.get(timeout=5)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return
+            continue
+        if job is None:
+            return
+        yield job
+
+
 def _pool_worker(setup, ranges, run, env: dict, tasks, results) -> None:
     """A search process: builds its own objective and candidate model, then scores the weight vectors it is sent."""
     import os
     import traceback
 
     os.environ.update(env)                    # before torch initialises CUDA: this worker's GPU (or none)
+    for s in SIGNALS:                         # Ctrl-C and SIGTERM reach the whole process group: the main process
+        signal.signal(s, signal.SIG_IGN)      # stops the search (and these workers) at a safe point
     try:
         ui.console.quiet = True               # the main process reports; warnings would repeat once per worker
         from .task_vectors import load_inputs
@@ -71,7 +93,7 @@ def _pool_worker(setup, ranges, run, env: dict, tasks, results) -> None:
         inputs = load_inputs(setup.base, run, n=ranges.n, use_ema=setup.merge.use_ema)
         objective, merger, evaluate = candidate_evaluator(setup, run, inputs, MergeSpec.from_section(setup.merge))
         results.put(("ready", {"describe": objective.describe(), "merges": type(merger).kind}))
-        for job in iter(tasks.get, None):
+        for job in _tasks(tasks):
             i, weights = job
             results.put(("score", i, evaluate(weights)))
     except BaseException as e:  # the main process raises it
@@ -130,19 +152,25 @@ class SearchPool:
                 raise RuntimeError(f"a search process failed: {msg[2]}\n{msg[3]}")
             return msg
 
-    def map(self, weights: list) -> list[float]:
+    def map(self, weights: list, on_result: Optional[Callable[[int, float], None]] = None) -> list[float]:
+        """The scores of `weights`, in order; `on_result(i, score)` as each arrives (it may raise to stop: the
+        workers are then stopped by `close`)."""
         for i, w in enumerate(weights):
             self.tasks.put((i, list(w)))
         out = [None] * len(weights)
         for _ in weights:
             _, i, s = self._get()
             out[i] = s
+            if on_result is not None:
+                on_result(i, s)
         return out
 
     def close(self) -> None:
+        """Ask every worker to stop after its current merge; kill those still busy after 30 s (they ignore SIGTERM:
+        the main process decides when the search stops)."""
         for _ in self.procs:
             self.tasks.put(None)
         for p in self.procs:
             p.join(timeout=30)
             if p.is_alive():
-                p.terminate()
+                p.kill()

@@ -257,6 +257,21 @@ class RangeTrainer:
             return out
         return line
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds in any process (so that every process stops at the same step; one process: itself)."""
+        if self.acc.num_processes == 1:
+            return flag
+        import torch
+
+        t = torch.tensor([1.0 if flag else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(t, reduction="sum").item() > 0)
+
+    def weights_finite(self) -> bool:
+        """Whether every trained weight is finite (checked before a checkpoint is written)."""
+        import torch
+
+        return bool(torch.stack([torch.isfinite(p).all() for p in self.params]).all().item())
+
     # -- checkpoints -------------------------------------------------------------------------------------------------
     def unwrapped(self):
         return self.acc.unwrap_model(self.student)

@@ -22,11 +22,13 @@ def is_tty() -> bool:
 
 
 def info(msg: str) -> None:
-    console.print(msg)
+    """One line on stderr (not wrapped: logs and greps see whole lines)."""
+    console.print(msg, soft_wrap=True)
 
 
 def warn(msg: str) -> None:
-    console.print(f"[yellow]warning:[/yellow] {msg}")
+    """One warning line on stderr (not wrapped)."""
+    console.print(f"[yellow]warning:[/yellow] {msg}", soft_wrap=True)
 
 
 def emit_json(obj: Any) -> None:

@@ -27,13 +27,17 @@ Every candidate and its score goes into merge.json's "search" log, drawn as merg
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
-from . import ui
+from . import interrupts, ui
 from .errors import UsageError
+from .interrupts import Interrupted
+from .runs import write_atomic
 from .search_objectives import OBJECTIVES, SearchSetup, _same_folder
 from .search_pool import SearchPool, candidate_evaluator
 
@@ -154,15 +158,74 @@ STRATEGIES: dict[str, SearchStrategy] = {s.name: s for s in [
 ]}
 
 
+class Journal:
+    """The scores of a search so far, on disk (one JSON line per scored merge after a header line holding the search's
+    fingerprint), so that a stopped search continues where it stopped: a score is a deterministic function of the
+    weights, so a journalled score is the score. A journal of another search (other fingerprint) is started over."""
+
+    def __init__(self, path: Path, fingerprint: str):
+        self.path, self.scores = Path(path), {}
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        try:
+            same = bool(lines) and json.loads(lines[0]).get("fingerprint") == fingerprint
+        except (ValueError, AttributeError):
+            same = False
+        if same:
+            for line in lines[1:]:
+                try:
+                    rec = json.loads(line)
+                    self.scores[tuple(float(w) for w in rec["weights"])] = float(rec["score"])
+                except (ValueError, KeyError, TypeError):
+                    continue        # a line cut short by a kill
+            if self.scores:
+                ui.info(f"search: continuing; {len(self.scores)} merge(s) already scored ({self.path})")
+        else:
+            write_atomic(self.path, json.dumps({"fingerprint": fingerprint}) + "\n")
+
+    def add(self, key: tuple, score: float) -> None:
+        if key not in self.scores:
+            self.scores[key] = score
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"weights": list(key), "score": score}) + "\n")
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 class Scorer:
-    """Scores each distinct weight vector once, logs every one, tracks the best (lowest score)."""
+    """Scores each distinct weight vector once, logs every one, tracks the best (lowest score).
+
+    `journal`: scores kept on disk (a stopped search resumes); `stop`: an interrupts.StopFlag, checked before each
+    merge is scored: when a signal set it, the search stops with interrupts.Interrupted (the journal keeps what was
+    scored)."""
 
     def __init__(self, evaluate: Callable[[list[float]], float], bar=None,
-                 evaluate_many: Optional[Callable[[list[list[float]]], list[float]]] = None):
+                 evaluate_many: Optional[Callable[..., list[float]]] = None, journal: Optional[Journal] = None,
+                 stop=None):
         self.evaluate, self.evaluate_many, self.bar = evaluate, evaluate_many, bar
+        self.journal, self.stop = journal, stop
         self.scores: dict[tuple, float] = {}
         self.log: list[dict] = []
         self.best: Optional[tuple[float, tuple]] = None
+
+    def check_stop(self) -> None:
+        if self.stop is not None and self.stop.signum:
+            kept = f" (kept in {self.journal.path})" if self.journal is not None else ""
+            raise Interrupted(self.stop.signum, f"the weight search stopped by {self.stop.name} after "
+                                                f"{len(self.journal.scores) if self.journal else len(self.scores)} "
+                                                f"scored merges{kept}; re-run the same command to continue it")
+
+    def _journalled(self, key: tuple) -> Optional[float]:
+        return self.journal.scores.get(key) if self.journal is not None else None
+
+    def _score(self, key: tuple) -> float:
+        s = self._journalled(key)
+        if s is None:
+            self.check_stop()
+            s = float(self.evaluate(list(key)))
+            if self.journal is not None:
+                self.journal.add(key, s)
+        return s
 
     def _record(self, key: tuple, s: float) -> float:
         s = float(s)
@@ -180,18 +243,23 @@ class Scorer:
         key = tuple(float(w) for w in weights)
         if key in self.scores:
             return self.scores[key]
-        return self._record(key, self.evaluate(list(key)))
+        return self._record(key, self._score(key))
 
     def prefetch(self, weights: list) -> None:
         """Score the new ones among `weights` at once (evaluate_many), logged in the given order as if one by one."""
         keys = list(dict.fromkeys(tuple(float(w) for w in ws) for ws in weights))
         keys = [k for k in keys if k not in self.scores]
-        if not keys:
-            return
-        scores = self.evaluate_many([list(k) for k in keys]) if self.evaluate_many else \
-            [self.evaluate(list(k)) for k in keys]
-        for k, s in zip(keys, scores):
-            self._record(k, s)
+        todo = [k for k in keys if self._journalled(k) is None]
+        if todo and self.evaluate_many is not None:
+            self.check_stop()
+
+            def done(i: int, s: float) -> None:       # each score as it arrives: journalled, then maybe stop
+                if self.journal is not None:
+                    self.journal.add(todo[i], float(s))
+                self.check_stop()
+            self.evaluate_many([list(k) for k in todo], done)
+        for k in keys:
+            self._record(k, self._score(k))
 
 
 # --- the search --------------------------------------------------------------------------------------------------
@@ -233,22 +301,14 @@ def check_search_reference(m, eval_reference: Optional[str], data) -> None:
                 "finetuned on; a held-out folder ranks them more honestly")
 
 
-def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[float], processes: int = 1,
-                   gpus: str = "auto") -> dict:
-    """Score candidate merges of `inputs` with [merge]'s strategy and objective; the log for merge.json.
-
-    processes > 1: candidates that do not depend on each other (all of a grid, one coordinate's sweep, greedy's
-    solo runs) are scored by a SearchPool of that many processes on the slots of `gpus`.
-    """
-    import torch
-
-    m = setup.merge
+def _plan(m, n: int) -> tuple:
+    """(strategy, space, budget) of [merge]'s search over n weights; UsageError for a search that cannot run."""
     try:
         strategy = STRATEGIES[m.search]
         OBJECTIVES[m.objective]
     except KeyError as e:
         raise UsageError(f"unknown search setting {e}") from None
-    space = Space.from_recipe(m, inputs.n)
+    space = Space.from_recipe(m, n)
     if m.search == "scaled" and not (space.shapes and space.scales):
         raise UsageError("merge.shapes and merge.scales must not be empty for merge.search = \"scaled\"")
     if m.search != "scaled" and not space.candidates:
@@ -257,7 +317,29 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
     if m.search == "grid" and budget > MAX_GRID:
         raise UsageError(f"a grid over {len(space.candidates)} candidates for {space.n} weights is {budget} merges; "
                          f"use merge.search = \"scaled\" or \"coordinate\", or fewer merge.candidates")
-    check_search_reference(m, setup.eval.reference, setup.data)
+    return strategy, space, budget
+
+
+def check_search(setup: SearchSetup, n: int) -> None:
+    """Everything a search over n weights needs from the recipe, checked before any work (`deme merge`, `deme run`):
+    strategy, objective, candidates, and the held-out reference (check_search_reference)."""
+    _plan(setup.merge, n)
+    check_search_reference(setup.merge, setup.eval.reference, setup.data)
+
+
+def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[float], processes: int = 1,
+                   gpus: str = "auto", journal: Optional[Journal] = None) -> dict:
+    """Score candidate merges of `inputs` with [merge]'s strategy and objective; the log for merge.json.
+
+    The settings were checked by `check_search`. processes > 1: candidates that do not depend on each other (all
+    of a grid, one coordinate's sweep, greedy's solo runs) are scored by a SearchPool of that many processes on the slots of `gpus`.
+    `journal`: scores of an earlier, stopped run of this search (and where new ones are kept). SIGTERM, SIGINT or
+    SIGUSR1 stop the search before the next merge is scored (interrupts.Interrupted).
+    """
+    import torch
+
+    m = setup.merge
+    strategy, space, budget = _plan(m, inputs.n)
 
     t0 = time.time()
     pool = None
@@ -272,8 +354,9 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
     try:
         with ui.progress(f"search ({m.search}, {m.objective})", total=budget, unit="merges",
                          every=max(1, budget // 20)) as bar:   # plain logs: ~20 lines, not one per merge
-            scorer = Scorer(evaluate, bar, evaluate_many)
-            strategy.run(space, tuple(start), scorer)
+            with interrupts.deferred() as stop:
+                scorer = Scorer(evaluate, bar, evaluate_many, journal=journal, stop=stop)
+                strategy.run(space, tuple(start), scorer)
     finally:
         if pool is not None:
             pool.close()
