@@ -200,3 +200,80 @@ def test_the_slurm_merge_job_follows_merge_weights(make_recipe, tmp_path):
         merge_job = next(t for p, t in emitted["files"].items() if p.endswith("merge.sbatch"))
         assert ("--gres=gpu:1" in merge_job) == searches and ("--search" in merge_job) == searches
         assert tomllib.loads(Path(emitted["recipe"]).read_text())["merge"]["weights"] == weights
+
+
+def test_a_slurm_task_checkpoints_on_sigusr1_before_the_time_limit_and_requeues_itself(make_recipe, tmp_path):
+    """The emitted train.sbatch run as SLURM would run it (scontrol faked): SIGUSR1 to the batch shell reaches
+    `deme train`, which writes a checkpoint at its next step and exits 138; the script then requeues its job."""
+    import signal
+    import time
+
+    from deme_cli.commands import launch
+
+    recipe = make_recipe(train={"steps": 100_000, "checkpoint_every": 100_000})
+    run = RunDir(recipe.out_dir)
+    emitted = launch.slurm_emit(recipe, run, write=True)
+    script = next(p for p in emitted["files"] if p.endswith("train.sbatch"))
+    text = Path(script).read_text()
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (fake / "scontrol").chmod(0o755)
+    env = {**ENV, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "4242"}
+    proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if run.metrics(1).is_file() and len(run.metrics(1).read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        proc.send_signal(signal.SIGUSR1)          # SLURM signals the batch shell (B:)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 138, out[-2000:]
+    assert "stopped: range 1 stopped by SIGUSR1" in out and "Traceback" not in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    k = int((run.checkpoints(1) / "latest").read_text().strip().split("-")[1])
+    assert k >= 2 and len(run.metrics(1).read_text().splitlines()) == k
+
+
+def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_the_same_step(make_recipe, tmp_path):
+    """SIGTERM to rank 1 only: both processes stop after the same step (they agree through an all-reduce), the
+    checkpoint holds both processes' RNG states, and the range resumes from it on 2 processes."""
+    import signal
+    import time
+
+    import psutil
+
+    recipe = make_recipe(train={"steps": 100_000, "checkpoint_every": 100_000})
+    path = _write(recipe, tmp_path)
+    run = RunDir(recipe.out_dir)
+    cmd = processes.deme_command(["train", str(path), "--range", "1"], processes=2, port=29613, cpu=True)
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if run.metrics(1).is_file() and len(run.metrics(1).read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if c.environ().get("RANK") == "1" and "deme_cli" in " ".join(c.cmdline())]
+        assert len(workers) == 1
+        workers[0].send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    k = int((run.checkpoints(1) / "latest").read_text().strip().split("-")[1])
+    state = json.loads((run.checkpoints(1) / f"step-{k}" / "state.json").read_text())
+    assert k >= 2 and state["num_processes"] == 2 and len(state["rng"]) == 2, out[-3000:]
+    assert [json.loads(x)["step"] for x in run.metrics(1).read_text().splitlines()] == list(range(1, k + 1))
+    assert f"range 1 stopped by SIGTERM at step {k}" in out
+    done = _write(make_recipe(train={"steps": k + 1, "checkpoint_every": 100_000}), tmp_path)
+    cmd = processes.deme_command(["train", str(done), "--range", "1"], processes=2, port=29614, cpu=True)
+    p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert json.loads((run.final(1) / "deme.json").read_text())["steps"] == k + 1

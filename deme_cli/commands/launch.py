@@ -33,22 +33,24 @@ def _sbatch_lines(options: list[str]) -> list[str]:
 
 
 SIGNAL_LEAD_S = 300      # SLURM sends SIGUSR1 this many seconds before the time limit: time to write a checkpoint
-REQUEUE_EXIT = 128 + 10  # deme's exit code after SIGUSR1 (interrupts.py): the task stopped early and is requeued
 
 
 def _signalled(command: str) -> list[str]:
     """Script lines that run `command` in its own process group and pass SIGUSR1 (SLURM's warning before the time
-    limit, `--signal=B:USR1@...`) and SIGTERM on to all of it; deme writes a checkpoint and exits, and a task stopped
-    by SIGUSR1 requeues itself (`scontrol requeue`) to continue from that checkpoint. SIGTERM (scancel, preemption)
-    also saves a checkpoint; SLURM itself requeues preempted jobs (--requeue)."""
+    limit, `--signal=B:USR1@...`) and SIGTERM on to all of it (under accelerate launch: every training process). deme
+    writes a checkpoint and stops; a task that stopped after SIGUSR1 without finishing requeues itself (`scontrol
+    requeue`) to continue from that checkpoint. SIGTERM (scancel, preemption) also saves a checkpoint; SLURM itself
+    requeues preempted jobs (--requeue)."""
     return [
+        "warned=0",
         f"setsid -w {command} &",
         "child=$!",
-        "trap 'kill -USR1 -- -\"$child\" 2>/dev/null' USR1",
+        "trap 'warned=1; kill -USR1 -- -\"$child\" 2>/dev/null' USR1",
         "trap 'kill -TERM -- -\"$child\" 2>/dev/null' TERM",
         "while :; do wait \"$child\"; rc=$?; kill -0 \"$child\" 2>/dev/null || break; done",
-        f"if [ \"$rc\" -eq {REQUEUE_EXIT} ]; then",
-        "  echo \"stopped before the time limit; requeueing job $SLURM_JOB_ID to continue from its checkpoint\"",
+        "if [ \"$warned\" = 1 ] && [ \"$rc\" -ne 0 ]; then",
+        "  echo \"stopped before the time limit (exit code $rc); requeueing job $SLURM_JOB_ID to continue from its "
+        "checkpoint\"",
         "  scontrol requeue \"$SLURM_JOB_ID\"",
         "fi",
         "exit \"$rc\"",
