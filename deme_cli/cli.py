@@ -72,8 +72,13 @@ def _prepare(recipe_path: Path, sets: Optional[List[str]], out: Optional[Path], 
         sys.stdout.write(recipe.to_toml())
         return None
     ensure_writable(recipe.out_dir)
-    write_atomic(recipe.out_dir / "recipe.resolved.toml", recipe.to_toml())
+    _PREPARED.append(lambda: write_atomic(recipe.out_dir / "recipe.resolved.toml", recipe.to_toml()))
     return Ctx(recipe, as_json, force)
+
+
+# <run>/recipe.resolved.toml records the recipe of the last command that did work in the run directory: written when
+# the command ends, unless it refused its input (then nothing on disk changes)
+_PREPARED: list[Callable[[], None]] = []
 
 
 def _say(style: str, label: str, message: str) -> None:
@@ -82,13 +87,25 @@ def _say(style: str, label: str, message: str) -> None:
     ui.console.print(f"[{style}]{label}:[/{style}] {msg}", markup=True, highlight=False, soft_wrap=True)
 
 
+def _record_resolved() -> None:
+    while _PREPARED:
+        _PREPARED.pop()()
+
+
 def _guard(fn: Callable[[], None]) -> None:
     """Run a command body: UsageError -> one sentence, exit 2; a run that failed for a reason one sentence explains
     (Failed) -> exit 1; SIGTERM, SIGINT or SIGUSR1 -> one line saying what was kept, exit 128 + the signal number
     (interrupts.py: long loops stop at their next safe point and save first)."""
+    _PREPARED.clear()
     try:
-        with handle_signals():
-            fn()
+        try:
+            with handle_signals():
+                fn()
+        except BaseException as e:   # unless it refused its input, it did work: say with which recipe
+            if not isinstance(e, UsageError) and getattr(e, "exit_code", getattr(e, "code", None)) != 2:
+                _record_resolved()
+            raise
+        _record_resolved()
     except UsageError as e:
         _say("red", "error", e)
         raise typer.Exit(2)
