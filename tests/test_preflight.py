@@ -110,3 +110,13 @@ def test_too_little_disk_is_refused_before_training(make_recipe, monkeypatch):
         run_train(recipe, run, None)
     assert "0.0 GB free" in str(e.value) and "2 range(s)" in str(e.value) and "keep_checkpoints" in str(e.value)
     assert not run.range_dir(0).exists()
+
+
+def test_deme_run_refuses_a_cuda_device_on_a_machine_without_one(make_recipe, tmp_path, tiny_images, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recipe = make_recipe(train={"steps": 1, "device": "cuda"}, eval={"reference": str(tiny_images)})
+    _never_load(monkeypatch)
+    _one_error_line(_run(recipe, tmp_path), "train.device is 'cuda'", "checked before any stage starts")
+    assert not (Path(recipe.out_dir) / "ranges.json").exists()

@@ -344,3 +344,63 @@ def test_sampling_stops_after_a_batch_on_sigterm_and_a_rerun_makes_the_rest(make
     assert sorted(p.name for p in run.samples("base").glob("*.png")) == ["000000.png", "000001.png"]
     res = run_sample(recipe, run, "base")
     assert res["complete"] and res["generated"] == 2 and saved[2:] == ["000002.png", "000003.png"]
+
+
+def test_merge_and_sample_folders_have_one_writer(make_recipe):
+    from deme_cli.commands.merge import MERGE_LOCK, run_merge
+    from deme_cli.commands.sample import run_sample
+
+    recipe = make_recipe(train={"steps": 1}, sample={"num_images": 2, "batch_size": 2, "steps": 2})
+    run = RunDir(recipe.out_dir)
+    run_train(recipe, run)
+    me = f"process {os.getpid()} on "
+    with locks.hold(run.root / MERGE_LOCK, "held by the test"):
+        with pytest.raises(UsageError, match=f"the merge in .* is being written by {me}"):
+            run_merge(recipe, run)
+    assert not run.merged.exists()
+    with locks.hold(run.samples("base").parent / ".base.lock", "held by the test"):
+        with pytest.raises(UsageError, match=f"the samples of base in .* is being written by {me}"):
+            run_sample(recipe, run, "base")
+    assert not run.samples("base").exists()
+    assert run_sample(recipe, run, "base")["complete"]                  # released: it goes ahead
+
+
+def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_images, monkeypatch):
+    """SIGTERM while `deme merge --search` scores merges: it stops with the scores journalled; a re-run scores only
+    the rest, logs the same candidates as an uninterrupted search and removes the journal."""
+    from deme_cli.commands import merge as merge_cmd
+    from deme_cli.engine import search_pool
+
+    recipe = make_recipe(train={"steps": 1}, merge={"weights": "search", "objective": "loss", "search": "scaled",
+                                                    "scales": [0.5, 1.0], "search_num_images": 4,
+                                                    "search_reference": str(heldout_images)})
+    run = RunDir(recipe.out_dir)
+    run_train(recipe, run)
+    real, calls = search_pool.candidate_evaluator, []
+
+    def counting(*a, signal_after=None, **k):
+        objective, merger, evaluate = real(*a, **k)
+
+        def ev(w):
+            calls.append(tuple(w))
+            out = evaluate(w)
+            if signal_after and len(calls) == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return objective, merger, ev
+    import deme_cli.engine.weight_search as ws
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, signal_after=2, **k))
+    with interrupts.handle_signals(), pytest.raises(Interrupted, match="after 2 scored merges"):
+        merge_cmd.run_merge(recipe, run)
+    journal = run.root / merge_cmd.SEARCH_JOURNAL
+    assert len(journal.read_text().splitlines()) == 1 + 2 and not run.merged.exists()
+
+    calls.clear()
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, **k))
+    resumed = merge_cmd.run_merge(recipe, run)
+    assert not journal.exists()
+    n = resumed["search"]["evaluations"]
+    assert len(calls) == n - 2
+    calls.clear()
+    fresh = merge_cmd.run_merge(recipe, run, force=True)             # the same search from scratch
+    assert len(calls) == n and fresh["search"]["candidates"] == resumed["search"]["candidates"]
