@@ -113,21 +113,44 @@ def test_outside_a_loop_a_signal_ends_the_command_at_once():
 
 # --- non-finite losses ---------------------------------------------------------------------------------------------
 
-def test_a_nan_loss_stops_training_naming_the_step_and_keeping_the_last_good_checkpoint(make_recipe):
-    recipe = make_recipe(train={"steps": 6, "lr": 1e20, "max_grad_norm": 1e30, "checkpoint_every": 1})
+@pytest.mark.parametrize("every", [1, 100])
+def test_a_nan_loss_stops_training_naming_the_step_and_keeping_the_last_good_checkpoint(make_recipe, every):
+    recipe = make_recipe(train={"steps": 6, "lr": 1e20, "max_grad_norm": 1e30, "checkpoint_every": every})
     run = RunDir(recipe.out_dir)
     with pytest.raises(Failed) as e:
         run_train(recipe, run, 0)
     lines = _strict_json_lines(run.metrics(0))                    # valid JSON: NaN written as null
     bad = next(x for x in lines if x["loss"] is None)
+    assert bad["step"] == lines[-1]["step"] == 2                  # stopped at the first NaN step
     msg = str(e.value)
-    assert f"at step {bad['step']}" in msg and "--force" in msg
-    kept = (run.checkpoints(0) / "latest").read_text().strip()
-    assert f"{run.checkpoints(0) / kept}" in msg and int(kept.split("-")[1]) < bad["step"]
-    ck = load_file(str(run.checkpoints(0) / kept / "student.safetensors"))
-    assert all(torch.isfinite(v).all() for v in ck.values())      # the kept one is good
+    assert "the loss is nan at step 2" in msg and "--force" in msg
+    if every == 1:
+        kept = (run.checkpoints(0) / "latest").read_text().strip()
+        assert kept == "step-1" and f"{run.checkpoints(0) / kept}, is kept" in msg
+        ck = load_file(str(run.checkpoints(0) / kept / "student.safetensors"))
+        assert all(torch.isfinite(v).all() for v in ck.values())  # the kept one is good
+    else:
+        assert not run.checkpoints(0).exists() and "no checkpoint was written before it" in msg
     assert not run.final(0).exists() and not run.final(0, ema=False).exists()
-    assert all(math.isfinite(x["loss"]) for x in lines if x["step"] < bad["step"])
+
+
+def test_weights_that_overflow_are_never_written_to_a_checkpoint(make_recipe, monkeypatch):
+    """The loss of step 3 is finite, but its update made a weight infinite: no step-3 checkpoint, step-2 kept."""
+    recipe = make_recipe(train={"steps": 6, "checkpoint_every": 1})
+    run = RunDir(recipe.out_dir)
+    real = RangeTrainer.launch_step
+
+    def launch(self):
+        out = real(self)
+        if self.step == 3:
+            with torch.no_grad():
+                self.params[0].view(-1)[0] = float("inf")
+        return out
+    monkeypatch.setattr(RangeTrainer, "launch_step", launch)
+    with pytest.raises(Failed, match="weights became NaN or infinite at step 3") as e:
+        run_train(recipe, run, 0)
+    assert "step-2, is kept" in str(e.value)
+    assert sorted(p.name for p in run.checkpoints(0).glob("step-*"))[-1] == "step-2"
 
 
 def test_an_overflowing_update_stops_training_with_one_sentence(make_recipe, tmp_path):
@@ -404,3 +427,28 @@ def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_
     calls.clear()
     fresh = merge_cmd.run_merge(recipe, run, force=True)             # the same search from scratch
     assert len(calls) == n and fresh["search"]["candidates"] == resumed["search"]["candidates"]
+
+
+def test_a_signal_to_the_whole_process_group_spares_the_data_workers(make_recipe, monkeypatch):
+    """SLURM signals every process of the job: the DataLoader workers leave the signal to the main process (killed,
+    they would make the next batch fail with a traceback instead of a checkpoint)."""
+    import psutil
+
+    recipe = make_recipe(train={"steps": 6, "checkpoint_every": 100}, data={"num_workers": 2})
+    run = RunDir(recipe.out_dir)
+    real, seen = RangeTrainer.launch_step, []
+
+    def launch(self):
+        if self.step == 2 and not seen:
+            workers = psutil.Process().children()
+            seen.append(len(workers))
+            for w in workers:                                  # the workers first, as a group signal might
+                w.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self)
+    monkeypatch.setattr(RangeTrainer, "launch_step", launch)
+    with interrupts.handle_signals(), pytest.raises(Interrupted, match="at step 3 of 6"):
+        run_train(recipe, run, 0)
+    assert seen == [2]
+    assert (run.checkpoints(0) / "latest").read_text().strip() == "step-3"

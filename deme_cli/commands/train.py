@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import signal
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -215,67 +215,73 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
         provenance.refuse_changed(f"range {r.index} in '{run.root}'", read_meta(run.final(r.index)).get("inputs"),
                                   inputs)
 
-    # Build the trainer and resume.
+    # Build the trainer, resume, train, export; the data workers stop with the range, however it ends.
     trainer = RangeTrainer(base, r, data=data, train=train, deme=deme, seed=seed, cache_dir=run.cache)
-    main = trainer.acc.is_main_process
-    if resume is not None:
-        trainer.load_checkpoint(resume)
+    with closing(trainer):
+        main = trainer.acc.is_main_process
+        if resume is not None:
+            trainer.load_checkpoint(resume)
+            if main:
+                ui.info(f"range {r.index}: resuming from {resume.name}")
         if main:
-            ui.info(f"range {r.index}: resuming from {resume.name}")
-    if main:
-        rdir.mkdir(parents=True, exist_ok=True)
-        if resolved:
-            write_atomic(rdir / "recipe.resolved.toml", resolved)
-        _truncate_metrics(metrics, trainer.step)
+            rdir.mkdir(parents=True, exist_ok=True)
+            if resolved:
+                write_atomic(rdir / "recipe.resolved.toml", resolved)
+            _truncate_metrics(metrics, trainer.step)
+        _fit(trainer, r, tr, ckpt_dir, metrics, main)
 
-    # Train. A signal (interrupts.py) stops at the next step boundary, after a checkpoint of that step; a NaN or
-    # infinite loss or grad norm, or weights that overflowed, stop without writing one (the last good one is kept).
-    desc = f"range {r.index} [{r.lo}, {r.hi})"
-    with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
-          else nullcontext()) as bar, interrupts.deferred() as stop:
-        with (open(metrics, "a") if main else nullcontext()) as log:
-            def record(pending) -> None:
-                line = pending()
-                if main:
-                    log.write(_json_line(line) + "\n")
-                    log.flush()
-                    bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
-                _check_finite(r, line, ckpt_dir, tr.lr, scaled=trainer.acc.scaler is not None)
-
-            pending = None          # the step whose metrics are not read yet (read after queuing the next one)
-            while trainer.step < tr.steps:
-                try:
-                    queued = trainer.launch_step()
-                except RuntimeError as e:     # AdamW's step size past the float range (train.lr = 1e38)
-                    if "overflow" not in str(e):
-                        raise
-                    _diverged(r, trainer.step + 1, "optimizer update overflowed", ckpt_dir, tr.lr)
-                if pending is not None:
-                    record(pending)
-                pending = queued
-                stopping = trainer.any_process(stop.signum is not None)
-                if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps or stopping:
-                    record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)
-                    pending = None
-                    if not trainer.weights_finite():
-                        _diverged(r, trainer.step, "weights became NaN or infinite", ckpt_dir, tr.lr)
-                    trainer.save_checkpoint(ckpt_dir)
-                    if stopping:
-                        raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
-                            f"range {r.index} stopped by {stop.name or 'a signal'} at step {trainer.step} of "
-                            f"{tr.steps}; checkpoint written to {ckpt_dir / checkpoints.step_dirname(trainer.step)}; "
-                            f"re-run the same command to resume from it"))
-
-    # Save the final models: EMA (or raw) in final/, raw in final-raw/.
-    loss = _recent_loss(metrics) if main else None
-    if main:
-        raw, ema = trainer.final_states()
-        meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
-                "recipe": name, "ema": ema is not None, "projection": deme.projection,
-                "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
-        model = trainer.unwrapped()
-        save_model_folder(run.final(r.index, ema=False), model, {**meta, "weights": "raw"}, state=raw)
-        save_model_folder(run.final(r.index), model, {**meta, "weights": "ema" if ema is not None else "raw"},
-                          state=ema if ema is not None else raw)
+        # Save the final models: EMA (or raw) in final/, raw in final-raw/.
+        loss = _recent_loss(metrics) if main else None
+        if main:
+            raw, ema = trainer.final_states()
+            meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
+                    "recipe": name, "ema": ema is not None, "projection": deme.projection,
+                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
+            model = trainer.unwrapped()
+            save_model_folder(run.final(r.index, ema=False), model, {**meta, "weights": "raw"}, state=raw)
+            save_model_folder(run.final(r.index), model, {**meta, "weights": "ema" if ema is not None else "raw"},
+                              state=ema if ema is not None else raw)
     trainer.acc.wait_for_everyone()
     return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)
+
+
+def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metrics: Path, main: bool) -> None:
+    """Train to tr.steps, logging every step and checkpointing every tr.checkpoint_every. A signal (interrupts.py)
+    stops at the next step boundary, after a checkpoint of that step; a NaN or infinite loss or grad norm, or weights
+    that overflowed, stop without writing one (the last good one is kept)."""
+    desc = f"range {r.index} [{r.lo}, {r.hi})"
+    with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
+          else nullcontext()) as bar, interrupts.deferred() as stop, \
+            (open(metrics, "a") if main else nullcontext()) as log:
+        def record(pending) -> None:
+            line = pending()
+            if main:
+                log.write(_json_line(line) + "\n")
+                log.flush()
+                bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
+            _check_finite(r, line, ckpt_dir, tr.lr, scaled=trainer.acc.scaler is not None)
+
+        pending = None          # the step whose metrics are not read yet (read after queuing the next one)
+        while trainer.step < tr.steps:
+            try:
+                queued = trainer.launch_step()
+            except RuntimeError as e:     # AdamW's step size past the float range (train.lr = 1e38)
+                if "overflow" not in str(e):
+                    raise
+                _diverged(r, trainer.step + 1, "optimizer update overflowed", ckpt_dir, tr.lr)
+            if pending is not None:
+                record(pending)
+            pending = queued
+            stopping = trainer.any_process(stop.signum is not None)
+            if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps or stopping:
+                record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)
+                pending = None
+                if not trainer.weights_finite():
+                    _diverged(r, trainer.step, "weights became NaN or infinite", ckpt_dir, tr.lr)
+                trainer.save_checkpoint(ckpt_dir)
+                if stopping:
+                    saved = ckpt_dir / checkpoints.step_dirname(trainer.step)
+                    raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
+                        f"range {r.index} stopped by {stop.name or 'a signal to another process'} at step "
+                        f"{trainer.step} of {tr.steps}; checkpoint written to {saved}; re-run the same command to "
+                        f"resume from it"))

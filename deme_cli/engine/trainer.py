@@ -132,6 +132,18 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([0xDE3E, *parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1 to the main process, which stops at a step boundary
+    (interrupts.py); a worker killed by the signal would make the next batch fail instead. Workers still end with
+    the main process (the DataLoader's watchdog)."""
+    import signal
+
+    from .interrupts import SIGNALS
+
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
 class DataStream:
     """Endless micro-batches in the resumable order of data.EpochBatches; (epoch, batch) is the next position."""
 
@@ -152,7 +164,8 @@ class DataStream:
             sampler = EpochBatches(len(self.dataset), self.B, self.seed, self.epoch, self.batch, self.rank, self.P)
             # a private generator: the loader must not draw from the global torch RNG
             loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0))
+                                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0),
+                                worker_init_fn=ignore_stop_signals if self.num_workers else None)
             for batch in loader:
                 self.batch += 1
                 yield batch
@@ -162,6 +175,13 @@ class DataStream:
         if self._it is None:
             self._it = self._epoch_iter()
         return next(self._it)
+
+    def close(self) -> None:
+        """Stop the DataLoader's worker processes now (they ignore stop signals, so they must not be left for the
+        interpreter's exit to terminate)."""
+        if self._it is not None:
+            self._it.close()
+            self._it = None
 
 
 class RangeTrainer:
@@ -220,6 +240,10 @@ class RangeTrainer:
             counts[1] += t.numel()
             noise = torch.randn(x0.shape, generator=self.generators["noise"], device=x0.device, dtype=x0.dtype)
             yield x0, kwargs, to_device(t, x0.device), noise
+
+    def close(self) -> None:
+        """Release what outlives a step: the data workers."""
+        self.data.close()
 
     def train_step(self) -> dict:
         """One optimizer step (grad_accum micro-batches), EMA update; returns the step's metrics line."""
