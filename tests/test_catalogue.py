@@ -254,7 +254,8 @@ RECIPES = [
     C("train-device-unknown", "train", lambda e: [e.recipe(), "--range", "0", "--set", "train.device=bogus"],
       "train.device"),
     C("recipe-missing", "eval", lambda e: [str(e.tmp / "missing.toml")], "does not exist"),
-    C("recipe-is-a-directory", "sample", lambda e: [str(e.tmp), "--model", "base"], lambda e: str(e.tmp)),
+    C("recipe-is-a-directory", "sample", lambda e: [str(e.tmp), "--model", "base"],
+      lambda e: f"recipe '{e.tmp}' is a folder"),
     C("set-without-equals", "train", lambda e: [e.recipe(), "--range", "0", "--set", "train.steps"],
       "--set expects section.key=value"),
     C("set-empty-key", "split", lambda e: [e.recipe(), "--set", "=3"], "--set expects section.key=value"),
@@ -265,9 +266,7 @@ RECIPES = [
     C("pretrained-without-unet", "sample", lambda e: [e.recipe(model={"pretrained": _no_unet(e)}), "--model", "base"],
       "unet"),
     C("data-path-missing", "train",
-      lambda e: [e.recipe(data={"path": str(e.tmp / "no-images")}), "--range", "0"], "no-images",
-      xfail="product bug: train_ranges writes <run>/ranges.json (splitting.load_ranges) before preflight.check_data "
-            "refuses data.path, so a refused command leaves a new file"),
+      lambda e: [e.recipe(data={"path": str(e.tmp / "no-images")}), "--range", "0"], "no-images"),
     C("data-path-without-images", "analyze-gradients",
       lambda e: [e.recipe(data={"path": str((e.tmp / "blank").mkdir() or e.tmp / "blank")})], "blank"),
     C("merge-weights-wrong-length", "merge", lambda e: [e.recipe(), "--set", "merge.weights=[0.2, 0.3, 0.5]"],
@@ -342,9 +341,7 @@ DAMAGED = [
     C("ranges-json-garbage-split", "split", _damage("ranges.json", garbage), "ranges.json"),
     C("deme-json-garbage-merge", "merge", _damage("ranges/0/final/deme.json", garbage), "deme.json"),
     C("range-unet-emptied-merge", "merge", _damage(f"ranges/1/final/{UNET}", empty), "ranges/1/final"),
-    C("range-unet-truncated-merge", "merge", _damage(f"ranges/0/final/{UNET}", truncate), "ranges/0/final",
-      xfail="product bug: the truncation is found while streaming the merge, after the progress line "
-            "'merge: 1/149 ...' was printed: two lines for a refusal"),
+    C("range-unet-truncated-merge", "merge", _damage(f"ranges/0/final/{UNET}", truncate), "ranges/0/final"),
     C("range-unet-truncated-sample", "sample", _damage(f"ranges/0/final/{UNET}", truncate, "--model", "range:0"),
       "ranges/0/final"),
     C("range-unet-emptied-sample", "sample", _damage(f"ranges/0/final/{UNET}", empty, "--model", "range:0"),
@@ -352,24 +349,18 @@ DAMAGED = [
     C("merged-unet-emptied-sample", "sample", _damage(f"merged/{UNET}", empty, "--model", "merged"), "merged"),
     C("checkpoints-emptied-train", "train", _empty_checkpoints, "--force"),
     C("samples-json-garbage-sample", "sample", _damage("samples/base/samples.json", garbage, "--model", "base"),
-      "samples.json", xfail="product bug: JSONDecodeError traceback, exit 1 (commands/sample.py check_resume reads "
-                            "samples.json with runs.read_json unguarded)"),
+      "samples.json"),
     C("png-truncated-eval", "eval",
       _damage("samples/base/000001.png", truncate, "--models", "base", "--set", 'eval.metrics=["fid"]'),
-      "000001.png", xfail="product bug: OSError('image file is truncated') traceback, exit 1, from the feature "
-                          "extraction (commands/eval.py evaluate -> features.files_features), after the Inception "
-                          "and the reference features were computed"),
+      "000001.png"),
     C("gradients-npz-garbage-split", "split", _damage("analysis/gradients.npz", garbage, "--strategy", "affinity"),
       "gradients.npz"),
     C("samples-json-garbage-eval", "eval",
       _damage("samples/base/samples.json", garbage, "--models", "base", "--set", 'eval.metrics=["fid"]'),
-      "samples.json", xfail="product bug: JSONDecodeError traceback, exit 1 (commands/eval.py _plan reads "
-                            "samples.json with runs.read_json unguarded)"),
+      "samples.json"),
     C("gradients-npz-garbage-analyze", "analyze-gradients", _damage("analysis/gradients.npz", garbage, "--bins", "2"),
       "gradients.npz"),
-    C("run-json-garbage-run", "run", _damage("run.json", garbage), "run.json",
-      xfail="product bug: JSONDecodeError traceback, exit 1 (commands/pipeline.py run_pipeline reads run.json with "
-            "runs.read_json unguarded)"),
+    C("run-json-garbage-run", "run", _damage("run.json", garbage), "run.json"),
 ]
 
 INTERRUPTED = [

@@ -4,7 +4,6 @@ refused; one writer per folder."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -201,6 +200,10 @@ def test_a_merge_with_other_recipe_values_is_refused_and_new_range_models_are_me
     with pytest.raises(UsageError) as e:
         run_merge(ties, run)
     assert "merge.method: 'task_arithmetic' -> 'ties'" in str(e.value) and "--force" in str(e.value)
+    assert "method_url" not in str(e.value)                      # follows from the method: not a second key
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (run.merged.stat().st_mode & 0o777) == 0o777 & ~umask     # not mkdtemp's private 0700
     with pytest.raises(UsageError, match=r"merge\.weights"):
         run_merge(recipe, run, weights=[0.7, 0.3])
     assert (run.merged / "merge.json").stat().st_mtime_ns == stamp        # nothing replaced

@@ -20,7 +20,8 @@ from ..engine.features import (BACKEND, MODES, FeatureExtractor, _file_key, extr
                                image_files, load_extractor)
 from ..engine.fid import load_reference, reference_kind, score_features
 from ..engine.recipe import DataSection, EvalSection, MergeSection, RangesSection, SampleSection, stage_kwargs
-from ..engine.runs import RunDir, read_json, write_json
+from ..engine.images import check_readable
+from ..engine.runs import RunDir, read_json, read_record, write_json
 
 
 # --- `deme eval` -------------------------------------------------------------------------------------------------
@@ -53,7 +54,8 @@ def _plan(e: EvalSection, requested: int, run: RunDir, models: Sequence[str], al
                              f"with sample.num_images = {requested}, or pass --allow-fewer")
         if not idx:
             raise UsageError(f"'{folder}' holds no images numbered below {requested}")
-        meta = read_json(folder / SAMPLES_JSON) if (folder / SAMPLES_JSON).is_file() else {}
+        meta = read_record(folder / SAMPLES_JSON, f"run 'deme sample RECIPE --model {m} --force' to make the samples "
+                                                  f"again") if (folder / SAMPLES_JSON).is_file() else {}
         if "clip" in e.metrics:
             prompts = meta.get("prompts")
             if not prompts or len(prompts) <= idx[-1]:
@@ -61,6 +63,14 @@ def _plan(e: EvalSection, requested: int, run: RunDir, models: Sequence[str], al
                                  f"none; remove \"clip\" from eval.metrics for unconditional models")
         jobs.append(_Job(m, folder, [str(have[k]) for k in idx], meta, requested, idx))
     return jobs
+
+
+def _old_result(path: Path) -> dict:
+    """eval/<model>.json as written before; a damaged one counts as none (it is scored again)."""
+    try:
+        return read_json(path) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
 
 
 _PER_CALL = ("time_s", "images_per_s", "created", "generated", "skipped")  # samples.json keys of one sample call
@@ -138,12 +148,16 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
     ext_id = (extractor.cache_key if extractor is not None else extractor_key(e.feature_extractor, e.mode)) \
         if need_ref else None
     clip = None
-    old = {m: (read_json(run.eval_json(m)) if run.eval_json(m).is_file() else {}) for m in models}
+    old = {m: _old_result(run.eval_json(m)) for m in models}
+    fps = {job.model: _fingerprint(job, e, seed, e.reference if need_ref else None, ext_id) for job in jobs}
+    for job in jobs:        # the images to score can be read, before any network or reference is loaded
+        if force or fps[job.model] is None or old[job.model].get("fingerprint") != fps[job.model]:
+            check_readable(job.files)
 
     ref = None
     results, scored = {m: dict(old[m]) for m in models}, []     # scored: the models computed now, not reused
     for job in jobs:
-        fp = _fingerprint(job, e, seed, e.reference if need_ref else None, ext_id)
+        fp = fps[job.model]
         prev = old[job.model]
         if not force and fp is not None and prev.get("fingerprint") == fp:
             ui.info(f"eval {job.model}: up to date ({run.eval_json(job.model)}); --force recomputes it")

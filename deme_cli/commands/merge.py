@@ -138,8 +138,9 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
 
 
 def _chosen(settings: dict) -> dict:
-    """The part of a merge's settings the recipe chose (not the identities of the base and the range models)."""
-    return {k: v for k, v in settings.items() if k not in ("base_hash", "ranges")}
+    """The part of a merge's settings the recipe chose (not the identities of the base and the range models, nor the
+    method's reference link, which follows from the method)."""
+    return {k: v for k, v in settings.items() if k not in ("base_hash", "ranges", "method_url")}
 
 
 def _recorded_choice(prev: dict) -> dict:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 from ..engine import provenance
 from ..engine.errors import UsageError
 from ..engine.recipe import stage_keys, stage_kwargs
-from ..engine.runs import RunDir, read_json, write_json
+from ..engine.runs import RunDir, read_record, write_json
 from .eval import evaluate
 from .merge import merge_ranges
 from .sample import sample_model
@@ -151,7 +151,8 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
         if not (m in ("base", "merged", "ensemble") or m.startswith("range:")):
             raise UsageError(f"run.models has '{m}'; use base, merged, ensemble or range:I")
     record_file = run.root / "run.json"
-    record = read_json(record_file) if record_file.is_file() and not force else {"stages": {}}
+    record = read_record(record_file, "delete it to record the stages again, or re-run with --force") \
+        if record_file.is_file() and not force else {"stages": {}}
     check_provenance(recipe, run, record)
     base = resolve_base(recipe.model, recipe.train.device)
     check_needs(recipe, base, run, models, force)

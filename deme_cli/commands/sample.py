@@ -22,7 +22,7 @@ from ..engine.errors import UsageError
 from ..engine.images import GRID_FILE, SAMPLES_JSON, existing_images, save_png, write_grid
 from ..engine.model_specs import load_model, parse_model_spec, spec_settings
 from ..engine.recipe import DataSection, MergeSection, RangesSection, SampleSection, stage_kwargs
-from ..engine.runs import RunDir, read_json, write_json
+from ..engine.runs import RunDir, read_json, read_record, write_json
 
 
 def _settings(s: SampleSection, spec: str, loaded: Loaded, precision: str) -> dict:
@@ -95,7 +95,8 @@ class _Job:
         """Images already in the folder; refuses (UsageError) when they were made with other settings."""
         have = existing_images(self.folder)
         if have and not force:
-            old = read_json(self.meta_path).get("settings") if self.meta_path.is_file() else None
+            old = read_record(self.meta_path, "re-run with --force to make the images again").get("settings") \
+                if self.meta_path.is_file() else None
             changed = [_recipe_key(k) for k in self.settings if old is None or old.get(k) != self.settings[k]]
             if changed:
                 raise UsageError(f"'{self.folder}' holds {len(have)} images made with other settings "

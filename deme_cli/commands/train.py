@@ -63,10 +63,14 @@ def train_ranges(base: Base,                       # the pretrained model; its p
     if index is not None and not 0 <= index < n:
         raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
     base = base.with_precision(train.mixed_precision)
+    # what training will need, checked before any model is loaded (and, in a new run, before ranges.json is written)
+    if not run.ranges_json.is_file():
+        preflight.check_data(data, base.kind.conditional)
+        preflight.check_disk(run.root, base, train, n if index is None else 1)
     chosen = load_ranges(base, ranges, run)
     chosen = chosen if index is None else [chosen[index]]
     left = [r for r in chosen if force or trained_meta(train, run, r) is None]
-    if left:     # what training will need, before any model is loaded
+    if left:
         preflight.check_data(data, base.kind.conditional)
         preflight.check_disk(run.root, base, train, len(left))
     return [train_range(base, run, r, data=data, ranges=ranges, train=train, deme=deme, seed=seed, name=name,

@@ -9,6 +9,8 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import UsageError
+
 SAMPLES_JSON = "samples.json"
 
 
@@ -31,6 +33,20 @@ def existing_images(folder: Path) -> dict[int, Path]:
         if m:
             out[int(m.group(1))] = p
     return out
+
+
+def check_readable(files) -> None:
+    """Every image file can be read to its end (PIL's verify: chunks and checksums, no decoding); a damaged one is a
+    UsageError naming it."""
+    from PIL import Image
+
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except Exception as e:
+            raise UsageError(f"sample image '{f}' cannot be read ({type(e).__name__}: {e}); delete it and run "
+                             f"'deme sample' again to make it") from None
 
 
 def save_png(path: Path, img: np.ndarray, size: Optional[int]) -> None:

@@ -349,6 +349,8 @@ def recipe_from_dict(data: dict) -> Recipe:
 def load_recipe(path: str | Path, sets: Optional[list[str]] = None, out: Optional[str] = None) -> Recipe:
     """Read a recipe file, apply `--set` overrides and `--out`, and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"recipe '{path}' is a folder; give the recipe's .toml file")
     if not path.is_file():
         raise UsageError(f"recipe file '{path}' does not exist")
     try:

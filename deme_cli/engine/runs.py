@@ -123,3 +123,11 @@ def read_jsonl(path: Path, keys: Sequence[str], lacking: Callable[[int, str], st
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_record(path: Path, fix: str) -> Any:
+    """A JSON record deme wrote (samples.json, run.json, ...); a damaged one is a UsageError naming it and `fix`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"'{path}' is damaged (not valid JSON); {fix}") from None

@@ -78,6 +78,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict, int]:
         for k, info in infos.items():
             if info.dtype not in _DTYPES or info.end - info.begin != nbytes(info.dtype, info.shape):
                 raise ValueError(f"bad entry '{k}'")
+        need = 8 + n + max((info.end for info in infos.values()), default=0)
+        if path.stat().st_size < need:            # cut short: found now, not halfway through a merge
+            raise ValueError(f"truncated: {path.stat().st_size} bytes where its header needs {need}")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise UsageError(f"'{path}' is not a readable safetensors file ({e}); re-create it") from None
     return infos, meta, 8 + n

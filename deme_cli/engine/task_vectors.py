@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -358,6 +359,9 @@ def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSp
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", suffix=".tmp", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700 folders; merged/ gets the usual permissions
     try:
         (tmp / "unet").mkdir()
         shutil.copyfile(inputs.base_unet_dir / "config.json", tmp / "unet" / "config.json")
