@@ -440,10 +440,11 @@ def test_a_signal_to_the_whole_process_group_spares_the_data_workers(make_recipe
     recipe = make_recipe(train={"steps": 6, "checkpoint_every": 100}, data={"num_workers": 2})
     run = RunDir(recipe.out_dir)
     real, seen = RangeTrainer.launch_step, []
+    before = {c.pid for c in psutil.Process().children()}          # other tests' processes are not ours to signal
 
     def launch(self):
         if self.step == 2 and not seen:
-            workers = psutil.Process().children()
+            workers = [c for c in psutil.Process().children() if c.pid not in before]
             seen.append(len(workers))
             for w in workers:                                  # the workers first, as a group signal might
                 w.send_signal(signal.SIGTERM)

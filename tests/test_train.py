@@ -272,6 +272,46 @@ def test_data_stream_with_workers_matches_without(make_recipe):
     for _ in range(5):                                   # crosses into epoch 1 (8 batches per epoch)
         assert torch.equal(a.next(), b.next())
     assert (a.epoch, a.batch) == (b.epoch, b.batch) == (1, 2)
+    a.close()
+    b.close()
+
+
+def test_data_workers_stop_on_close_and_outlive_a_sigterm_only_by_the_grace(make_recipe, monkeypatch):
+    """Workers ignore SIGINT/SIGUSR1 and outlive SIGTERM by WORKER_GRACE_S (the main process stops at a step
+    boundary first); close() ends them, and so does the grace: a leftover worker never blocks the interpreter's exit."""
+    import signal
+
+    import psutil
+
+    from deme_cli.engine import trainer as trainer_mod
+    from deme_cli.engine.trainer import DataStream
+
+    monkeypatch.setattr(trainer_mod, "WORKER_GRACE_S", 1)
+    ds = _dataset(make_recipe(), channels=3)
+    before = {c.pid for c in psutil.Process().children()}
+
+    def workers():
+        return [c for c in psutil.Process().children() if c.pid not in before and c.is_running()
+                and c.status() != psutil.STATUS_ZOMBIE]
+    s = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False)
+    s.next()
+    ws = workers()
+    assert len(ws) == 2
+    for w in ws:
+        w.send_signal(signal.SIGINT)
+        w.send_signal(signal.SIGUSR1)
+        w.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in ws)      # still serving
+    with pytest.raises(RuntimeError, match="killed by signal: Alarm clock"):      # torch reports it on SIGCHLD
+        time.sleep(5)
+    s.close()
+    s = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False)
+    s.next()
+    ws = workers()
+    s.close()
+    gone, alive = psutil.wait_procs(ws, timeout=10)
+    assert len(ws) == 2 and not alive                                              # close() ends them
 
 
 def test_bf16_on_cpu_warns_and_trains(make_recipe, tiny_ddpm, capsys):

@@ -282,6 +282,8 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
                 pending = None
                 if not trainer.weights_finite():
                     _diverged(r, trainer.step, "weights became NaN or infinite", ckpt_dir, tr.lr)
+                if stopping:
+                    trainer.close()    # the data workers end now, not by their SIGTERM grace during the save
                 trainer.save_checkpoint(ckpt_dir)
                 if stopping:
                     saved = ckpt_dir / checkpoints.step_dirname(trainer.step)

@@ -132,16 +132,20 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([0xDE3E, *parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
+WORKER_GRACE_S = 60    # seconds a DataLoader worker keeps serving after SIGTERM (a step must end within it)
+
+
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """In a DataLoader worker: leave SIGTERM/SIGINT/SIGUSR1 to the main process, which stops at a step boundary
-    (interrupts.py); a worker killed by the signal would make the next batch fail instead. Workers still end with
-    the main process (the DataLoader's watchdog)."""
+    """In a DataLoader worker: leave SIGINT and SIGUSR1 to the main process, which stops at a step boundary
+    (interrupts.py), and outlive a SIGTERM by WORKER_GRACE_S seconds (then SIGALRM ends the worker): a signal sent
+    to the whole process group must not kill the worker that is loading the batch the main process waits for. The
+    main process shuts the workers down once it decides to stop, before it writes the checkpoint, and when the range
+    ends (DataStream.close)."""
     import signal
 
-    from .interrupts import SIGNALS
-
-    for s in SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_GRACE_S))
 
 
 class DataStream:
@@ -177,8 +181,7 @@ class DataStream:
         return next(self._it)
 
     def close(self) -> None:
-        """Stop the DataLoader's worker processes now (they ignore stop signals, so they must not be left for the
-        interpreter's exit to terminate)."""
+        """Stop the DataLoader's worker processes now."""
         if self._it is not None:
             self._it.close()
             self._it = None
