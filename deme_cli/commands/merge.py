@@ -23,7 +23,10 @@ Output: `<run>/merged/` in the format of a range's `final/` (unet/ with the base
 .safetensors, deme.json) plus merge.json (method, weights, density/seed where used, the range models and their
 identities, the search log). It is written to a temporary folder and renamed, so an existing merged/ is only replaced
 by a complete new one. Re-running with the same settings and unchanged range models skips the merge (merge.json's
-"fingerprint"); `--force` merges again.
+"fingerprint"); the same settings on retrained range models merge again; other recipe values (method, weights,
+density, the search's settings: merge.json's "settings") are refused naming them, so that a merge is never replaced
+by surprise; `--force` merges again. One process at a time merges a run (locks.py); a weight search stopped by a
+signal keeps its scores in `<run>/.merge-search.jsonl` and a re-run continues it.
 """
 from __future__ import annotations
 

@@ -10,7 +10,11 @@ clipping and an EMA with the release's warm-up; accelerate places the models and
 
 Outputs per range (runs.RunDir): checkpoints/step-<k>/ + checkpoints/latest (see checkpoints.py), metrics.jsonl (one
 line per optimizer step), final/ (EMA weights, or raw when train.ema = false), final-raw/ (raw weights),
-recipe.resolved.toml. Re-running continues from `latest`; a finished range is skipped unless forced.
+recipe.resolved.toml. Re-running continues from the newest intact checkpoint; a finished range is skipped unless
+forced, and refused when it was made from other recipe values (its deme.json records them: provenance.py). One
+process at a time trains a range (locks.py). SIGTERM, SIGINT and SIGUSR1 stop at the next step boundary after a
+checkpoint (interrupts.py); a NaN or infinite loss, grad norm or weight stops training with exit 1, keeping the last
+good checkpoint.
 
 The stage is `train_ranges(base, run, data=..., ranges=..., train=..., deme=..., seed=..., name=...)`; `run_train`
 resolves the base of a recipe and calls it (the CLI and tests). The per-range state and one optimizer step live in

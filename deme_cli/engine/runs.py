@@ -3,7 +3,9 @@
 ```
 <run>/recipe.resolved.toml
 <run>/ranges.json
-<run>/ranges/<i>/checkpoints/step-<k>/, <run>/ranges/<i>/checkpoints/latest
+<run>/ranges/<i>/checkpoints/step-<k>/ (+ manifest.json), <run>/ranges/<i>/checkpoints/latest
+<run>/ranges/<i>/.lock, <run>/.merge.lock, <run>/samples/.<model>.lock    one writer each (locks.py)
+<run>/.merge-search.jsonl      the scores of a weight search that was stopped (removed when the merge is written)
 <run>/ranges/<i>/final/        EMA weights (unet/ + projection.safetensors + deme.json)
 <run>/ranges/<i>/final-raw/    the raw (non-EMA) weights, same format
 <run>/ranges/<i>/metrics.jsonl
