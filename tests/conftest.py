@@ -87,21 +87,26 @@ def heldout_images(tmp_path_factory) -> Path:
     return write_shapes(tmp_path_factory.mktemp("heldout") / "heldout", 12, 16, seed=7)
 
 
+def tiny_recipe_dict(tiny_ddpm: Path, tiny_images: Path, out: Path) -> dict:
+    """The recipe (as a dict) of the tiny DDPM on the tiny images, run dir `out`: what make_recipe starts from."""
+    return {
+        "name": "tiny", "seed": 0,
+        "model": {"pretrained": str(tiny_ddpm)},
+        "data": {"source": "imagefolder", "path": str(tiny_images), "resolution": 16},
+        "ranges": {"n": 2},
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-4, "mixed_precision": "no", "checkpoint_every": 2},
+        "deme": {"p": 0.3, "consistency_weight": 1.0, "projection": True},
+        "output": {"dir": str(out)},
+    }
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_ddpm, tiny_images):
     """make_recipe(**sections) -> a validated Recipe for the tiny DDPM; sections override the defaults below."""
     from deme_cli.engine.recipe import recipe_from_dict
 
     def make(**sections):
-        base = {
-            "name": "tiny", "seed": 0,
-            "model": {"pretrained": str(tiny_ddpm)},
-            "data": {"source": "imagefolder", "path": str(tiny_images), "resolution": 16},
-            "ranges": {"n": 2},
-            "train": {"steps": 4, "batch_size": 4, "lr": 1e-4, "mixed_precision": "no", "checkpoint_every": 2},
-            "deme": {"p": 0.3, "consistency_weight": 1.0, "projection": True},
-            "output": {"dir": str(tmp_path / "run")},
-        }
+        base = tiny_recipe_dict(tiny_ddpm, tiny_images, tmp_path / "run")
         for k, v in sections.items():
             base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
         return recipe_from_dict(base)

@@ -23,6 +23,7 @@ import pytest
 import tomli_w
 from typer.testing import CliRunner
 
+from conftest import tiny_recipe_dict
 from deme_cli.cli import app
 
 SUBCOMMANDS = ("split", "train", "merge", "sample", "eval", "analyze-gradients", "run")
@@ -30,19 +31,14 @@ UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
 def recipe_dict(tiny_ddpm: Path, tiny_images: Path, heldout_images: Path, out: Path) -> dict:
-    """The recipe of every case: conftest's make_recipe, plus cheap sampling and a held-out loss as the eval."""
-    return {
-        "name": "tiny", "seed": 0,
-        "model": {"pretrained": str(tiny_ddpm)},
-        "data": {"source": "imagefolder", "path": str(tiny_images), "resolution": 16},
-        "ranges": {"n": 2},
-        "train": {"steps": 2, "batch_size": 4, "lr": 1e-4, "mixed_precision": "no", "checkpoint_every": 1},
-        "deme": {"p": 0.3, "consistency_weight": 1.0, "projection": True},
+    """The recipe of every case: conftest's tiny recipe, 2 steps with a checkpoint each, plus cheap sampling and a
+    held-out loss as the eval."""
+    return _merged(tiny_recipe_dict(tiny_ddpm, tiny_images, out), {
+        "train": {"steps": 2, "checkpoint_every": 1},
         "sample": {"num_images": 2, "batch_size": 2, "steps": 2},
         "eval": {"metrics": ["loss"], "reference": str(heldout_images), "loss_bins": 2},
         "run": {"models": ["base"]},
-        "output": {"dir": str(out)},
-    }
+    })
 
 
 def _merged(base: dict, over: dict) -> dict:

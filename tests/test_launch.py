@@ -202,11 +202,22 @@ def test_the_slurm_merge_job_follows_merge_weights(make_recipe, tmp_path):
         assert tomllib.loads(Path(emitted["recipe"]).read_text())["merge"]["weights"] == weights
 
 
+def _wait_for_steps(proc, metrics: Path, steps: int, timeout: float = 300) -> None:
+    """Wait until a training process has logged `steps` steps (it must still be running then)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.stdout.read()[-3000:]
+
+
 def test_a_slurm_task_checkpoints_on_sigusr1_before_the_time_limit_and_requeues_itself(make_recipe, tmp_path):
     """The emitted train.sbatch run as SLURM would run it (scontrol faked): SIGUSR1 to the batch shell reaches
     `deme train`, which writes a checkpoint at its next step and exits 138; the script then requeues its job."""
     import signal
-    import time
 
     from deme_cli.commands import launch
 
@@ -223,12 +234,7 @@ def test_a_slurm_task_checkpoints_on_sigusr1_before_the_time_limit_and_requeues_
     env = {**ENV, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "4242"}
     proc = subprocess.Popen(["bash", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if run.metrics(1).is_file() and len(run.metrics(1).read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stdout.read()[-2000:]
+        _wait_for_steps(proc, run.metrics(1), 2)
         proc.send_signal(signal.SIGUSR1)          # SLURM signals the batch shell (B:)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -244,7 +250,6 @@ def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_the_same_
     """SIGTERM to rank 1 only: both processes stop after the same step (they agree through an all-reduce), the
     checkpoint holds both processes' RNG states, and the range resumes from it on 2 processes."""
     import signal
-    import time
 
     import psutil
 
@@ -254,12 +259,7 @@ def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_the_same_
     cmd = processes.deme_command(["train", str(path), "--range", "1"], processes=2, port=29613, cpu=True)
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if run.metrics(1).is_file() and len(run.metrics(1).read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        _wait_for_steps(proc, run.metrics(1), 2)
         workers = [c for c in psutil.Process(proc.pid).children(recursive=True)
                    if c.environ().get("RANK") == "1" and "deme_cli" in " ".join(c.cmdline())]
         assert len(workers) == 1
