@@ -218,6 +218,22 @@ def _locked(lock: str, *args, **sections) -> Callable[[Env], list]:
     return setup
 
 
+def _stopped_range(cmd_args: tuple) -> Callable[[Env], list]:
+    """Range 1 stopped before its end (checkpoints, no final/), then the command with `cmd_args`."""
+    def setup(e: Env) -> list:
+        r = e.finished()
+        unfinish(e.run, 1)
+        return [r, *cmd_args]
+    return setup
+
+
+def _stopped_sampling(e: Env) -> list:
+    """samples/base as a stopped `deme sample` leaves it: image 1 not made yet."""
+    r = e.finished()
+    (e.run / "samples/base/000001.png").unlink()
+    return [r, "--models", "base", "--set", 'eval.metrics=["fid"]']
+
+
 def _delete(path: str, *args) -> Callable[[Env], list]:
     """Copy the finished run, delete the folder `path` in it, and call the subcommand with the recipe and `args`."""
     def setup(e: Env) -> list:
@@ -375,6 +391,9 @@ INTERRUPTED = [
     C("eval-before-sample", "eval", lambda e: [e.recipe(), "--models", "base", "--set", 'eval.metrics=["fid"]'],
       "deme sample"),
     C("run-other-recipe", "run", lambda e: [e.finished(), "--set", "deme.p=0.5"], "deme.p"),
+    C("merge-after-stopped-training", "merge", _stopped_range(("--force",)), "deme train RECIPE --range 1"),
+    C("ensemble-after-stopped-training", "sample", _stopped_range(("--model", "ensemble")), "range"),
+    C("eval-after-stopped-sampling", "eval", _stopped_sampling, "holds 1 of the 2 images"),
     C("train-loss-diverges", "train",
       lambda e: [e.recipe(), "--range", "0", "--set", "train.lr=1e20", "--set", "train.max_grad_norm=1e30"],
       "at step ", code=1),
