@@ -20,7 +20,7 @@ from deme_cli.engine.ranges import Range
 from deme_cli.engine.runs import RunDir
 from deme_cli.commands.train import run_train
 from deme_cli.engine.loss import deme_loss
-from deme_cli.engine.trainer import EMA, RangeTrainer, ema_decay
+from deme_cli.engine.trainer import EMA, RangeTrainer, ema_decay, ignore_stop_signals
 
 R0 = Range(0, 0, 500)
 
@@ -294,7 +294,7 @@ def test_data_workers_stop_on_close_and_outlive_a_sigterm_only_by_the_grace(make
         return [c for c in psutil.Process().children() if c.pid not in before and c.is_running()
                 and c.status() != psutil.STATUS_ZOMBIE]
     s = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False)
-    s.next()
+    s.next()                     # the workers are signalled at once: they start with the signals blocked
     ws = workers()
     assert len(ws) == 2
     for w in ws:
@@ -545,3 +545,26 @@ def test_trainer_ema_is_the_hand_average_of_the_weights_after_each_step(make_rec
         # off by ~1e-3)
         assert torch.allclose(ema[n].double(), shadow[n], rtol=1e-6, atol=1e-7), n
     assert any(not torch.allclose(ema[n].double(), raw[n], atol=1e-6) for n in raw)   # the EMA lags the raw weights
+
+
+def _signal_self_then_init(worker_id: int) -> None:
+    """A worker signalled between its fork and its init (here: by itself): blocked, the signals wait for the
+    handlers; unblocked, SIGUSR1 would end the worker before it served a batch."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGUSR1)
+    os.kill(os.getpid(), signal.SIGINT)
+    ignore_stop_signals(worker_id)
+
+
+def test_data_workers_start_with_the_stop_signals_blocked(make_recipe, monkeypatch):
+    from deme_cli.engine import trainer as trainer_mod
+    from deme_cli.engine.trainer import DataStream
+
+    monkeypatch.setattr(trainer_mod, "ignore_stop_signals", _signal_self_then_init)
+    ds = _dataset(make_recipe(), channels=3)
+    s = DataStream(ds, 4, seed=0, rank=0, num_processes=1, num_workers=2, pin_memory=False)
+    for _ in range(3):
+        assert s.next().shape[0] == 4          # both workers served batches after the signals
+    s.close()

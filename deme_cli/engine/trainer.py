@@ -9,6 +9,7 @@ curve. The loop that drives it (resume, logging, checkpoints, final export) is `
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -143,9 +144,30 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     ends (DataStream.close)."""
     import signal
 
+    from .interrupts import SIGNALS
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: signal.alarm(WORKER_GRACE_S))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)      # blocked by the main process while it started us
+
+
+@contextmanager
+def _stop_signals_blocked(block: bool):
+    """Block SIGTERM/SIGINT/SIGUSR1 in this thread while the DataLoader forks its workers: they inherit the mask and
+    unblock once their handlers are set; a signal meanwhile waits and is delivered here afterwards."""
+    import signal
+
+    from .interrupts import SIGNALS
+
+    if not block:
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class DataStream:
@@ -170,7 +192,9 @@ class DataStream:
             loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0),
                                 worker_init_fn=ignore_stop_signals if self.num_workers else None)
-            for batch in loader:
+            with _stop_signals_blocked(self.num_workers > 0):   # workers start with them blocked (no window
+                batches = iter(loader)                           # before ignore_stop_signals); here they wait
+            for batch in batches:
                 self.batch += 1
                 yield batch
             self.epoch, self.batch = self.epoch + 1, 0
