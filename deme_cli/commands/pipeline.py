@@ -114,20 +114,15 @@ def check_provenance(recipe, run: RunDir, record: dict) -> None:
 
 def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = False) -> None:
     """What every stage will need, checked before the first one starts (engine/preflight.py): the device, the
-    training data and the disk for the ranges' checkpoints, the weight search's settings and held-out images, the prompts of a
-    text-to-image model, the eval reference and CLIP model. A missing eval.reference fails in seconds, not after
-    hours of training."""
+    training data and the disk for the ranges' checkpoints, the weight search's settings and held-out images, the
+    prompts of a text-to-image model, the eval reference and CLIP model. A missing eval.reference fails in seconds,
+    not after hours of training."""
     from ..engine import preflight
-    from ..engine.splitting import load_ranges
-    from .train import trained_meta
+    from .train import check_training_needs
 
     try:
         base.device          # train.device: "cuda" on a machine without CUDA is refused here
-        left = recipe.ranges.n if force or not run.ranges_json.is_file() else \
-            sum(trained_meta(recipe.train, run, r) is None for r in load_ranges(base, recipe.ranges, run))
-        if left:                 # ranges to train: their data, and the disk for their checkpoints
-            preflight.check_data(recipe.data, base.kind.conditional)
-            preflight.check_disk(run.root, base, recipe.train, left)
+        check_training_needs(base, run, data=recipe.data, ranges=recipe.ranges, train=recipe.train, force=force)
         if "merged" in models and recipe.merge.weights == "search":
             from ..engine.search_objectives import SearchSetup
             from ..engine.weight_search import check_search

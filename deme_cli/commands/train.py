@@ -67,18 +67,25 @@ def train_ranges(base: Base,                       # the pretrained model; its p
     if index is not None and not 0 <= index < n:
         raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
     base = base.with_precision(train.mixed_precision)
-    # what training will need, checked before any model is loaded (and, in a new run, before ranges.json is written)
-    if not run.ranges_json.is_file():
-        preflight.check_data(data, base.kind.conditional)
-        preflight.check_disk(run.root, base, train, n if index is None else 1)
+    check_training_needs(base, run, data=data, ranges=ranges, train=train, index=index, force=force)
     chosen = load_ranges(base, ranges, run)
     chosen = chosen if index is None else [chosen[index]]
-    left = [r for r in chosen if force or trained_meta(train, run, r) is None]
-    if left:
-        preflight.check_data(data, base.kind.conditional)
-        preflight.check_disk(run.root, base, train, len(left))
     return [train_range(base, run, r, data=data, ranges=ranges, train=train, deme=deme, seed=seed, name=name,
                         force=force, resolved=resolved) for r in chosen]
+
+
+def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: RangesSection, train: TrainSection,
+                         index: Optional[int] = None, force: bool = False) -> None:
+    """What training range `index` (None: every range) will need, checked before any model is loaded and, in a new
+    run, before ranges.json is written (preflight.py): the data, and the disk for the ranges not finished yet."""
+    if run.ranges_json.is_file():
+        chosen = load_ranges(base, ranges, run)
+        left = sum(force or trained_meta(train, run, r) is None for r in (chosen if index is None else [chosen[index]]))
+    else:
+        left = ranges.n if index is None else 1
+    if left:
+        preflight.check_data(data, base.kind.conditional)
+        preflight.check_disk(run.root, base, train, left)
 
 
 def _summary(r: Range, steps: int, loss: Optional[float], final: Path, skipped: bool) -> dict:

@@ -332,7 +332,8 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
     """Score candidate merges of `inputs` with [merge]'s strategy and objective; the log for merge.json.
 
     The settings were checked by `check_search`. processes > 1: candidates that do not depend on each other (all
-    of a grid, one coordinate's sweep, greedy's solo runs) are scored by a SearchPool of that many processes on the slots of `gpus`.
+    of a grid, one coordinate's sweep, greedy's solo runs) are scored by a SearchPool of that many processes on the
+    slots of `gpus`.
     `journal`: scores of an earlier, stopped run of this search (and where new ones are kept). SIGTERM, SIGINT or
     SIGUSR1 stop the search before the next merge is scored (interrupts.Interrupted).
     """
