@@ -339,6 +339,7 @@ FLAGS = [
     C("gradients-timesteps-past-T", "analyze-gradients", lambda e: [e.recipe(), "--timesteps", "10,5000"], "5000"),
     C("split-strategy-unknown", "split", lambda e: [e.recipe(), "--strategy", "bogus"], "ranges.strategy"),
     C("eval-models-empty", "eval", lambda e: [e.recipe(), "--models", ","], "--models"),
+    C("eval-models-range-9", "eval", lambda e: [e.finished(), "--models", "base,range:9"], "range 9 does not exist"),
     C("eval-models-nonsense", "eval", lambda e: [e.finished(), "--models", "nonsense"], "nonsense"),
     C("out-under-a-file", "eval",
       lambda e: [e.recipe(), "--models", "base", "--out", str(Path(e.raw("x", "a-file")) / "run")],

@@ -128,13 +128,13 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
     (loss_by_t.py) needs only the models. A model's JSON keeps the parts not asked for this time (each carries its own
     fingerprint)."""
     from ..engine import loss_by_t, ui
-    from ..engine.model_specs import parse_model_spec, spec_settings
+    from ..engine.model_specs import check_model_spec, spec_settings
 
     e = eval
     if e.mode not in MODES:
         raise UsageError(f"unknown eval.mode '{e.mode}' (known: {', '.join(MODES)})")
     for m in models:
-        parse_model_spec(m)
+        check_model_spec(m, ranges.n)
     need_ref = any(m in e.metrics for m in ("fid", "kid"))
     want_samples = any(m in e.metrics for m in SAMPLE_METRICS)
     want_loss = "loss" in e.metrics

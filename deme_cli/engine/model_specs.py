@@ -61,8 +61,7 @@ def _range_folder(run: RunDir, i: int, use_ema: bool) -> Path:
 
 
 def _load_range(base, run: RunDir, device, ranges, use_ema: bool, resolution: int, i: int) -> Loaded:
-    if not 0 <= i < ranges.n:
-        raise UsageError(f"range {i} does not exist: ranges.n is {ranges.n} (use range:0 ... range:{ranges.n - 1})")
+    check_model_spec(f"range:{i}", ranges.n)
     folder = _range_folder(run, i, use_ema)
     model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device)
     meta, h = _model_info(folder, model)
@@ -110,6 +109,14 @@ def parse_model_spec(spec: str) -> tuple[str, Optional[int]]:
     if spec in MODEL_SPECS:
         return spec, None
     raise UsageError(f"unknown model '{spec}' (use one of {', '.join(MODEL_SPECS)} or range:I)")
+
+
+def check_model_spec(spec: str, n: int) -> tuple[str, Optional[int]]:
+    """parse_model_spec, and a range:I must name one of the n ranges."""
+    kind, i = parse_model_spec(spec)
+    if kind == "range" and not 0 <= i < n:
+        raise UsageError(f"range {i} does not exist: ranges.n is {n} (use range:0 ... range:{n - 1})")
+    return kind, i
 
 
 def spec_settings(ranges, merge, data) -> dict:
