@@ -30,12 +30,13 @@ def _model_info(folder: Path, model) -> tuple[dict, str]:
     return meta, state_hash(model.state_dict())
 
 
-def _load_folder(folder: Path, what: str, how: str, device):
-    from .models import load_model_folder
+def _load_folder(folder: Path, what: str, how: str, device, base=None):
+    """A model folder as a DemeModel on `device`; a LoRA range folder is loaded on `base`'s UNet (adapters.py)."""
+    from .adapters import is_model_folder, load_model
 
-    if not (folder / "unet").is_dir():
+    if not is_model_folder(folder):
         raise UsageError(f"no {what} at '{folder}'; run '{how}' first")
-    return load_model_folder(folder).to(device).eval()
+    return load_model(folder, base.folder if base is not None else None).to(device).eval()
 
 
 def _load_base(base, run: RunDir, device, ranges, use_ema: bool, resolution: int) -> Loaded:
@@ -63,7 +64,7 @@ def _range_folder(run: RunDir, i: int, use_ema: bool) -> Path:
 def _load_range(base, run: RunDir, device, ranges, use_ema: bool, resolution: int, i: int) -> Loaded:
     check_model_spec(f"range:{i}", ranges.n)
     folder = _range_folder(run, i, use_ema)
-    model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device)
+    model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device, base)
     meta, h = _model_info(folder, model)
     return Loaded(UNetDenoiser(model, resolution), {"folder": str(folder), "meta": meta, "hash": h}, {"hash": h})
 
@@ -77,7 +78,8 @@ def _load_ensemble(base, run: RunDir, device, ranges, use_ema: bool, resolution:
     models, members = [], []
     for r in owned:
         folder = _range_folder(run, r.index, use_ema)
-        model = _load_folder(folder, f"model for range {r.index}", f"deme train RECIPE --range {r.index}", device)
+        model = _load_folder(folder, f"model for range {r.index}", f"deme train RECIPE --range {r.index}", device,
+                             base)
         meta, h = _model_info(folder, model)
         trained = meta.get("range")
         if trained and (int(trained["lo"]), int(trained["hi"])) != (r.lo, r.hi):

@@ -3,10 +3,10 @@
 Every section is a frozen pydantic model that forbids unknown keys, so a typo is an error that names the key and
 suggests the closest valid one. `--set section.key=value` overrides are parsed as TOML values and validated with the
 same types. Choices come from the engine's registries (schedulers, split strategies, merge methods, search strategies
-and objectives, feature-extractor modes, LR schedules, devices, precisions), so a new entry there is a valid recipe
-value at once. The resolved recipe (`Recipe.resolved()`: every default filled in, including those that follow from
-other keys) is what `--dry-run` prints and what every run saves as `recipe.resolved.toml`; keys left unset are listed
-there as comments.
+and objectives, feature-extractor modes, LR schedules, loss weightings, devices, precisions), so a new entry there is
+a valid recipe value at once. The resolved recipe (`Recipe.resolved()`: every default filled in, including those that
+follow from other keys) is what `--dry-run` prints and what every run saves as `recipe.resolved.toml`; keys left unset
+are listed there as comments.
 
 Stage functions take the sections they use by name (`stage_kwargs`), and what a stage's output depends on is read off
 its signature (`stage_keys`).
@@ -22,11 +22,13 @@ from typing import Any, Literal, Optional, Union
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .adapters import ADAPTERS
 from .data import SOURCES
 from .denoise import SCHEDULERS
 from .devices import DEVICES, PRECISIONS
 from .errors import UsageError
 from .features import MODES
+from .loss import LOSS_WEIGHTINGS
 from .merge_methods import MERGE_METHODS
 from .ranges import SPLIT_STRATEGIES
 from .search_objectives import OBJECTIVES
@@ -115,6 +117,10 @@ class TrainSection(_Section):
     adam_eps: float = 1e-8
     weight_decay: float = 1e-6                    # release
     max_grad_norm: float = 1.0                    # release; 0 disables clipping
+    loss_weighting: choice(LOSS_WEIGHTINGS) = "none"  # per-sample weight of the denoising term by SNR(t) (loss.py)
+    snr_gamma: float = Field(5.0, gt=0)           # min_snr: w_eps = min(SNR, gamma) / SNR (Hang et al. 2023: 5)
+    p2_gamma: float = Field(1.0, ge=0)            # p2: w_eps = 1 / (k + SNR)^gamma (Choi et al. 2022: 1)
+    p2_k: float = Field(1.0, gt=0)                # p2: k (Choi et al. 2022: 1)
     mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA, fp32 on CPU
     ema: bool = True
     ema_max_decay: float = Field(0.9999, ge=0.0, le=1.0)
@@ -133,6 +139,17 @@ class DemeSection(_Section):
     antithetic: bool = True                        # t and lo + hi - 1 - t in pairs (release)
     consistency_weight: float = Field(1.0, ge=0.0) # lambda of Eq. 5; 0 skips the teacher forward
     projection: bool = True                        # identity-initialised channel-wise projections
+    adapter: choice(ADAPTERS) = "full"             # full: each range model is a whole UNet; lora: LoRA adapters on
+                                                   # the frozen base (adapters.py), projections still full
+    lora_rank: int = Field(16, ge=1)               # lora: the rank r of B @ A
+    lora_alpha: Optional[float] = Field(None, gt=0)  # lora: delta W = (alpha / r) B @ A; default r (scale 1)
+    lora_targets: Optional[list[str]] = None       # lora: module names (default by UNet class: attention q/k/v/out,
+                                                   # and for pixel UNets the ResNet convs conv1/conv2)
+
+    @property
+    def lora_alpha_value(self) -> float:
+        """deme.lora_alpha, or its default: deme.lora_rank (scale 1)."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else float(self.lora_rank)
 
 
 class MergeSection(_Section):
@@ -251,6 +268,7 @@ class Recipe(_Section):
         """The recipe with the defaults that follow from other keys filled in: the values the stages use."""
         fill = {"output": {"dir": str(self.out_dir)},
                 "eval": {"num_images": self.eval.num_images or self.sample.num_images},
+                "deme": {"lora_alpha": self.deme.lora_alpha_value},
                 "merge": {"shapes": self.merge.weight_shapes(self.ranges.n),
                           "search_steps": self.merge.search_sampler_steps(self.sample)}}
         if self.ranges.strategy == "affinity":

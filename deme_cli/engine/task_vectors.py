@@ -21,6 +21,7 @@ from . import ui
 from .errors import UsageError
 from .exports import refuse_stale
 from .merge_methods import MergeSpec, combine, consensus, get_method, sparsify
+from .adapters import LORA_DIR, LORA_WEIGHTS, delta_shape, lora_modules
 from .models import META_FILE, PROJECTION_FILE, UNET_WEIGHTS
 from .runs import RunDir, read_json
 from .safetensors_stream import TensorFileReader, TensorFileWriter, dtype_name, read_header, torch_dtype
@@ -70,26 +71,44 @@ def unet_weight_files(unet_dir: Path) -> list[Path]:
 
 @dataclass
 class RangeModel:
-    """One range model folder, opened lazily for tensor-by-tensor reads."""
+    """One range model folder, opened lazily for tensor-by-tensor reads: a full UNet (`unet_files`), or LoRA adapters
+    on theta (`lora_file`: the task vector of an adapted weight W is scale * B @ A, of every other tensor 0)."""
     index: int
     folder: Path
     meta: dict
     unet_files: list[Path]
     projection_file: Optional[Path]
+    lora_file: Optional[Path] = None
+    lora_pairs: dict = field(default_factory=dict)   # theta's weight key -> (A key, B key) in lora_file
     unet: Optional[TensorFileReader] = None
     projection: Optional[TensorFileReader] = None
 
-    def read(self, group: str, key: str):
-        """A tensor of the model, or None for a projection the model does not have (its tau is 0)."""
+    @property
+    def is_lora(self) -> bool:
+        return self.lora_file is not None
+
+    def task_vector(self, group: str, key: str, theta):
+        """tau = theta_i - theta of one tensor in float64 (`theta` float64), or None where the model leaves theta as
+        it is (a projection it does not have, a weight its adapters do not touch): tau is 0 there."""
+        import torch
+
+        from .adapters import delta
+
+        if group == "unet" and self.is_lora:
+            if key not in self.lora_pairs:
+                return None
+            ka, kb = self.lora_pairs[key]
+            return delta(self.unet.get(ka), self.unet.get(kb), float(self.meta["adapter"]["scale"]))
         if group == "unet":
-            return self.unet.get(key)
+            return torch.sub(self.unet.get(key), theta)  # float32 - float64 -> float64, in one pass
         if self.projection is None or key not in self.projection.tensors:
             return None
-        return self.projection.get(key)
+        return torch.sub(self.projection.get(key), theta)
 
     def identity(self) -> dict:
         """What identifies this model's weights in merge.json (and in the skip fingerprint)."""
-        files = self.unet_files + ([self.projection_file] if self.projection_file else [])
+        files = self.unet_files + ([self.lora_file] if self.lora_file else []) + \
+            ([self.projection_file] if self.projection_file else [])
         return {"index": self.index, "path": str(self.folder),
                 "lo": (self.meta.get("range") or {}).get("lo"), "hi": (self.meta.get("range") or {}).get("hi"),
                 "base_hash": self.meta.get("base_hash"),
@@ -128,7 +147,7 @@ class MergeInputs:
         """Open every range model's files for reading (plain file handles, nothing memory-mapped)."""
         with contextlib.ExitStack() as stack:
             for r in self.ranges:
-                r.unet = stack.enter_context(TensorFileReader(r.unet_files))
+                r.unet = stack.enter_context(TensorFileReader([r.lora_file] if r.is_lora else r.unet_files))
                 r.projection = stack.enter_context(TensorFileReader([r.projection_file])) \
                     if r.projection_file else None
             try:
@@ -156,7 +175,8 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
     out = []
     for i, folder in enumerate(folders):
         files = unet_weight_files(folder / "unet")
-        if not files:
+        lora = folder / LORA_DIR / LORA_WEIGHTS
+        if not files and not lora.is_file():
             raise UsageError(f"range model '{folder}' has no unet/{UNET_WEIGHTS}; run 'deme train RECIPE --range {i} "
                              f"--force' to write it again")
         try:
@@ -172,7 +192,15 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
             raise UsageError(f"'{folder / META_FILE}' does not record base_hash, so its base model is unknown; "
                              f"retrain range {i}")
         proj = folder / PROJECTION_FILE
-        out.append(RangeModel(i, folder, meta, files, proj if proj.is_file() else None))
+        model = RangeModel(i, folder, meta, files, proj if proj.is_file() else None)
+        if not files:
+            if not (meta.get("adapter") or {}).get("scale"):
+                raise UsageError(f"'{folder / META_FILE}' does not describe the LoRA adapter in '{lora.parent}'; "
+                                 f"run 'deme train RECIPE --range {i} --force'")
+            model.lora_file = lora
+            pairs = lora_modules({k: info.shape for k, info in read_header(lora)[0].items()})
+            model.lora_pairs = {mod + ".weight": pair for mod, pair in pairs.items()}
+        out.append(model)
     hashes = {r.meta["base_hash"] for r in out}
     if len(hashes) > 1:
         listing = ", ".join(f"range {r.index}: {r.meta['base_hash']}" for r in out)
@@ -204,6 +232,7 @@ def load_inputs(base, run: RunDir, *, n: int, use_ema: bool) -> MergeInputs:
 def _plan(inputs: MergeInputs) -> list[tuple[str, str, str, tuple]]:
     """(group, key, dtype, shape) of every output tensor, after checking that the range models fit theta."""
     base_sd = inputs.base_state
+    _check_adapters(inputs)
     groups = [("unet", {k: tuple(v.shape) for k, v in base_sd.items()}, lambda r: r.unet_files)]
     if inputs.identity is not None:
         groups.append(("projection", {k: tuple(v.shape) for k, v in inputs.identity.items()},
@@ -235,6 +264,20 @@ def _plan(inputs: MergeInputs) -> list[tuple[str, str, str, tuple]]:
     return entries
 
 
+def _check_adapters(inputs: MergeInputs) -> None:
+    """Every LoRA range's adapted layers exist in theta, with the shape of B @ A."""
+    base_sd = inputs.base_state
+    for r in inputs.ranges:
+        if not r.is_lora:
+            continue
+        infos = read_header(r.lora_file)[0]
+        for key, (ka, kb) in r.lora_pairs.items():
+            want = delta_shape(infos[ka].shape, infos[kb].shape)
+            if key not in base_sd or tuple(base_sd[key].shape) != want:
+                raise UsageError(f"range model {r.index} ('{r.folder}') adapts layer '{key[:-len('.weight')]}', which "
+                                 f"model.pretrained does not have in that shape; retrain it from this base")
+
+
 # --- merging -----------------------------------------------------------------------------------------------------
 
 def merged_tensors(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -> Iterator[tuple[str, str, Any]]:
@@ -256,9 +299,8 @@ def merged_tensors(inputs: MergeInputs, weights: list[float], spec: MergeSpec) -
 
         def taus(theta=theta):
             for r, w in active:
-                tau = r.read(group, key)
+                tau = r.task_vector(group, key, theta)
                 if tau is not None:
-                    tau = torch.sub(tau, theta)  # float32 - float64 -> float64, in one pass
                     yield r.index, w, tau
                     del tau  # keep one range's tensor in flight, not two
         delta = combine(spec, f"{group}.{key}", taus())
@@ -320,9 +362,9 @@ class CandidateMerger:
                     continue
                 theta, taus = base.to(torch.float64), []
                 for r in inputs.ranges:
-                    t = r.read(group, key)
+                    t = r.task_vector(group, key, theta)
                     if t is not None:
-                        tau = sparsify(spec, f"{group}.{key}", r.index, torch.sub(t, theta))
+                        tau = sparsify(spec, f"{group}.{key}", r.index, t)
                         taus.append((r.index, tau.to(device, torch.float32)))
                 self.entries.append((group, key, base.to(device, torch.float32), taus))
 

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from . import checkpoints, ui
+from . import adapters, checkpoints, ui
 from .errors import UsageError
-from .loss import optimizer_step
+from .loss import LossWeighting, optimizer_step
 from .models import unet_hash, wrap
 from .ranges import Range, sample_timesteps
 from .speed import compile_module, to_device, use_compile
@@ -230,8 +230,10 @@ class RangeTrainer:
         self.base_hash = unet_hash(unet)
         self.compiled = use_compile(train.compile, device)
         self.teacher = make_teacher(unet, acc, self.compiled) if deme.consistency_weight > 0 else None
+        # deme.adapter = "lora": the base weights freeze and only the adapters (and projections) train
+        self.lora = adapters.add_lora(unet, deme, _seed(seed, rng.index, 3)) if adapters.is_lora(deme) else None
         self.student = make_student(unet, deme.projection, acc, train.gradient_checkpointing, self.compiled)
-        named = list(self.student.named_parameters())
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
 
         # Optimizer, LR schedule, EMA, noise schedule.
@@ -289,7 +291,7 @@ class RangeTrainer:
         counts = [0, 0]
         out = optimizer_step(self.acc, self.student, self.teacher, self.optimizer, self.params, self.noise_scheduler,
                              self._micro_batches(counts), tr.grad_accum, self.deme.consistency_weight,
-                             tr.max_grad_norm)
+                             tr.max_grad_norm, LossWeighting.from_section(tr))
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.params)
@@ -337,7 +339,7 @@ class RangeTrainer:
         if self.acc.is_main_process:
             scaler = self.acc.scaler.state_dict() if self.acc.scaler is not None else None
             checkpoints.save(
-                ckpt_dir, self.step, student=self.unwrapped().state_dict(),
+                ckpt_dir, self.step, student=self.trainable_state(),
                 ema=self.ema.state_dict() if self.ema is not None else None,
                 optim={"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(),
                        "scaler": scaler},
@@ -361,10 +363,10 @@ class RangeTrainer:
             raise UsageError(f"checkpoint '{folder}' was written by {st.get('num_processes', 1)} process(es), this "
                              f"run has {self.acc.num_processes}; resume with the same number of processes")
         try:
-            self.unwrapped().load_state_dict(ck["student"])
+            self.load_trainable_state(ck["student"])
         except RuntimeError:
-            raise UsageError(f"checkpoint '{folder}' does not fit this model (deme.projection changed?); start the "
-                             f"range over with --force") from None
+            raise UsageError(f"checkpoint '{folder}' does not fit this model (deme.projection or deme.adapter "
+                             f"changed?); start the range over with --force") from None
         if self.ema is not None:
             if ck["ema"] is None:
                 raise UsageError(f"checkpoint '{folder}' has no EMA weights but train.ema is on; start the range "
@@ -377,9 +379,28 @@ class RangeTrainer:
         self.step = int(st["step"])
         self.data.epoch, self.data.batch, self.data._it = int(st["epoch"]), int(st["batch"]), None
 
+    def trainable_state(self) -> dict:
+        """What a checkpoint and a range model keep of the student: its whole state dict, or with LoRA only the
+        trained tensors (adapters and projections; the frozen base is model.pretrained's)."""
+        model = self.unwrapped()
+        if self.lora is None:
+            return model.state_dict()
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict) -> None:
+        """Load `trainable_state()`'s tensors back (RuntimeError when they do not fit the student)."""
+        model = self.unwrapped()
+        if self.lora is None:
+            model.load_state_dict(state)
+            return
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state) != trained:
+            raise RuntimeError("the checkpoint's tensors are not this student's trained ones")
+        model.load_state_dict(state, strict=False)
+
     def final_states(self) -> tuple[dict, Optional[dict]]:
-        """(raw state dict, EMA state dict or None) of the student, keys unet.* and projections.*."""
-        raw = self.unwrapped().state_dict()
+        """(raw state, EMA state or None) of the student (`trainable_state`), keys unet.* and projections.*."""
+        raw = self.trainable_state()
         if self.ema is None:
             return raw, None
         ema = {**raw, **self.ema.state_dict()}
