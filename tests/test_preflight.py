@@ -12,7 +12,9 @@ from deme_cli.cli import app
 from deme_cli.commands.train import run_train
 from deme_cli.engine import preflight
 from deme_cli.engine.base import Base, resolve_base
+from conftest import trainer_for
 from deme_cli.engine.errors import UsageError
+from deme_cli.engine.ranges import Range
 from deme_cli.engine.runs import RunDir
 
 
@@ -98,6 +100,24 @@ def test_the_disk_estimate_matches_what_training_writes(make_recipe, tiny_ddpm):
     written = sum(f.stat().st_size for f in run.range_dir(0).rglob("*") if f.is_file())
     peak = preflight.range_bytes(P, 2) - 16 * P          # keep + 1 exist only while a new one is written
     assert 0.9 * written < peak < 1.25 * written, (written, peak)
+
+
+def test_the_lora_disk_estimate_counts_the_adapters_a_range_trains(make_recipe):
+    """With deme.adapter = "lora" the estimate counts rank * (in * k * k + out) per adapted weight: the trained
+    tensors less the projections, as built by peft."""
+    recipe = make_recipe(deme={"adapter": "lora", "lora_rank": 4},
+                         train={"steps": 2, "checkpoint_every": 1, "keep_checkpoints": 2})
+    base = resolve_base(recipe.model, "cpu")
+    trainer = trainer_for(recipe, Range(0, 0, 500))
+    lora = sum(p.numel() for n, p in trainer.unwrapped().named_parameters() if p.requires_grad and "lora_" in n)
+    trainer.close()
+    assert preflight.trained_parameters(base, recipe.deme) == lora
+    assert lora < preflight.unet_parameters(base) / 3
+    run = RunDir(recipe.out_dir)
+    run_train(recipe, run, 0)
+    written = sum(f.stat().st_size for f in run.range_dir(0).rglob("*") if f.is_file())
+    peak = preflight.range_bytes(lora, 2) - 16 * lora
+    assert 0.5 * written < peak < 1.5 * written, (written, peak)   # + projections, optimizer and RNG files
 
 
 def test_too_little_disk_is_refused_before_training(make_recipe, monkeypatch):

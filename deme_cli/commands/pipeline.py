@@ -122,7 +122,8 @@ def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = Fals
 
     try:
         base.device          # train.device: "cuda" on a machine without CUDA is refused here
-        check_training_needs(base, run, data=recipe.data, ranges=recipe.ranges, train=recipe.train, force=force)
+        check_training_needs(base, run, data=recipe.data, ranges=recipe.ranges, train=recipe.train, deme=recipe.deme,
+                             force=force)
         if "merged" in models and recipe.merge.weights == "search":
             from ..engine.search_objectives import SearchSetup
             from ..engine.weight_search import check_search

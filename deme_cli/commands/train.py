@@ -67,7 +67,7 @@ def train_ranges(base: Base,                       # the pretrained model; its p
     if index is not None and not 0 <= index < n:
         raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
     base = base.with_precision(train.mixed_precision)
-    check_training_needs(base, run, data=data, ranges=ranges, train=train, index=index, force=force)
+    check_training_needs(base, run, data=data, ranges=ranges, train=train, deme=deme, index=index, force=force)
     chosen = load_ranges(base, ranges, run)
     chosen = chosen if index is None else [chosen[index]]
     return [train_range(base, run, r, data=data, ranges=ranges, train=train, deme=deme, seed=seed, name=name,
@@ -75,7 +75,7 @@ def train_ranges(base: Base,                       # the pretrained model; its p
 
 
 def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: RangesSection, train: TrainSection,
-                         index: Optional[int] = None, force: bool = False) -> None:
+                         deme: Optional[DemeSection] = None, index: Optional[int] = None, force: bool = False) -> None:
     """What training range `index` (None: every range) will need, checked before any model is loaded and, in a new
     run, before ranges.json is written (preflight.py): the data, and the disk for the ranges not finished yet."""
     if run.ranges_json.is_file():
@@ -85,7 +85,7 @@ def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: 
         left = ranges.n if index is None else 1
     if left:
         preflight.check_data(data, base.kind.conditional)
-        preflight.check_disk(run.root, base, train, left)
+        preflight.check_disk(run.root, base, train, left, deme)
 
 
 def _summary(r: Range, steps: int, loss: Optional[float], final: Path, skipped: bool) -> dict:

@@ -34,14 +34,14 @@ def check_data(data, text_to_image: bool) -> int:
     return n if data.max_samples is None else min(n, data.max_samples)
 
 
-def unet_parameters(base) -> Optional[int]:
-    """The number of parameters of the base UNet, read from its safetensors header (no weights loaded); None when
-    the weights are not one safetensors file."""
+def _unet_shapes(base) -> Optional[dict]:
+    """{tensor name: shape} of the base UNet, read from its safetensors header(s) (no weights loaded); None when the
+    weights are not safetensors files."""
     folder = Path(base.folder) / "unet"
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         return None
-    total = 0
+    shapes = {}
     for f in files:
         try:
             with open(f, "rb") as fh:
@@ -49,12 +49,41 @@ def unet_parameters(base) -> Optional[int]:
                 header = json.loads(fh.read(size))
         except (OSError, ValueError, struct.error):
             return None
-        for k, v in header.items():
-            if k != "__metadata__":
-                n = 1
-                for d in v["shape"]:
-                    n *= d
-                total += n
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def unet_parameters(base) -> Optional[int]:
+    """The number of parameters of the base UNet (from its safetensors header); None when unknown."""
+    shapes = _unet_shapes(base)
+    return None if shapes is None else sum(_numel(s) for s in shapes.values())
+
+
+def trained_parameters(base, deme=None) -> Optional[int]:
+    """The parameters a range trains and stores: the whole UNet, or with deme.adapter = "lora" rank * (in * k * k +
+    out) per adapted weight (the projections are left out: at most a few percent of a UNet). None when unknown."""
+    from .adapters import ATTENTION, DEFAULT_TARGETS, is_lora
+
+    shapes = _unet_shapes(base)
+    if shapes is None or deme is None or not is_lora(deme):
+        return None if shapes is None else sum(_numel(s) for s in shapes.values())
+    try:
+        cls = json.loads((Path(base.folder) / "unet" / "config.json").read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        cls = ""
+    targets = deme.lora_targets or DEFAULT_TARGETS.get(cls, ATTENTION)
+    total = 0
+    for k, shape in shapes.items():
+        mod = k[: -len(".weight")] if k.endswith(".weight") else None
+        if mod and len(shape) in (2, 4) and any(mod == t or mod.endswith("." + t) for t in targets):
+            total += deme.lora_rank * (_numel(shape[1:]) + shape[0])
     return total
 
 
@@ -63,18 +92,21 @@ def range_bytes(params: int, keep_checkpoints: int) -> int:
     return 16 * params * (keep_checkpoints + 1) + 8 * params
 
 
-def check_disk(run_root: Path, base, train, ranges_left: int) -> None:
-    """Enough free disk under the run directory for `ranges_left` ranges' checkpoints and final models."""
+def check_disk(run_root: Path, base, train, ranges_left: int, deme=None) -> None:
+    """Enough free disk under the run directory for `ranges_left` ranges' checkpoints and final models (of the
+    parameters they train: `trained_parameters`)."""
     if ranges_left <= 0:
         return
-    params = unet_parameters(base)
+    params = trained_parameters(base, deme)
     if params is None:
         return
     need = ranges_left * range_bytes(params, train.keep_checkpoints)
     free = shutil.disk_usage(_existing(run_root)).free
     if free < need:
+        what = "LoRA adapters" if deme is not None and deme.adapter == "lora" else "UNet"
         raise UsageError(f"the disk of '{run_root}' has {free / GB:.1f} GB free, but training {ranges_left} range(s) "
-                         f"of a {params / 1e6:.0f}M-parameter UNet writes up to {need / GB:.1f} GB of checkpoints and "
+                         f"of {params / 1e6:.0f}M trained parameters ({what}) writes up to {need / GB:.1f} GB of "
+                         f"checkpoints and "
                          f"models (train.keep_checkpoints = {train.keep_checkpoints}); free some space, lower "
                          f"train.keep_checkpoints, or use another --out")
 
