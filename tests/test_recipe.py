@@ -100,12 +100,24 @@ def test_resolved_toml_records_the_value_used_for_every_key(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["cifar10", "lsun-church", "lsun-bedroom", "sd-coco30k", "sd-imagenet1k",
-                                  "sd-partiprompts", "quickstart"])
+                                  "sd-partiprompts", "quickstart", "sd-coco30k-lora", "sd-imagenet1k-lora",
+                                  "sd-partiprompts-lora"])
 def test_shipped_recipes_validate(name):
     f = Path(__file__).parent.parent / "recipes" / f"{name}.toml"
     if not f.exists():
         pytest.skip(f"{f.name} not in this checkout")
     load_recipe(f)
+
+
+@pytest.mark.parametrize("name", ["sd-coco30k", "sd-imagenet1k", "sd-partiprompts"])
+def test_lora_variants_of_the_sd_recipes_differ_only_in_the_lora_keys(name):
+    folder = Path(__file__).parent.parent / "recipes"
+    full = load_recipe(folder / f"{name}.toml").model_dump()
+    lora = load_recipe(folder / f"{name}-lora.toml").model_dump()
+    diff = {(sec, k) for sec in full for k in (full[sec] if isinstance(full[sec], dict) else [None])
+            if (full[sec].get(k) if k else full[sec]) != (lora[sec].get(k) if k else lora[sec])}
+    assert diff == {("name", None), ("train", "lr"), ("deme", "adapter"), ("deme", "lora_alpha"), ("output", "dir")}
+    assert lora["deme"]["adapter"] == "lora" and lora["deme"]["lora_rank"] == 16
 
 
 def test_cli_import_is_light():
