@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
+BASELINES_MD = HERE / "RESULTS-baselines.md"    # issue 17's rows (run.py --only n1-min-snr,deme-lora)
 LOSS_PNG = "loss-by-t.png"
 
 # (recipe, model) -> row label, in table order
@@ -42,6 +43,14 @@ ROWS = [
     ("ablation-sampling", "merged", "Table 3: N = 4, prob. sampling only, merged (uniform)"),
     ("ablation-consistency", "ensemble", "Table 3: N = 4, + consistency loss, ensemble"),
     ("ablation-consistency", "merged", "Table 3: N = 4, + consistency loss, merged (uniform)"),
+    ("n1-min-snr", "base", "(a) base, again (the Min-SNR run dir: same sampling seeds as the main table)"),
+    ("n1-min-snr", "range:0", "(f) N = 1, Min-SNR-5 loss weighting"),
+    ("deme-lora", "ensemble", "(g) DeMe N = 4, LoRA range models, ensemble"),
+    ("deme-lora", "merged", "(h) DeMe N = 4, LoRA range models, merged, uniform weights"),
+    ("deme-lora", "range:0", "DeMe LoRA range model 0 alone, t in [0, 250)"),
+    ("deme-lora", "range:1", "DeMe LoRA range model 1 alone, t in [250, 500)"),
+    ("deme-lora", "range:2", "DeMe LoRA range model 2 alone, t in [500, 750)"),
+    ("deme-lora", "range:3", "DeMe LoRA range model 3 alone, t in [750, 1000)"),
 ]
 MAIN = {"(a)", "(b)", "(c)", "(d)", "(e)"}
 

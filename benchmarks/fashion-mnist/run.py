@@ -42,13 +42,16 @@ sys.path.insert(0, str(HERE))
 import results  # noqa: E402
 
 # recipe name -> run it for seeds other than 0 too (every row of the table has two seeds)
-RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "ablation-sampling", "ablation-consistency", "n1-projection"]
+RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "ablation-sampling", "ablation-consistency", "n1-projection",
+           "n1-min-snr", "deme-lora"]
 MAIN_RECIPES = ["n1-all-timesteps", "deme", "deme-searched"]     # rows (a)-(e); the others are Table 3's ablations
 DERIVED = {"deme-searched": "deme"}     # recipe -> the recipe whose range models it merges (copied, not retrained)
 # recipe -> models scored by the loss by timestep only (no samples, so no FID/KID): after its `deme run`, one
 # `deme eval --models <run.models + these> --set eval.metrics=["loss"]` adds them to eval/ and to loss-by-t.png
 LOSS_ONLY = {"deme": ["range:0", "range:1", "range:2", "range:3"],
-             "ablation-sampling": ["ensemble"], "ablation-consistency": ["ensemble"]}
+             "ablation-sampling": ["ensemble"], "ablation-consistency": ["ensemble"],
+             "deme-lora": ["ensemble", "range:0", "range:1", "range:2", "range:3"]}
+BASELINES = ["n1-min-snr", "deme-lora"]     # issue 17's rows: their table is RESULTS-baselines.md (run.py --only)
 TOTAL_STEPS = 2000          # finetuning steps per recipe, shared by its ranges (equal for every row)
 SEARCH_IMAGES = 2000        # holdout-2k: the first images of holdout/, the weight search's reference
 
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", action="store_true", help="every run dir at once (--jobs = their number): for a "
                    "GPU that one tiny model leaves idle")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra `deme run --set` for every recipe")
+    p.add_argument("--dest", type=Path, default=None, help="the table's Markdown file (default: RESULTS.md, or "
+                   "RESULTS-baselines.md when --only names baseline recipes only; smoke runs: <out>/RESULTS-smoke.md)")
     args = p.parse_args(argv)
 
     out = args.out or Path("runs/fmnist-bench-smoke" if args.smoke else "runs/fmnist-bench")
@@ -327,7 +332,10 @@ def main(argv=None) -> int:
     if failed:
         log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
         return 1
-    dest = results.write(out)
+    dest = args.dest
+    if dest is None and not args.smoke and only <= set(BASELINES):
+        dest = results.BASELINES_MD
+    dest = results.write(out, dest)
     log(f"done in {time.time() - t0:.0f} s; table: {dest}")
     return 0
 
