@@ -31,10 +31,10 @@ from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import adapters, checkpoints, exports, interrupts, locks, preflight, provenance, ui
+from ..engine import checkpoints, exports, interrupts, locks, preflight, provenance, ui
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
-from ..engine.models import read_meta, save_model_folder
+from ..engine.models import read_meta
 from ..engine.ranges import Range
 from ..engine.recipe import DataSection, DemeSection, RangesSection, TrainSection, stage_kwargs
 from ..engine.runs import RunDir, write_atomic
@@ -252,14 +252,9 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
             meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
                     "recipe": name, "ema": ema is not None, "projection": deme.projection,
                     "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
-            save = save_model_folder
-            if trainer.lora is not None:  # the adapters only; the frozen base is named (adapters.py)
-                meta.update(adapter=adapters.meta(trainer.lora), base_model=str(base.folder.resolve()))
-                save = adapters.save_lora_folder
-            model = trainer.unwrapped()
-            save(run.final(r.index, ema=False), model, {**meta, "weights": "raw"}, state=raw)
-            save(run.final(r.index), model, {**meta, "weights": "ema" if ema is not None else "raw"},
-                 state=ema if ema is not None else raw)
+            trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
+            trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
+                           ema if ema is not None else raw, base.folder)
     trainer.acc.wait_for_everyone()
     return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)
 

@@ -16,7 +16,7 @@ from typing import Optional
 from . import adapters, checkpoints, ui
 from .errors import UsageError
 from .loss import LossWeighting, optimizer_step
-from .models import unet_hash, wrap
+from .models import save_model_folder, unet_hash, wrap
 from .ranges import Range, sample_timesteps
 from .speed import compile_module, to_device, use_compile
 
@@ -397,6 +397,15 @@ class RangeTrainer:
         if set(state) != trained:
             raise RuntimeError("the checkpoint's tensors are not this student's trained ones")
         model.load_state_dict(state, strict=False)
+
+    def export(self, folder: Path, meta: dict, state: dict, base_folder: Path) -> None:
+        """Write a range model folder holding `state` (final_states' raw or EMA state): a full model folder, or with
+        LoRA the adapters, naming the base they sit on (adapters.save_lora_folder)."""
+        if self.lora is None:
+            save_model_folder(folder, self.unwrapped(), meta, state=state)
+        else:
+            meta = {**meta, "adapter": adapters.meta(self.lora), "base_model": str(Path(base_folder).resolve())}
+            adapters.save_lora_folder(folder, self.unwrapped(), meta, state)
 
     def final_states(self) -> tuple[dict, Optional[dict]]:
         """(raw state, EMA state or None) of the student (`trainable_state`), keys unet.* and projections.*."""
