@@ -91,3 +91,26 @@ def test_paired_differences_are_taken_within_each_seed():
     assert results.mean_spread(diffs["(b) N = 1"]) == (0.0, 1.0)
     lines = "\n".join(results._paired_table(table, [0, 1]))
     assert "| (d) merged | -, -0.50 (-0.50) | -, -1.50 (-1.50) | - | - |" in lines
+
+
+def test_lora_size_report_matches_a_hand_count():
+    """benchmarks/lora_cost.py's size report on conftest's tiny UNet2DModel (channels 16, 32), counted by hand: each
+    adapted layer adds rank * (in * k * k + out) (A: r x in x k x k, B: out x r). The 3x3 ResNet convs
+    (in -> out): down 16->16 twice, 16->32 and 32->32, mid 32->32 four times, up (skip-concatenated inputs) 64->32,
+    32->32, 48->32, 32->32, 48->16, 16->16, 32->16, 16->16; and 4 attention blocks (down, mid, up x 2) of 4 Linear
+    32->32 (to_q, to_k, to_v, to_out.0): 20 convs + 16 linears = 32 layers."""
+    from conftest import TINY_UNET
+
+    lora_cost = _load("lora_cost", BENCH / "lora_cost.py")
+    convs = [(16, 16), (16, 16), (16, 32), (32, 32)] + [(32, 32)] * 4 + [
+        (64, 32), (32, 32), (48, 32), (32, 32), (48, 16), (16, 16), (32, 16), (16, 16)]
+    per_rank = sum(i * 9 + o for i, o in convs) + 16 * (32 + 32)
+    assert per_rank == 5904
+    s = lora_cost.lora_sizes("UNet2DModel", TINY_UNET, ranks=(4, 8))
+    assert s["projection_params"] == 16 * 16 + 32 * 32 + 32 * 32 + 32 * 32 + 16 * 16   # C^2: down, mid, up
+    assert s["targets"] == ["conv1", "conv2", "to_k", "to_out.0", "to_q", "to_v"]
+    for r in (4, 8):
+        x = s["ranks"][r]
+        assert x["adapted_layers"] == 32
+        assert x["adapter_params"] == r * per_rank and x["adapter_bytes_fp32"] == 4 * r * per_rank
+        assert x["folder_bytes_fp32"] == 4 * (r * per_rank + s["projection_params"])
