@@ -46,7 +46,8 @@ def peft_merged(folder, base_folder, dtype=torch.float32) -> dict:
 
     unet = models.load_unet(base_folder).to(dtype)
     inject_adapter_in_model(LoraConfig.from_pretrained(str(folder / "lora")), unet)
-    lora = {k: v.to(dtype) for k, v in load_file(str(folder / "lora" / "adapter_model.safetensors")).items()}
+    lora = {k.removeprefix("base_model.model."): v.to(dtype)
+            for k, v in load_file(str(folder / "lora" / "adapter_model.safetensors")).items()}
     res = set_peft_model_state_dict(unet, lora)
     assert not res.unexpected_keys
     merged = 0
@@ -90,8 +91,8 @@ def test_range_folder_holds_the_ema_adapters_and_projections_only(lora_run, tiny
         want = load_file(str(ck / ck_file))          # every trained tensor of the last checkpoint
         lora = load_file(str(folder / "lora" / "adapter_model.safetensors"))
         proj = load_file(str(folder / models.PROJECTION_FILE))
-        got = {**{"unet." + k: v for k, v in lora.items()}, **{"projections." + k: v for k, v in proj.items()}}
-        want = {adapters.to_peft_key(k): v for k, v in want.items()}
+        got = {**lora, **{"projections." + k: v for k, v in proj.items()}}
+        want = {(adapters.to_peft_key(k[len("unet."):]) if k.startswith("unet.") else k): v for k, v in want.items()}
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
         meta = models.read_meta(folder)
@@ -153,6 +154,19 @@ def test_a_lora_range_model_loads_as_peft_merges_it(lora_run, tiny_ddpm):
     theta = models.load_unet(tiny_ddpm).state_dict()
     moved = peft_merged(run.final(1), tiny_ddpm)
     assert any(not torch.equal(moved[k], theta[k]) for k in theta)
+
+
+def test_a_lora_range_folder_loads_with_peft_model_from_pretrained(lora_run, tiny_ddpm):
+    from peft import PeftModel
+
+    recipe, run = lora_run
+    peft_model = PeftModel.from_pretrained(models.load_unet(tiny_ddpm), str(run.final(1) / "lora"))
+    loaded = {n for n, p in peft_model.named_parameters() if "lora_B" in n and p.abs().max() > 0}
+    assert len(loaded) == len(adapters.lora_modules(load_file(str(run.final(1) / "lora" /
+                                                                  "adapter_model.safetensors"))))
+    got = peft_model.merge_and_unload().state_dict()
+    want = adapters.load_lora_model(run.final(1)).unet.state_dict()
+    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6
 
 
 def test_a_lora_range_model_needs_its_own_base(lora_run, tiny_ddpm, tmp_path):

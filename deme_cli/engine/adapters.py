@@ -12,8 +12,9 @@ That delta is the range's task vector on W (tau_i = theta_i - theta of Eq. 8); e
 the base with its deltas added (`load_lora_model`).
 
 A LoRA range folder (`ranges/<i>/final/`, `final-raw/`) holds, instead of `unet/`:
-    lora/adapter_model.safetensors   the adapter weights in peft's format (keys <module>.lora_A.weight, .lora_B.weight)
-    lora/adapter_config.json         peft's LoraConfig (rank, alpha, target modules): loads with peft.PeftModel
+    lora/adapter_model.safetensors   the adapter weights in peft's format (base_model.model.<module>.lora_A.weight, ...)
+    lora/adapter_config.json         peft's LoraConfig (rank, alpha, target modules): with the safetensors file, what
+                                     peft.PeftModel.from_pretrained(unet, "lora/") loads
     projection.safetensors, deme.json   as in a full folder; deme.json's "adapter" says kind, rank, alpha, scale,
                                      target modules, and "base_model" names the base's folder
 """
@@ -93,9 +94,14 @@ def meta(config) -> dict:
 
 # --- folders -----------------------------------------------------------------------------------------------------
 
+PEFT_PREFIX = "base_model.model."   # what peft.PeftModel's save_pretrained puts before a module name
+
+
 def to_peft_key(key: str) -> str:
-    """'x.conv1.lora_A.default.weight' (a live parameter name) -> 'x.conv1.lora_A.weight' (peft's file format)."""
-    return key.replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.").replace(f".lora_B.{ADAPTER_NAME}.", ".lora_B.")
+    """'x.conv1.lora_A.default.weight' (a UNet parameter name) -> 'base_model.model.x.conv1.lora_A.weight' (the keys
+    of peft's adapter_model.safetensors: PeftModel.from_pretrained(unet, folder) loads them)."""
+    return PEFT_PREFIX + key.replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.").replace(f".lora_B.{ADAPTER_NAME}.",
+                                                                                       ".lora_B.")
 
 
 def write_lora(folder: Path, lora_sd: dict, adapter: dict, base_model: str) -> None:
@@ -117,12 +123,14 @@ def is_lora_folder(folder: Path) -> bool:
 
 
 def lora_modules(shapes: dict) -> dict[str, tuple]:
-    """{module: (A key, B key)} of a peft-format adapter's tensor names (`shapes`: name -> shape), checked complete."""
+    """{UNet module: (A key, B key)} of a peft-format adapter's tensor names (`shapes`: name -> shape; with or without
+    peft's "base_model.model." prefix), checked complete."""
     out = {}
     for k in shapes:
         if k.endswith(".lora_A.weight"):
-            mod = k[: -len(".lora_A.weight")]
-            b = mod + ".lora_B.weight"
+            b = k[: -len(".lora_A.weight")] + ".lora_B.weight"
+            mod = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
+            mod = mod[: -len(".lora_A.weight")]
             if b not in shapes:
                 raise UsageError(f"the adapter has '{k}' but no '{b}'; retrain the range")
             out[mod] = (k, b)
