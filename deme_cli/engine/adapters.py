@@ -189,9 +189,7 @@ def apply_deltas(unet, adapter: dict, tensors: dict) -> None:
 def load_lora_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
     """A LoRA range folder as a full DemeModel: the base UNet (`base_folder`, default deme.json's "base_model") with
     the adapter's deltas added, and the projections. The base must be the one the range was trained from."""
-    from safetensors.torch import load_file
-
-    from .models import DemeModel, PROJECTION_FILE, load_unet, make_projections, read_meta, unet_hash
+    from .models import load_unet, read_meta, unet_hash, with_projections
 
     folder = Path(folder)
     m = read_meta(folder)
@@ -207,12 +205,7 @@ def load_lora_model(folder: Path, base_folder: Optional[Path] = None, dtype=None
     apply_deltas(unet, adapter, tensors)
     if dtype is not None:
         unet = unet.to(dtype)
-    proj = None
-    pf = folder / PROJECTION_FILE
-    if pf.is_file():
-        proj = make_projections(unet)
-        proj.load_state_dict(load_file(str(pf), device=str(unet.device)))
-    return DemeModel(unet, proj)
+    return with_projections(unet, folder)
 
 
 

@@ -273,12 +273,16 @@ def read_meta(folder: Path) -> dict:
 
 def load_model_folder(folder: Path, dtype=None):
     """Load a model folder back as a DemeModel (projections attached when present)."""
+    folder = Path(folder)
+    return with_projections(load_unet(folder, dtype=dtype), folder)
+
+
+def with_projections(unet, folder: Path):
+    """`unet` as a DemeModel with the projections of model folder `folder` (none when it has no projection file)."""
     from safetensors.torch import load_file
 
-    folder = Path(folder)
-    unet = load_unet(folder, dtype=dtype)
     proj = None
-    pf = folder / PROJECTION_FILE
+    pf = Path(folder) / PROJECTION_FILE
     if pf.is_file():
         proj = make_projections(unet)
         proj.load_state_dict(load_file(str(pf), device=str(unet.device)))
