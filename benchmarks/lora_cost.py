@@ -17,8 +17,8 @@ data loading is timed. Reported per variant:
   grads, AdamW, EMA   bytes of the tensors themselves: the gradients as accumulated in a step (caught by hooks), the
                  optimizer state after a step, the EMA shadow
   checkpoint     bytes on disk of what RangeTrainer.save_checkpoint writes (trainable_state, EMA, optimizer, RNG)
-  range folder   bytes on disk of final/ as `deme train` writes it (the EMA state through models.save_model_folder,
-                 or adapters.save_lora_folder: lora/ in peft's format + projection.safetensors + deme.json)
+  range folder   bytes on disk of final/ as `deme train` writes it (RangeTrainer.export of the EMA state: a full
+                 folder, or lora/ in peft's format + projection.safetensors + deme.json)
   peak memory    each variant alone in a fresh process, over building its trainer and --mem-steps steps. CUDA:
                  torch.cuda.max_memory_allocated. CPU: the process's peak RSS (ru_maxrss) minus its peak after the
                  imports and loading the base UNet once (so one copy of the UNet's weights is in the baseline).
