@@ -39,7 +39,8 @@ def _split(recipe, base, run, force, models):
 
 
 def _train(recipe, base, run, force, models):
-    summaries = train_ranges(base, run, force=force, resolved=recipe.to_toml(), **stage_kwargs(train_ranges, recipe))
+    summaries = train_ranges(base, run, force=force, resolved=recipe.to_toml(), preview_sample=recipe.sample,
+                             **stage_kwargs(train_ranges, recipe))
     return "kept" if all(r["skipped"] for r in summaries) else "done"
 
 
