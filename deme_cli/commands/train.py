@@ -32,7 +32,7 @@ from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import checkpoints, exports, interrupts, locks, preflight, provenance, tracking, ui
+from ..engine import checkpoints, exports, interrupts, locks, model_card, preflight, provenance, tracking, ui
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
 from ..engine.models import read_meta
@@ -274,6 +274,7 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
             trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
             trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
                            ema if ema is not None else raw, base.folder)
+            model_card.update(run, base, [f"range:{r.index}"])     # README.md of final/ and final-raw/
     trainer.acc.wait_for_everyone()
     return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)
 
