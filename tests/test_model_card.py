@@ -85,6 +85,10 @@ def test_merge_sample_and_eval_fill_the_merged_card(card_run):
     run_merge(recipe, run, weights=[0.5, 0.5], force=True)
     meta, body = front(run.merged / "README.md")
     assert "model-index" not in meta and "grid.png" not in body and not (run.merged / "grid.png").exists()
+    # sampled again, not evaluated again: the grid is this model's, the scores are still the old model's
+    run_sample(recipe, run, "merged", force=True)
+    meta, body = front(run.merged / "README.md")
+    assert "model-index" not in meta and "![samples](grid.png)" in body
 
 
 def test_a_lora_range_card_says_lora(tiny_ddpm, tiny_images, tmp_path):
