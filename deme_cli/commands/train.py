@@ -28,11 +28,13 @@ import math
 import os
 import shutil
 import signal
+import time
 from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import checkpoints, exports, interrupts, locks, model_card, preflight, provenance, tracking, ui
+from ..engine import (checkpoints, environment, exports, interrupts, locks, model_card, preflight, provenance,
+                      tracking, ui)
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
 from ..engine.models import read_meta
@@ -270,7 +272,7 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
             raw, ema = trainer.final_states()
             meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
                     "recipe": name, "ema": ema is not None, "projection": deme.projection,
-                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
+                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs, "environment": environment.describe()}
             trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
             trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
                            ema if ema is not None else raw, base.folder)
@@ -281,7 +283,8 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
 
 def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metrics: Path, main: bool,
          previews: Optional[Previews] = None) -> None:
-    """Train to tr.steps, logging every step (metrics.jsonl and the tracker), previewing every tr.preview_every (the
+    """Train to tr.steps, logging every step (metrics.jsonl, with the seconds since this process started training:
+    elapsed_s; and the tracker), previewing every tr.preview_every (the
     main process; the others wait) and checkpointing every tr.checkpoint_every. A signal (interrupts.py)
     stops at the next step boundary, after a checkpoint of that step; a NaN or infinite loss or grad norm, or weights
     that overflowed, stop without writing one (the last good one is kept)."""
@@ -290,7 +293,7 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
           else nullcontext()) as bar, interrupts.deferred() as stop, \
             (open(metrics, "a") if main else nullcontext()) as log:
         def record(pending) -> None:
-            line = pending()
+            line = {**pending(), "elapsed_s": round(time.time() - t0, 3)}
             if main:
                 log.write(_json_line(line) + "\n")
                 log.flush()
@@ -299,6 +302,7 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
             _check_finite(r, line, ckpt_dir, tr.lr, scaled=trainer.acc.scaler is not None)
 
         pending = None          # the step whose metrics are not read yet (read after queuing the next one)
+        t0 = time.time()
         while trainer.step < tr.steps:
             try:
                 queued = trainer.launch_step()
