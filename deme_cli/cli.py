@@ -339,11 +339,45 @@ def analyze_gradients(recipe: Path = RecipeArg,
     guard(body)
 
 
+# --- report --------------------------------------------------------------------------------------------------------
+def _recipe_arg(recipe: Path, out: Optional[Path]) -> str:
+    """How the commands a report suggests name the recipe (and --out, when given)."""
+    import shlex
+
+    return shlex.quote(str(recipe)) + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+
+
+@app.command()
+def report(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+           dry_run: bool = DryOpt, as_json: bool = JsonOpt):
+    """Write the run up: <run>/report/index.html (one self-contained file: opens offline) and report.md.
+
+    Shows the recipe, versions, hardware and times, the ranges, training curves, merge weights, sample grids and the
+    eval table, and names what is still missing with the command that makes it. With GITHUB_STEP_SUMMARY set (GitHub
+    Actions), a short summary is appended to that file."""
+    def body():
+        from .engine.recipe import load_recipe
+        from .engine.runs import RunDir
+
+        resolved = load_recipe(recipe, set_, str(out) if out is not None else None)
+        if dry_run:
+            sys.stdout.write(resolved.to_toml())
+            return
+        from .commands.report import run_report
+
+        r = run_report(resolved, RunDir(resolved.out_dir), recipe_arg=_recipe_arg(recipe, out))
+        if as_json:
+            ui.emit_json(r)
+            return
+        tables.report(r)
+    guard(body)
+
+
 # --- run -----------------------------------------------------------------------------------------------------------
 @app.command()
 def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         dry_run: bool = DryOpt, as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """The whole pipeline: split, train (all ranges), merge, sample, eval; finished work is skipped.
+    """The whole pipeline: split, train (all ranges), merge, sample, eval, then the report; finished work is skipped.
 
     Interrupt it at any point and run the same command again to finish the job. Outputs produced from a different
     recipe are never mixed with new ones: the command refuses and names the difference (--force redoes everything)."""
@@ -354,7 +388,8 @@ def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optio
         from .commands.pipeline import run_pipeline
 
         r = run_pipeline(ctx.recipe, ctx.run, force=force,
-                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"))
+                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"),
+                         recipe_arg=_recipe_arg(recipe, out))
         if as_json:
             ui.emit_json(r)
             return
