@@ -190,7 +190,10 @@ def _provenance_blocks(d: dict) -> list:
     where = "run.json" if d["run_environment"] else "ranges/<i>/final/deme.json"
     cols = ([f"recorded ({where})"] if recorded else []) + ["where this report was written"]
     envs = ([recorded] if recorded else []) + [d["environment"]]
-    show = lambda v: ", ".join(v) or "none" if isinstance(v, list) else v     # noqa: E731
+
+    def show(v):
+        return (", ".join(v) or "none") if isinstance(v, list) else v
+
     blocks: list = [("table", ["", *cols], [[k] + [show(e.get(k)) for e in envs] for k in ENV_KEYS
                                             if any(e.get(k) is not None for e in envs)])]
     rows = [[what, seconds, f"`{src}`"] for what, seconds, src in times(d)]
