@@ -76,6 +76,20 @@ def test_resolved_toml_roundtrips(tmp_path):
     assert again == r.resolved() and again.resolved() == again and again.to_toml() == text
 
 
+@pytest.mark.parametrize("sets", [[], ['deme.adapter="lora"'], ['deme.adapter="lora"', "deme.lora_alpha=4.0"]])
+def test_a_run_resumed_from_its_resolved_recipe_records_the_same_inputs(tmp_path, sets):
+    """`deme run runs/x/recipe.resolved.toml` must see the recipe values the run recorded (deme.lora_alpha once
+    resolved to the rank there, and the run refused its own recipe)."""
+    from deme_cli.commands.train import range_inputs
+
+    r = load_recipe(write(tmp_path, MIN), sets)
+    again = load_recipe(write(tmp_path, r.to_toml()))
+
+    def inputs(x):
+        return range_inputs(data=x.data, ranges=x.ranges, train=x.train, deme=x.deme, seed=x.seed)
+    assert inputs(again) == inputs(r)
+
+
 def test_resolved_toml_records_the_value_used_for_every_key(tmp_path):
     """Keys whose default follows from other keys are written with the value the stages use; keys left unset are
     listed as comments, so every key of every section appears in the file."""

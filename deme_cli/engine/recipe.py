@@ -273,7 +273,6 @@ class Recipe(_Section):
         """The recipe with the defaults that follow from other keys filled in: the values the stages use."""
         fill = {"output": {"dir": str(self.out_dir)},
                 "eval": {"num_images": self.eval.num_images or self.sample.num_images},
-                "deme": {"lora_alpha": self.deme.lora_alpha_value},
                 "merge": {"shapes": self.merge.weight_shapes(self.ranges.n),
                           "search_steps": self.merge.search_sampler_steps(self.sample)}}
         if self.ranges.strategy == "affinity":
