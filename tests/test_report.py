@@ -211,3 +211,43 @@ def test_deme_run_ends_with_the_report_and_survives_a_failing_one(full_run, tmp_
     assert "deme run: train" in html and "recorded (run.json)" in html
     assert read_json(copy / "run.json")["environment"]["python"]
     assert "FID" in summary.read_text()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def screenshot(html_file, png, width=1200, height=2400):
+    """Render a page with headless Chromium (Debian's `chromium`; .ci/run installs it) to a PNG of the viewport."""
+    import subprocess
+
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--window-size={width},{height}", f"--screenshot={png}", f"file://{html_file}"],
+                   check=True, capture_output=True, timeout=120)
+    from PIL import Image
+
+    return np.asarray(Image.open(png).convert("RGB")).astype(int)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (.ci/run installs Debian's chromium)")
+def test_a_real_browser_draws_the_reports_tables_and_images(full_run, tmp_path):
+    """Headless Chromium renders index.html offline; the page shows its tables and its images: the same page with
+    its images hidden (same layout) has far fewer coloured pixels, and with its tables hidden fewer dark ones."""
+    recipe, run = full_run
+    assert report(recipe).exit_code == 0
+    html = (run.root / "report" / "index.html").read_text()
+    page = screenshot(run.root / "report" / "index.html", tmp_path / "page.png")
+    hidden = {}
+    for what in ("img", "table"):
+        f = tmp_path / f"no-{what}.html"
+        f.write_text(html.replace("</head>", f"<style>{what} {{visibility: hidden}}</style></head>", 1))
+        hidden[what] = screenshot(f, tmp_path / f"no-{what}.png")
+
+    def drawn(a, b):         # pixels that differ between two renderings of the same layout
+        return int((np.abs(a - b).sum(axis=2) > 60).sum())
+
+    assert page.shape == (2400, 1200, 3)
+    assert (page.min(axis=2) < 250).mean() > 0.03, "the page is (nearly) blank"
+    assert drawn(page, hidden["img"]) > 20000           # plots, sample grids and previews
+    assert drawn(page, hidden["table"]) > 3000          # the eval, loss and ranges tables' text and borders
+    saturated = (page.max(axis=2) - page.min(axis=2)) > 60
+    assert saturated.sum() > 5 * ((hidden["img"].max(axis=2) - hidden["img"].min(axis=2)) > 60).sum()
