@@ -2,23 +2,24 @@
 print their results (tables.py).
 
 Importing this module must not import torch or diffusers (they take ~11 s): every module imports them inside the
-functions that need them. Exit codes: 0 success, 2 bad input (one sentence on stderr), 1 failure while running.
+functions that need them. Exit codes: 0 success, 2 bad input (one sentence on stderr), 1 failure while running
+(command_context.py keeps that contract and prepares every command's recipe and run directory).
 """
 from __future__ import annotations
 
 import inspect
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 
 from . import tables
+from .command_context import guard, main_process, prepare
 from .commands.analyze_gradients import analyze_gradients as gradients_stage
 from .engine import ui
-from .engine.errors import Failed, UsageError
+from .engine.errors import UsageError
 from .engine.gradients import DEFAULT_BINS, REDUCERS
-from .engine.interrupts import Interrupted, handle_signals
 from .engine.merge_methods import MERGE_METHODS
 from .engine.model_specs import MODEL_SPECS
 from .engine.ranges import SPLIT_STRATEGIES
@@ -49,84 +50,6 @@ JsonOpt = typer.Option(False, "--json", help="Print one machine-readable result 
 ForceOpt = typer.Option(False, "--force", help="Redo finished work instead of skipping it.")
 
 
-class Ctx:
-    """What every command gets: the validated recipe, its run directory, and the output flags."""
-
-    def __init__(self, recipe, as_json: bool, force: bool):
-        from .engine.runs import RunDir
-
-        self.recipe = recipe
-        self.run = RunDir(recipe.out_dir)
-        self.json = as_json
-        self.force = force
-
-
-def _prepare(recipe_path: Path, sets: Optional[List[str]], out: Optional[Path], dry_run: bool, as_json: bool,
-             force: bool = False) -> Optional[Ctx]:
-    """Load and validate the recipe; on --dry-run print it and return None; else create the run dir."""
-    from .engine.recipe import load_recipe
-    from .engine.runs import ensure_writable, write_atomic
-
-    recipe = load_recipe(recipe_path, sets, str(out) if out is not None else None)
-    if dry_run:
-        sys.stdout.write(recipe.to_toml())
-        return None
-    ensure_writable(recipe.out_dir)
-    _PREPARED.append(lambda: write_atomic(recipe.out_dir / "recipe.resolved.toml", recipe.to_toml()))
-    return Ctx(recipe, as_json, force)
-
-
-# <run>/recipe.resolved.toml records the recipe of the last command that did work in the run directory: written when
-# the command ends, unless it refused its input (then nothing on disk changes)
-_PREPARED: list[Callable[[], None]] = []
-
-
-def _say(style: str, label: str, message: str) -> None:
-    msg = str(message).strip()
-    msg = msg if msg.endswith((".", "?", "!")) else msg + "."
-    ui.console.print(f"[{style}]{label}:[/{style}] {msg}", markup=True, highlight=False, soft_wrap=True)
-
-
-def _record_resolved() -> None:
-    while _PREPARED:
-        _PREPARED.pop()()
-
-
-def _guard(fn: Callable[[], None]) -> None:
-    """Run a command body: UsageError -> one sentence, exit 2; a run that failed for a reason one sentence explains
-    (Failed) -> exit 1; SIGTERM, SIGINT or SIGUSR1 -> one line saying what was kept, exit 128 + the signal number
-    (interrupts.py: long loops stop at their next safe point and save first)."""
-    _PREPARED.clear()
-    try:
-        try:
-            with handle_signals():
-                fn()
-        except BaseException as e:   # unless it refused its input, it did work: say with which recipe
-            if not isinstance(e, UsageError) and getattr(e, "exit_code", getattr(e, "code", None)) != 2:
-                _record_resolved()
-            raise
-        _record_resolved()
-    except UsageError as e:
-        _say("red", "error", e)
-        raise typer.Exit(2)
-    except Failed as e:
-        _say("red", "failed", e)
-        raise typer.Exit(1)
-    except Interrupted as e:
-        _say("yellow", "stopped", e)
-        raise typer.Exit(e.exit_code)
-    except KeyboardInterrupt:
-        ui.console.print("interrupted; re-run the same command to continue where it stopped.")
-        raise typer.Exit(130)
-
-
-def _main_process() -> bool:
-    """False in the other processes of an `accelerate launch` / torchrun job: only the main one reports."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 # --- split ---------------------------------------------------------------------------------------------------------
 @app.command()
 def split(recipe: Path = RecipeArg,
@@ -138,7 +61,7 @@ def split(recipe: Path = RecipeArg,
     """Cut [0, T) into N contiguous timestep ranges; writes <run>/ranges.json."""
     def body():
         sets = list(set_ or []) + ([f'ranges.strategy="{strategy}"'] if strategy else [])
-        ctx = _prepare(recipe, sets, out, dry_run, as_json)
+        ctx = prepare(recipe, sets, out, dry_run, as_json)
         if ctx is None:
             return
         from .commands.split import run_split
@@ -150,7 +73,7 @@ def split(recipe: Path = RecipeArg,
             ui.table(f"{len(result['ranges'])} ranges ({result['strategy']}) -> {ctx.run.ranges_json}",
                      ["range", "lo", "hi", "timesteps"],
                      [[r["index"], r["lo"], r["hi"], r["hi"] - r["lo"]] for r in result["ranges"]])
-    _guard(body)
+    guard(body)
 
 
 # --- train ---------------------------------------------------------------------------------------------------------
@@ -189,20 +112,20 @@ def train(recipe: Path = RecipeArg,
         if launcher != "none":
             return _train_launched(recipe, set_, out, dry_run, as_json, force, launcher, gpus, gpus_per_range, emit,
                                    list(slurm_option or []))
-        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        ctx = prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.train import run_train
 
         results = run_train(ctx.recipe, ctx.run, None if all_ else range_, force=force)
-        if not _main_process():
+        if not main_process():
             return
         if as_json:
             ui.emit_json({"ranges": results})
         else:
             ui.table("trained", ["range", "lo", "hi", "steps", "loss", "final"],
                      [[r["range"], r["lo"], r["hi"], r["steps"], r.get("loss"), r["final"]] for r in results])
-    _guard(body)
+    guard(body)
 
 
 def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force: bool, launcher: str, gpus: str,
@@ -223,7 +146,7 @@ def _train_launched(recipe: Path, set_, out, dry_run: bool, as_json: bool, force
             for path, text in emitted["files"].items():
                 sys.stdout.write(f"\n# ===== {path} (not written: --dry-run) =====\n{text}")
         return
-    ctx = _prepare(recipe, set_, out, False, as_json, force)
+    ctx = prepare(recipe, set_, out, False, as_json, force)
     if launcher == "slurm":
         emitted = launch.slurm_emit(ctx.recipe, ctx.run, gpus_per_range, slurm_options)
         submitted = None if emit else launch.slurm_submit(emitted)
@@ -289,7 +212,7 @@ def merge(recipe: Path = RecipeArg,
         if processes > 1 and load_recipe(recipe, sets).merge.weights != "search":
             raise UsageError("--processes scores the candidates of the weight search; use it with --search or "
                              "merge.weights = \"search\"")
-        ctx = _prepare(recipe, sets, out, dry_run, as_json, force)
+        ctx = prepare(recipe, sets, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.merge import run_merge
@@ -300,7 +223,7 @@ def merge(recipe: Path = RecipeArg,
             ui.emit_json(result)
             return
         tables.merge(result)
-    _guard(body)
+    guard(body)
 
 
 # --- sample --------------------------------------------------------------------------------------------------------
@@ -325,13 +248,13 @@ def sample(recipe: Path = RecipeArg,
         if processes < 1:
             raise UsageError(f"--processes must be at least 1, got {processes}")
         part = Shard.parse(shard) if shard is not None else None
-        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        ctx = prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.sample import run_sample
 
         r = run_sample(ctx.recipe, ctx.run, model, force=force, processes=processes, gpus=gpus, shard=part)
-        if not _main_process():
+        if not main_process():
             return
         if r.get("failed"):
             ui.console.print("\n".join(r["report"]), markup=False, highlight=False)
@@ -348,7 +271,7 @@ def sample(recipe: Path = RecipeArg,
         ui.info(f"{r['model']}: {r['num_images']} images in {r['folder']}")
         ui.info(f"  {r['generated']} new, {r['skipped']} kept; {r['scheduler']} {r['steps']} steps, "
                 f"{r['precision']}{rate}")
-    _guard(body)
+    guard(body)
 
 
 # --- eval ----------------------------------------------------------------------------------------------------------
@@ -365,7 +288,7 @@ def eval_(recipe: Path = RecipeArg,
         names = [m.strip() for m in models.split(",") if m.strip()]
         if not names:
             raise UsageError("--models is empty; give models like base,merged,ensemble")
-        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        ctx = prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.eval import run_eval
@@ -375,7 +298,7 @@ def eval_(recipe: Path = RecipeArg,
             ui.emit_json(r)
             return
         tables.evaluation(r)
-    _guard(body)
+    guard(body)
 
 
 # --- analyze-gradients ---------------------------------------------------------------------------------------------
@@ -402,7 +325,7 @@ def analyze_gradients(recipe: Path = RecipeArg,
     def body():
         if bins is not None and bins < 2:
             raise UsageError(f"--bins must be at least 2 to compare timesteps, got {bins}")
-        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        ctx = prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.analyze_gradients import run_analyze_gradients as analyze
@@ -413,30 +336,65 @@ def analyze_gradients(recipe: Path = RecipeArg,
             ui.emit_json(result)
             return
         tables.gradients(result)
-    _guard(body)
+    guard(body)
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+def _recipe_arg(recipe: Path, out: Optional[Path]) -> str:
+    """How the commands a report suggests name the recipe (and --out, when given)."""
+    import shlex
+
+    return shlex.quote(str(recipe)) + (f" --out {shlex.quote(str(out))}" if out is not None else "")
+
+
+@app.command()
+def report(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
+           dry_run: bool = DryOpt, as_json: bool = JsonOpt):
+    """Write the run up: <run>/report/index.html (one self-contained file: opens offline) and report.md.
+
+    Shows the recipe, versions, hardware and times, the ranges, training curves, merge weights, sample grids and the
+    eval table, and names what is still missing with the command that makes it. With GITHUB_STEP_SUMMARY set (GitHub
+    Actions), a short summary is appended to that file."""
+    def body():
+        from .engine.recipe import load_recipe
+        from .engine.runs import RunDir
+
+        resolved = load_recipe(recipe, set_, str(out) if out is not None else None)
+        if dry_run:
+            sys.stdout.write(resolved.to_toml())
+            return
+        from .commands.report import run_report
+
+        r = run_report(resolved, RunDir(resolved.out_dir), recipe_arg=_recipe_arg(recipe, out))
+        if as_json:
+            ui.emit_json(r)
+            return
+        tables.report(r)
+    guard(body)
 
 
 # --- run -----------------------------------------------------------------------------------------------------------
 @app.command()
 def run(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt, out: Optional[Path] = OutOpt,
         dry_run: bool = DryOpt, as_json: bool = JsonOpt, force: bool = ForceOpt):
-    """The whole pipeline: split, train (all ranges), merge, sample, eval; finished work is skipped.
+    """The whole pipeline: split, train (all ranges), merge, sample, eval, then the report; finished work is skipped.
 
     Interrupt it at any point and run the same command again to finish the job. Outputs produced from a different
     recipe are never mixed with new ones: the command refuses and names the difference (--force redoes everything)."""
     def body():
-        ctx = _prepare(recipe, set_, out, dry_run, as_json, force)
+        ctx = prepare(recipe, set_, out, dry_run, as_json, force)
         if ctx is None:
             return
         from .commands.pipeline import run_pipeline
 
         r = run_pipeline(ctx.recipe, ctx.run, force=force,
-                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"))
+                         on_stage=None if as_json else lambda s: ui.console.rule(f"[bold]{s}"),
+                         recipe_arg=_recipe_arg(recipe, out))
         if as_json:
             ui.emit_json(r)
             return
         tables.pipeline(ctx.recipe.name, r)
-    _guard(body)
+    guard(body)
 
 
 def main() -> None:

@@ -64,6 +64,16 @@ def gradients(result: dict) -> None:
         ui.info(f"{name}: {f}")
 
 
+def report(r: dict) -> None:
+    """`deme report`: the files written and what the run still lacks."""
+    ui.info(f"report: {r['html']}")
+    ui.info(f"        {r['markdown']}")
+    for line in r["missing"]:
+        ui.info(f"  not yet: {line}")
+    if r.get("step_summary"):
+        ui.info(f"step summary appended to {r['step_summary']}")
+
+
 def pipeline(name: str, r: dict) -> None:
     """`deme run`: the results per model, the loss by timestep, the stages."""
     keys = list(dict.fromkeys(k for m in r["models"].values() for k in m["metrics"]))
@@ -72,3 +82,5 @@ def pipeline(name: str, r: dict) -> None:
              [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
     loss_by_t(r["models"], r.get("loss_plot"))
     ui.table("stages", ["stage", "status", "seconds"], [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
+    if r.get("report"):
+        ui.info(f"report: {r['report']['html']}")

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from conftest import tiny_recipe_dict
 from deme_cli.cli import app
 
-SUBCOMMANDS = ("split", "train", "merge", "sample", "eval", "analyze-gradients", "run")
+SUBCOMMANDS = ("split", "train", "merge", "sample", "eval", "analyze-gradients", "report", "run")
 UNET = "unet/diffusion_pytorch_model.safetensors"
 
 
@@ -271,6 +271,8 @@ RECIPES = [
     C("set-without-equals", "train", lambda e: [e.recipe(), "--range", "0", "--set", "train.steps"],
       "--set expects section.key=value"),
     C("set-empty-key", "split", lambda e: [e.recipe(), "--set", "=3"], "--set expects section.key=value"),
+    C("report-unknown-key", "report", lambda e: [e.finished(), "--set", "eval.modee=clean"],
+      "did you mean 'eval.mode'"),
     C("set-unknown-section", "merge", lambda e: [e.recipe(), "--set", "bogus.key=1"], "unknown recipe key 'bogus"),
     C("set-into-a-value", "merge", lambda e: [e.recipe(), "--set", "name.key=1"], "'name' is not a section"),
     C("pretrained-missing", "analyze-gradients",
@@ -388,6 +390,7 @@ INTERRUPTED = [
     C("samples-locked-by-live-process", "sample", _locked("samples/.base.lock", "--model", "base", "--force"),
       lambda e: f"process {e.pid} "),
     C("merge-before-train", "merge", lambda e: [e.recipe()], "deme train"),
+    C("report-before-any-run", "report", lambda e: [e.recipe()], "does not exist"),
     C("sample-merged-before-merge", "sample", lambda e: [e.recipe(), "--model", "merged"], "deme merge"),
     C("eval-before-sample", "eval", lambda e: [e.recipe(), "--models", "base", "--set", 'eval.metrics=["fid"]'],
       "deme sample"),

@@ -155,7 +155,8 @@ def test_stage_inputs_are_read_off_the_stage_signatures(make_recipe):
     inputs = stage_inputs(recipe, by_name["train"])
     d = recipe.model_dump(mode="json")
     speed = {("data", "num_workers"), ("train", "checkpoint_every"), ("train", "keep_checkpoints"),
-             ("train", "log_every"), ("train", "compile"), ("train", "gradient_checkpointing")}
+             ("train", "log_every"), ("train", "compile"), ("train", "gradient_checkpointing"), ("train", "log_with"),
+             ("train", "preview_every"), ("train", "preview_images"), ("train", "preview_steps")}
     want = {f"{s}.{k}": v for s in ("model", "data", "ranges", "train", "deme") for k, v in d[s].items()
             if (s, k) not in speed}
     assert inputs == {**want, "seed": recipe.seed}               # every key of those sections, nothing else

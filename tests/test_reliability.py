@@ -181,8 +181,10 @@ def test_a_finished_range_with_other_recipe_values_is_refused_naming_the_keys(ma
         assert key in str(e.value) and "another --out" in str(e.value)
     with pytest.raises(UsageError, match="train.lr"):           # more steps continue it: only with the same values
         run_train(changed(lr=1e-3, steps=3), run, 0)
-    # values that only change the speed are not compared; a changed range is retrained with --force
-    assert run_train(changed(log_every=1, checkpoint_every=1, keep_checkpoints=5), run, 0)[0]["skipped"]
+    # values that only change the speed (or the logs and previews) are not compared; a changed range is retrained
+    # with --force
+    assert run_train(changed(log_every=1, checkpoint_every=1, keep_checkpoints=5, log_with="tensorboard",
+                             preview_every=1, preview_images=2, preview_steps=3), run, 0)[0]["skipped"]
     after = _weights(run.final(0))
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not run_train(changed(lr=1e-3), run, 0, force=True)[0]["skipped"]

@@ -2,7 +2,8 @@
 
 FID / KID through clean-fid (engine/features.py: the images' features; engine/fid.py: the reference and the
 distances), CLIP score (engine/clip.py) and the held-out loss by timestep (engine/loss_by_t.py). A model's result is
-reused while the inputs it was computed from (its fingerprint) are unchanged.
+reused while the inputs it was computed from (its fingerprint) are unchanged. The scores go into the model cards of
+merged/ and the range folders (engine/model_card.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ..engine import model_card
 from ..engine.base import Base, resolve_base
 from ..engine.clip import clip_score, load_clip
 from ..engine.errors import UsageError
@@ -221,6 +223,7 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
         r["metrics"] = metrics
         if m in scored:
             write_json(run.eval_json(m), r)
+    model_card.update(run, base, models)                 # the results in the cards of merged/ and range folders
     return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored,
             **({"loss_plot": loss_plot} if loss_plot else {})}
 

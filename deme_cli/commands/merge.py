@@ -21,12 +21,13 @@ gives back that range's weights exactly. Peak memory: about one model plus a few
 
 Output: `<run>/merged/` in the format of a range's `final/` (unet/ with the base UNet's config.json, projection
 .safetensors, deme.json) plus merge.json (method, weights, density/seed where used, the range models and their
-identities, the search log). It is written to a temporary folder and renamed, so an existing merged/ is only replaced
-by a complete new one. Re-running with the same settings and unchanged range models skips the merge (merge.json's
-"fingerprint"); the same settings on retrained range models merge again; other recipe values (method, weights,
-density, the search's settings: merge.json's "settings") are refused naming them, so that a merge is never replaced
-by surprise; `--force` merges again. One process at a time merges a run (locks.py); a weight search stopped by a
-signal keeps its scores in `<run>/.merge-search.jsonl` and a re-run continues it.
+identities, the search log) and, once it is in place, README.md (a model card: engine/model_card.py). merged/ is written
+to a temporary folder and renamed, so an existing merged/ is only replaced by a complete new one. Re-running with the
+same settings and unchanged range models skips the merge (merge.json's "fingerprint"); the same settings on retrained
+range models merge again; other recipe values (method, weights, density, the search's settings: merge.json's "settings")
+are refused naming them, so that a merge is never replaced by surprise; `--force` merges again. One process at a time
+merges a run (locks.py); a weight search stopped by a signal keeps its scores in `<run>/.merge-search.jsonl` and a
+re-run continues it.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ import os
 import time
 from typing import Optional
 
-from ..engine import locks, provenance, ui
+from ..engine import locks, model_card, provenance, ui
 from ..engine.base import Base, resolve_base
 from ..engine.merge_methods import MergeSpec, get_method
 from ..engine.models import META_FILE, UNET_WEIGHTS
@@ -170,4 +171,5 @@ def _write(base: Base, run: RunDir, inputs, spec, final: list[float], log: Optio
             "ranges": [{"index": r.index, **({k: r.meta["range"][k] for k in ("lo", "hi")} if r.meta.get("range")
                                              else {})} for r in inputs.ranges]}
     write_merged_folder(inputs, final, spec, run.merged, meta, record)
+    model_card.update(run, base, ["merged"])            # merged/README.md
     return record

@@ -5,7 +5,9 @@ work that is complete (training resumes from its latest checkpoint, sampling kee
 eval reuse results whose inputs did not change). On top of that, `run.json` in the run directory records, per stage,
 the recipe values the stage's output was produced from: the sections its function and the functions before it take
 (read off their signatures). A later `deme run` whose recipe differs in those values refuses to mix the
-old outputs with new ones: it names the stage and the difference and suggests `--force`.
+old outputs with new ones: it names the stage and the difference and suggests `--force`. run.json also records the
+seconds of the run that did each stage's work and the environment (versions, hardware) of the last `deme run`; the
+run ends by writing its report (report/index.html and report.md: engine/report.py).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..engine import provenance
+from ..engine import environment, provenance, ui
 from ..engine.errors import UsageError
 from ..engine.recipe import stage_keys, stage_kwargs
 from ..engine.runs import RunDir, read_record, write_json
@@ -39,7 +41,8 @@ def _split(recipe, base, run, force, models):
 
 
 def _train(recipe, base, run, force, models):
-    summaries = train_ranges(base, run, force=force, resolved=recipe.to_toml(), **stage_kwargs(train_ranges, recipe))
+    summaries = train_ranges(base, run, force=force, resolved=recipe.to_toml(), preview_sample=recipe.sample,
+                             **stage_kwargs(train_ranges, recipe))
     return "kept" if all(r["skipped"] for r in summaries) else "done"
 
 
@@ -136,8 +139,24 @@ def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = Fals
         raise UsageError(f"{err} (checked before any stage starts)") from None
 
 
-def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None) -> dict:
-    """Run every stage in order on one resolved base; returns {"stages": [...], "models": {...}, "run": path}."""
+def _report(recipe, run: RunDir, recipe_arg: str) -> Optional[dict]:
+    """Write the report of a finished run; a report that cannot be written is one warning, not a failed run."""
+    from ..engine.report import write_report
+
+    try:
+        r = write_report(run, recipe_arg, recipe.to_toml())
+    except Exception as e:      # noqa: BLE001 (the run's work is done and on disk whatever goes wrong here)
+        ui.warn(f"the run finished, but its report could not be written ({type(e).__name__}: {e}); "
+                f"`deme report {recipe_arg}` tries again")
+        return None
+    return {"html": r["html"], "markdown": r["markdown"]}
+
+
+def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None,
+                 recipe_arg: str = "RECIPE") -> dict:
+    """Run every stage in order on one resolved base, then write the report; returns {"stages": [...],
+    "models": {...}, "run": path, "report": {"html", "markdown"} or None}. `recipe_arg` names the recipe in the
+    commands the report suggests."""
     from ..engine.base import resolve_base
 
     models = list(dict.fromkeys(recipe.run.models))
@@ -154,6 +173,7 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
     check_needs(recipe, base, run, models, force)
 
     stages, eval_result = [], None
+    record["environment"] = environment.describe()
     for stage in STAGES:
         if on_stage:
             on_stage(stage.name)
@@ -163,11 +183,13 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
         if stage.name == "eval":
             eval_result, status = status, "done" if status.get("scored") else "kept"
         stages.append({"stage": stage.name, "status": status, "seconds": round(seconds, 2)})
-        record["stages"][stage.name] = {"inputs": stage_inputs(recipe, stage), "seconds": round(seconds, 2)}
+        done = (record["stages"].get(stage.name) or {}).get("seconds") if status == "kept" else None
+        record["stages"][stage.name] = {"inputs": stage_inputs(recipe, stage),    # the seconds of the work
+                                        "seconds": round(seconds, 2) if done is None else done}
         write_json(record_file, record)  # after the stage: an interrupted stage is simply redone (and resumes)
 
     results = (eval_result or {}).get("results", {})
-    return {"run": str(run.root), "stages": stages,
+    return {"run": str(run.root), "stages": stages, "report": _report(recipe, run, recipe_arg),
             "models": {m: {"metrics": results.get(m, {}).get("metrics", {}),
                            "num_images": results.get(m, {}).get("num_images"),
                            **({"loss_by_t": results[m]["loss_by_t"]} if results.get(m, {}).get("loss_by_t") else {})}

@@ -2,9 +2,9 @@
 
 Image k uses seed + k (engine/denoise.py: the loop, the schedulers, batch invariance; engine/model_specs.py: what each
 model spec loads; engine/images.py: the folder). Writes numbered PNGs, grid.png and samples.json (model and its hash,
-scheduler, steps, eta, seeds, precision) into the run dir; a re-run keeps the images made with the same settings and
-refuses other settings unless --force. `--processes P` (or `accelerate launch`) splits the seeds across processes; the
-images do not change.
+scheduler, steps, eta, seeds, precision) into the run dir, and the grid into the model card of merged/ or the range's
+folders (engine/model_card.py); a re-run keeps the images made with the same settings and refuses other settings
+unless --force. `--processes P` (or `accelerate launch`) splits the seeds across processes; the images do not change.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..engine import interrupts, locks
+from ..engine import interrupts, locks, model_card
 from ..engine.base import Base, resolve_base
 from ..engine.denoise import Loaded, generate_batches, make_scheduler
 from ..engine.errors import UsageError
@@ -225,8 +225,12 @@ def sample_model(base: Base,                       # the pretrained model (spec 
                                  "out (the launched processes already share the images)")
             if write_recipe is None:
                 raise ValueError("sampling with several processes needs write_recipe (the workers' recipe file)")
-            return _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, write_recipe)
-        return _sample_here(base, run, spec, force, sample, models)
+            out = _sample_fan_out(base, run, spec, force, processes, gpus, sample, models, write_recipe)
+        else:
+            out = _sample_here(base, run, spec, force, sample, models)
+    if "failed" not in out and int(os.environ.get("RANK", "0")) == 0:
+        model_card.update(run, base, [spec])            # the grid in the card of merged/ or the range's folders
+    return out
 
 
 def _sample_here(base: Base, run: RunDir, spec: str, force: bool, sample: SampleSection, models: dict) -> dict:

@@ -9,12 +9,13 @@ probability p from all of [0, T), else from the range). AdamW, an LR schedule, g
 clipping and an EMA with the release's warm-up; accelerate places the models and runs mixed precision and DDP.
 
 Outputs per range (runs.RunDir): checkpoints/step-<k>/ + checkpoints/latest (see checkpoints.py), metrics.jsonl (one
-line per optimizer step), final/ (EMA weights, or raw when train.ema = false), final-raw/ (raw weights),
-recipe.resolved.toml. Re-running continues from the newest intact checkpoint; a finished range is skipped unless
-forced, and refused when it was made from other recipe values (its deme.json records them: provenance.py). One
-process at a time trains a range (locks.py). SIGTERM, SIGINT and SIGUSR1 stop at the next step boundary after a
-checkpoint (interrupts.py); a NaN or infinite loss, grad norm or weight stops training with exit 1, keeping the last
-good checkpoint.
+line per optimizer step; also sent to train.log_with's tracker, whose files go to logs/: tracking.py), previews/
+(a grid of EMA samples every train.preview_every steps: previews.py), final/ (EMA weights, or raw when train.ema =
+false), final-raw/ (raw weights), recipe.resolved.toml. Re-running continues from the newest intact checkpoint; a
+finished range is skipped unless forced, and refused when it was made from other recipe values (its deme.json
+records them: provenance.py). One process at a time trains a range (locks.py). SIGTERM, SIGINT and SIGUSR1 stop at
+the next step boundary after a checkpoint (interrupts.py); a NaN or infinite loss, grad norm or weight stops training
+with exit 1, keeping the last good checkpoint.
 
 The stage is `train_ranges(base, run, data=..., ranges=..., train=..., deme=..., seed=..., name=...)`; `run_train`
 resolves the base of a recipe and calls it (the CLI and tests). The per-range state and one optimizer step live in
@@ -27,16 +28,19 @@ import math
 import os
 import shutil
 import signal
+import time
 from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import checkpoints, exports, interrupts, locks, preflight, provenance, ui
+from ..engine import (checkpoints, environment, exports, interrupts, locks, model_card, preflight, provenance,
+                      tracking, ui)
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
 from ..engine.models import read_meta
 from ..engine.ranges import Range
-from ..engine.recipe import DataSection, DemeSection, RangesSection, TrainSection, stage_kwargs
+from ..engine.previews import PREVIEW_DIR, Previews
+from ..engine.recipe import DataSection, DemeSection, RangesSection, SampleSection, TrainSection, stage_kwargs
 from ..engine.runs import RunDir, write_atomic
 from ..engine.splitting import load_ranges
 from ..engine.trainer import RangeTrainer
@@ -45,7 +49,7 @@ from ..engine.trainer import RangeTrainer
 def run_train(recipe, run: RunDir, index: Optional[int] = None, force: bool = False) -> list[dict]:
     """`deme train RECIPE --range I` (or every range when `index` is None) for a recipe."""
     base = resolve_base(recipe.model, recipe.train.device)
-    return train_ranges(base, run, index=index, force=force, resolved=recipe.to_toml(),
+    return train_ranges(base, run, index=index, force=force, resolved=recipe.to_toml(), preview_sample=recipe.sample,
                         **stage_kwargs(train_ranges, recipe))
 
 
@@ -61,23 +65,28 @@ def train_ranges(base: Base,                       # the pretrained model; its p
                  index: Optional[int] = None,      # the range to train; None: every range, one after another
                  force: bool = False,              # start over instead of resuming or skipping a finished range
                  resolved: str = "",               # the resolved recipe (TOML) each range records
+                 preview_sample: Optional[SampleSection] = None,  # [sample]: prompts and guidance of text-to-image
+                                                   # previews (train.preview_every); not an input of the range model
                  ) -> list[dict]:
     """Train range `index` (or every range), resuming from checkpoints; returns one summary per range."""
     n = ranges.n
     if index is not None and not 0 <= index < n:
         raise UsageError(f"range {index} does not exist: the recipe has ranges.n = {n}, so --range takes 0 to {n - 1}")
     base = base.with_precision(train.mixed_precision)
-    check_training_needs(base, run, data=data, ranges=ranges, train=train, deme=deme, index=index, force=force)
+    check_training_needs(base, run, data=data, ranges=ranges, train=train, deme=deme, index=index, force=force,
+                         preview_sample=preview_sample)
     chosen = load_ranges(base, ranges, run)
     chosen = chosen if index is None else [chosen[index]]
     return [train_range(base, run, r, data=data, ranges=ranges, train=train, deme=deme, seed=seed, name=name,
-                        force=force, resolved=resolved) for r in chosen]
+                        force=force, resolved=resolved, preview_sample=preview_sample) for r in chosen]
 
 
 def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: RangesSection, train: TrainSection,
-                         deme: Optional[DemeSection] = None, index: Optional[int] = None, force: bool = False) -> None:
+                         deme: Optional[DemeSection] = None, index: Optional[int] = None, force: bool = False,
+                         preview_sample: Optional[SampleSection] = None) -> None:
     """What training range `index` (None: every range) will need, checked before any model is loaded and, in a new
-    run, before ranges.json is written (preflight.py): the data, and the disk for the ranges not finished yet."""
+    run, before ranges.json is written (preflight.py): the data, the disk for the ranges not finished yet, the
+    tracker's package (train.log_with) and the prompts of text-to-image previews."""
     if run.ranges_json.is_file():
         chosen = load_ranges(base, ranges, run)
         left = sum(force or trained_meta(train, run, r) is None for r in (chosen if index is None else [chosen[index]]))
@@ -86,6 +95,9 @@ def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: 
     if left:
         preflight.check_data(data, base.kind.conditional)
         preflight.check_disk(run.root, base, train, left, deme)
+        tracking.check_tracker(train.log_with)
+        if train.preview_every and preview_sample is not None and preview_sample.prompts:
+            preflight.check_prompts(preview_sample, base.kind.conditional)
 
 
 def _summary(r: Range, steps: int, loss: Optional[float], final: Path, skipped: bool) -> dict:
@@ -198,18 +210,20 @@ def _json_line(line: dict) -> str:
 
 
 def train_range(base: Base, run: RunDir, r: Range, *, data: DataSection, ranges: RangesSection, train: TrainSection,
-                deme: DemeSection, seed: int, name: str, force: bool = False, resolved: str = "") -> dict:
+                deme: DemeSection, seed: int, name: str, force: bool = False, resolved: str = "",
+                preview_sample: Optional[SampleSection] = None) -> dict:
     """DeMe-finetune one range (see the module docstring); resumes from its latest checkpoint. One process at a time
     trains a range (locks.py); a finished range made from other recipe values is refused, not skipped."""
     main = int(os.environ.get("RANK", "0")) == 0
     inputs = range_inputs(data=data, ranges=ranges, train=train, deme=deme, seed=seed)
     with locks.hold(run.range_dir(r.index) / locks.LOCK_NAME, f"range {r.index} of '{run.root}'", main=main):
         return _train_range(base, run, r, inputs, data=data, train=train, deme=deme, seed=seed, name=name,
-                            force=force, resolved=resolved)
+                            force=force, resolved=resolved, preview_sample=preview_sample)
 
 
 def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataSection, train: TrainSection,
-                 deme: DemeSection, seed: int, name: str, force: bool, resolved: str) -> dict:
+                 deme: DemeSection, seed: int, name: str, force: bool, resolved: str,
+                 preview_sample: Optional[SampleSection] = None) -> dict:
     tr = train
     rdir, ckpt_dir, metrics = run.range_dir(r.index), run.checkpoints(r.index), run.metrics(r.index)
 
@@ -231,7 +245,8 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
                                   inputs)
 
     # Build the trainer, resume, train, export; the data workers stop with the range, however it ends.
-    trainer = RangeTrainer(base, r, data=data, train=train, deme=deme, seed=seed, cache_dir=run.cache)
+    trainer = RangeTrainer(base, r, data=data, train=train, deme=deme, seed=seed, cache_dir=run.cache,
+                           logs_dir=rdir / tracking.LOGS_DIR)
     with closing(trainer):
         main = trainer.acc.is_main_process
         if resume is not None:
@@ -243,7 +258,13 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
             if resolved:
                 write_atomic(rdir / "recipe.resolved.toml", resolved)
             _truncate_metrics(metrics, trainer.step)
-        _fit(trainer, r, tr, ckpt_dir, metrics, main)
+        # Train, with the tracker's run open and the preview grids of the main process.
+        previews = None if not (main and tr.preview_every) else Previews(
+            base, trainer, train=tr, sample=preview_sample or SampleSection(), seed=seed, resolution=data.resolution,
+            folder=rdir / PREVIEW_DIR)
+        with tracking.started(trainer.acc, name, f"range-{r.index}", {**inputs, "range.lo": r.lo, "range.hi": r.hi},
+                              trainer.step):
+            _fit(trainer, r, tr, ckpt_dir, metrics, main, previews)
 
         # Save the final models: EMA (or raw) in final/, raw in final-raw/.
         loss = _recent_loss(metrics) if main else None
@@ -251,16 +272,20 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
             raw, ema = trainer.final_states()
             meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
                     "recipe": name, "ema": ema is not None, "projection": deme.projection,
-                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs}
+                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs, "environment": environment.describe()}
             trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
             trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
                            ema if ema is not None else raw, base.folder)
+            model_card.update(run, base, [f"range:{r.index}"])     # README.md of final/ and final-raw/
     trainer.acc.wait_for_everyone()
     return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)
 
 
-def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metrics: Path, main: bool) -> None:
-    """Train to tr.steps, logging every step and checkpointing every tr.checkpoint_every. A signal (interrupts.py)
+def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metrics: Path, main: bool,
+         previews: Optional[Previews] = None) -> None:
+    """Train to tr.steps, logging every step (metrics.jsonl, with the seconds since this process started training:
+    elapsed_s; and the tracker), previewing every tr.preview_every (the
+    main process; the others wait) and checkpointing every tr.checkpoint_every. A signal (interrupts.py)
     stops at the next step boundary, after a checkpoint of that step; a NaN or infinite loss or grad norm, or weights
     that overflowed, stop without writing one (the last good one is kept)."""
     desc = f"range {r.index} [{r.lo}, {r.hi})"
@@ -268,14 +293,16 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
           else nullcontext()) as bar, interrupts.deferred() as stop, \
             (open(metrics, "a") if main else nullcontext()) as log:
         def record(pending) -> None:
-            line = pending()
+            line = {**pending(), "elapsed_s": round(time.time() - t0, 3)}
             if main:
                 log.write(_json_line(line) + "\n")
                 log.flush()
+                tracking.log_line(trainer.acc, line)
                 bar.update(1, loss=line["loss"], cons=line["consistency_loss"], lr=line["lr"])
             _check_finite(r, line, ckpt_dir, tr.lr, scaled=trainer.acc.scaler is not None)
 
         pending = None          # the step whose metrics are not read yet (read after queuing the next one)
+        t0 = time.time()
         while trainer.step < tr.steps:
             try:
                 queued = trainer.launch_step()
@@ -286,6 +313,10 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
             if pending is not None:
                 record(pending)
             pending = queued
+            if tr.preview_every and trainer.step % tr.preview_every == 0:
+                if previews is not None:
+                    previews.write(trainer.step)
+                trainer.acc.wait_for_everyone()
             stopping = trainer.any_process(stop.signum is not None)
             if trainer.step % tr.checkpoint_every == 0 or trainer.step == tr.steps or stopping:
                 record(pending)  # a checkpoint at step k comes after metric line k (resume truncates past it)

@@ -32,3 +32,12 @@ def resolve_precision(choice: str, device) -> str:
     if choice not in PRECISIONS:
         raise UsageError(f"unknown precision '{choice}' (known: auto, {', '.join(PRECISIONS)})")
     return choice
+
+
+def gpu_names() -> list[str]:
+    """The names of the visible CUDA devices (none without CUDA); imports torch."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -68,14 +68,34 @@ def write_grid(folder: Path, n: int, out: Path) -> Optional[Path]:
     idx = sorted(k for k in files if k < n)[:GRID_MAX]
     if not idx:
         return None
-    ims = [Image.open(files[k]).convert("RGB") for k in idx]
+    return _save(tile([Image.open(files[k]).convert("RGB") for k in idx]), out)
+
+
+def tile(ims: list) -> "Image.Image":
+    """PIL images of one size, row by row in a near-square RGB grid."""
+    from PIL import Image
+
     w, h = ims[0].size
     cols = math.ceil(math.sqrt(len(ims)))
     rows = math.ceil(len(ims) / cols)
     grid = Image.new("RGB", (cols * w, rows * h))
     for j, im in enumerate(ims):
-        grid.paste(im, ((j % cols) * w, (j // cols) * h))
+        grid.paste(im.convert("RGB"), ((j % cols) * w, (j // cols) * h))
+    return grid
+
+
+def save_grid(images: np.ndarray, out: Path) -> np.ndarray:
+    """A grid PNG of uint8 images (N, H, W, C), written atomically; returns the grid (H', W', 3) as uint8."""
+    from PIL import Image
+
+    grid = tile([Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im) for im in images])
+    _save(grid, out)
+    return np.asarray(grid)
+
+
+def _save(im, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    grid.save(tmp, format="PNG")
+    im.save(tmp, format="PNG")
     os.replace(tmp, out)
     return out

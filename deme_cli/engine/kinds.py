@@ -7,7 +7,8 @@ kind from the UNet's class in the pipeline folder; `base.resolve_base` records i
 A task is built as `kind.task(base, unet, data, seed=..., device=..., cache_dir=..., batch_size=...)` and offers
 `dataset()` and `prepare(batch) -> (x0 on the device, extra UNet keyword arguments)`. A denoiser wrapper is called as
 `kind.denoiser(base, sample, resolution, device, load)`, where `load()` gives the UNet(s) as a `denoise.Loaded`; it
-checks its own inputs (prompts, encoders) before calling load(), so bad input fails before big models are read.
+checks its own inputs (prompts, encoders) before calling load(), so bad input fails before big models are read. A
+kind's `pipeline(base, unet, scheduler, device)` is the stock diffusers pipeline of `load_pipeline` (pipelines.py).
 """
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ def _text_to_image_denoiser(*args):
     return text_to_image(*args)
 
 
+def _unconditional_pipeline(*args, **kwargs):
+    from .pipelines import unconditional_pipeline
+
+    return unconditional_pipeline(*args, **kwargs)
+
+
+def _text_to_image_pipeline(*args, **kwargs):
+    from .pipelines import text_to_image_pipeline
+
+    return text_to_image_pipeline(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class ModelKind:
     name: str                 # how errors and samples.json name it
@@ -60,11 +73,14 @@ class ModelKind:
     task: Callable            # training task factory (see the module docstring)
     denoiser: Callable        # sampling wrapper (see the module docstring)
     conditional: bool         # the UNet takes a condition (text embeddings) besides (x_t, t)
+    pipeline: Callable        # the diffusers pipeline of `load_pipeline` (pipelines.py)
 
 
 KINDS: dict[str, ModelKind] = {k.name: k for k in (
-    ModelKind("unconditional", "UNet2DModel", UnconditionalTask, _unconditional_denoiser, False),
-    ModelKind("text-to-image", "UNet2DConditionModel", _text_to_image_task, _text_to_image_denoiser, True),
+    ModelKind("unconditional", "UNet2DModel", UnconditionalTask, _unconditional_denoiser, False,
+              _unconditional_pipeline),
+    ModelKind("text-to-image", "UNet2DConditionModel", _text_to_image_task, _text_to_image_denoiser, True,
+              _text_to_image_pipeline),
 )}
 
 

@@ -150,14 +150,20 @@ def load_model(base, run: RunDir, spec: str, device, *, ranges, use_ema: bool, r
                                                  resolution=resolution))
 
 
+def in_memory(model, base, sample, resolution: int, device) -> Loaded:
+    """An in-memory (Deme)model wrapped for sampling with `[sample]`'s prompts and guidance (the model kind's)."""
+    return base.kind.denoiser(base, sample, resolution, device, lambda: Loaded(UNetDenoiser(model, resolution), {}))
+
+
 def sample_images(model, base, sample, resolution: int, num_images: int, *,
                   steps: Optional[int] = None, seed: Optional[int] = None, batch_size: Optional[int] = None,
-                  device=None) -> np.ndarray:
-    """Images from an in-memory (Deme)model with `[sample]`'s sampler settings (for the merge weight search)."""
+                  device=None, loaded: Optional[Loaded] = None) -> np.ndarray:
+    """Images from an in-memory (Deme)model with `[sample]`'s sampler settings (the merge weight search, training
+    previews). `loaded`: `in_memory(model, ...)` made once by a caller that samples the same model again and again."""
     s = sample
     first = s.seed if seed is None else seed
     device = device or next(model.parameters()).device
-    loaded = base.kind.denoiser(base, s, resolution, device, lambda: Loaded(UNetDenoiser(model, resolution), {}))
+    loaded = loaded or in_memory(model, base, s, resolution, device)
     return generate(loaded.denoiser, s.scheduler, steps or s.steps, [first + k for k in range(num_images)],
                     scheduler_config=base.scheduler_config, conds=loaded.conds_for(range(num_images)), eta=s.eta,
                     batch_size=batch_size or s.batch_size, precision=s.precision, device=device)

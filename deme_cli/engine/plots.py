@@ -1,4 +1,5 @@
-"""Plots that sit next to the numbers they draw: the merge weight search and the loss by timestep."""
+"""Plots that sit next to the numbers they draw: the merge weight search, the loss by timestep and a range's
+training curves."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -67,6 +68,52 @@ def loss_by_t_plot(curves: dict, path: Path, title: str) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _running_mean(values: Sequence[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for k, v in enumerate(values):
+        total += v - (values[k - window] if k >= window else 0.0)
+        out.append(total / min(k + 1, window))
+    return out
+
+
+def training_curves(lines: Sequence[dict], path: Path, title: str, expected_fraction: float | None = None) -> Path:
+    """A range's metrics.jsonl lines against the step, in three panels: the loss with its denoising and consistency
+    terms (log scale), the gradient norm before clipping, and the fraction of timesteps drawn inside the range
+    (a running mean over 5% of the steps; `expected_fraction`, (1 - p) + p (hi - lo) / T, dashed)."""
+    plt = _pyplot()
+    steps = [x["step"] for x in lines]
+    fig, axes = plt.subplots(1, 3, figsize=(12.0, 3.4), dpi=100, layout="constrained")
+    for key, style in (("loss", "-"), ("denoise_loss", "--"), ("consistency_loss", ":")):
+        pts = [(s, x[key]) for s, x in zip(steps, lines) if isinstance(x.get(key), (int, float)) and x[key] > 0]
+        if pts:
+            axes[0].plot(*zip(*pts), style, lw=1, label=key)
+    axes[0].set_yscale("log")
+    axes[0].set_title("loss (log scale)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    pts = [(s, x["grad_norm"]) for s, x in zip(steps, lines) if isinstance(x.get("grad_norm"), (int, float))]
+    if pts:
+        axes[1].plot(*zip(*pts), lw=1, color="tab:purple")
+    axes[1].set_title("gradient norm (before clipping)", fontsize=9)
+    pts = [(s, x["t_in_range_fraction"]) for s, x in zip(steps, lines)
+           if isinstance(x.get("t_in_range_fraction"), (int, float))]
+    if pts:
+        xs, ys = zip(*pts)
+        axes[2].plot(xs, ys, ".", ms=2, color="0.7")
+        axes[2].plot(xs, _running_mean(ys, max(1, len(ys) // 20)), lw=1.2, color="tab:green", label="running mean")
+    if expected_fraction is not None:
+        axes[2].axhline(expected_fraction, ls="--", color="k", lw=1, label=f"expected {expected_fraction:.3g}")
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[2].set_title("fraction of t inside the range", fontsize=9)
+    axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path)
     plt.close(fig)
     return Path(path)

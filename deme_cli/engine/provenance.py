@@ -13,10 +13,12 @@ from typing import Any, Optional
 
 from .errors import UsageError
 
-# recipe keys that change how fast (or how often it is logged and checkpointed) a stage runs, not what it produces
+# recipe keys that change how fast (or how often and where it is logged, checkpointed and previewed) a stage runs,
+# not what it produces
 SPEED_ONLY = {
     "data": ("num_workers",),
-    "train": ("checkpoint_every", "keep_checkpoints", "log_every", "compile", "gradient_checkpointing"),
+    "train": ("checkpoint_every", "keep_checkpoints", "log_every", "compile", "gradient_checkpointing", "log_with",
+              "preview_every", "preview_images", "preview_steps"),
 }
 
 

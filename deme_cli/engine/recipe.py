@@ -34,6 +34,7 @@ from .ranges import SPLIT_STRATEGIES
 from .search_objectives import OBJECTIVES
 from .speed import COMPILE_SETTINGS
 from .trainer import LR_SCHEDULES
+from .tracking import TRACKERS
 from .weight_search import STRATEGIES as SEARCH_STRATEGIES
 
 DEFAULT_CAPTION_COLUMN = "text"     # the caption key of metadata.jsonl (Hugging Face's imagefolder convention)
@@ -128,6 +129,10 @@ class TrainSection(_Section):
     checkpoint_every: int = Field(5000, ge=1)     # optimizer steps between checkpoints
     keep_checkpoints: int = Field(2, ge=1)        # older checkpoints are deleted
     log_every: int = Field(10, ge=1)              # plain-log period when stderr is not a terminal
+    log_with: choice(TRACKERS) = "none"           # experiment tracker (accelerate's): tensorboard, wandb, ...
+    preview_every: int = Field(0, ge=0)           # steps between preview grids of the EMA model (0: no previews)
+    preview_images: int = Field(8, ge=1)          # images per preview grid (image k: seed + k)
+    preview_steps: int = Field(10, ge=1)          # DDIM steps of a preview
     compile: choice(COMPILE_SETTINGS) = "auto"    # torch.compile: auto = on for CUDA, off for CPU
     gradient_checkpointing: bool = False
     device: choice(DEVICES) = "auto"              # every stage's device (auto: CUDA when available)

@@ -9,6 +9,7 @@
 <run>/ranges/<i>/final/        EMA weights (unet/ + projection.safetensors + deme.json)
 <run>/ranges/<i>/final-raw/    the raw (non-EMA) weights, same format
 <run>/ranges/<i>/metrics.jsonl
+<run>/ranges/<i>/previews/step-<k>.png   preview grids (train.preview_every); logs/: the tracker's (train.log_with)
 <run>/merged/                  same format as final/, + merge.json
 <run>/samples/<model>/         numbered PNGs, grid.png, samples.json
 <run>/eval/<model>.json

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
-from . import adapters, checkpoints, ui
+from . import adapters, checkpoints, tracking, ui
 from .errors import UsageError
 from .loss import LossWeighting, optimizer_step
 from .models import save_model_folder, unet_hash, wrap
@@ -52,6 +52,22 @@ class EMA:
                 torch._foreach_lerp_(self.shadow, current, 1.0 - d)
         self.updates += 1
 
+    @contextmanager
+    def applied(self, params: list):
+        """Inside the block `params` hold the EMA weights (previews); their own values are restored exactly after."""
+        import torch
+
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]
+            for p, s in zip(params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
+
     def state_dict(self) -> dict:
         return dict(zip(self.names, self.shadow))
 
@@ -68,9 +84,10 @@ class EMA:
         self.updates = updates
 
 
-def make_accelerator(device, precision: str):
+def make_accelerator(device, precision: str, log_with: str = "none", logs_dir: Optional[Path] = None):
     """An accelerate Accelerator on `device` (CPU or CUDA) computing in `precision` (fp32 | bf16 | fp16: the base's
-    resolved train.mixed_precision)."""
+    resolved train.mixed_precision), with train.log_with's tracker logging to `logs_dir` (tracking.py; none when
+    `logs_dir` is None)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
@@ -78,15 +95,16 @@ def make_accelerator(device, precision: str):
     mp = {"fp32": "no"}.get(precision, precision)
     if cpu and mp != "no":
         ui.warn(f"mixed_precision = {mp} on the CPU is slow (often ~10x); train.mixed_precision = \"no\" is faster")
+    kw = tracking.accelerator_kwargs(log_with, logs_dir)
     try:
-        return Accelerator(mixed_precision=mp, cpu=cpu)
+        return Accelerator(mixed_precision=mp, cpu=cpu, **kw)
     except ValueError as e:
         # accelerate keeps one state per process; a second range in the same process (tests, notebooks) may ask
         # for another precision. Only safe without a process group.
         if "already been initialized" not in str(e) or PartialState().num_processes > 1:
             raise
         AcceleratorState._reset_state(reset_partial_state=True)
-        return Accelerator(mixed_precision=mp, cpu=cpu)
+        return Accelerator(mixed_precision=mp, cpu=cpu, **kw)
 
 
 def make_teacher(unet, acc, compile_: bool = False):
@@ -214,15 +232,17 @@ class DataStream:
 class RangeTrainer:
     """Everything one range's training needs: models, optimizer, schedules, EMA, data, generators, step."""
 
-    def __init__(self, base, rng: Range, *, data, train, deme, seed: int, cache_dir: Optional[Path] = None):
+    def __init__(self, base, rng: Range, *, data, train, deme, seed: int, cache_dir: Optional[Path] = None,
+                 logs_dir: Optional[Path] = None):
         """base       the resolved base (base.Base; its precision is train.mixed_precision)
         data, train, deme   the recipe's [data], [train] and [deme] sections; seed: the recipe's seed
-        cache_dir  where a text-to-image task caches latents (data.cache_latents)"""
+        cache_dir  where a text-to-image task caches latents (data.cache_latents)
+        logs_dir   where train.log_with's tracker writes (None: no tracker)"""
         import torch
         from diffusers.optimization import get_scheduler
 
         self.train, self.deme, self.range, self.T = train, deme, rng, base.T
-        self.acc = acc = make_accelerator(base.device, base.precision)
+        self.acc = acc = make_accelerator(base.device, base.precision, train.log_with, logs_dir)
         device = acc.device
 
         # Construct networks: the student gets projections, the teacher is a frozen copy of the pretrained UNet.

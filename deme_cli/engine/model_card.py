@@ -1,0 +1,300 @@
+"""Model cards: README.md in Hugging Face's model-card format in merged/ and in each range's final/ and final-raw/.
+
+A card is YAML front matter (library_name, pipeline_tag, base_model, tags and, once the model is evaluated, a
+`model-index` with its FID / KID / CLIP score in the Hub's schema) and a Markdown body: what the model is, the ranges,
+the merge (method, weights) or the range's training settings, the evaluation, the sample grid (copied into the folder
+as grid.png, so a folder uploaded alone shows it) and how to load it with `deme_cli.load_pipeline`.
+
+Cards are written by `deme train` (each export), `deme merge`, and refreshed by `deme sample` and `deme eval` for the
+model folders they used. What a card says comes from the run directory: deme.json, merge.json, ranges.json,
+samples/<model>/samples.json and eval/<model>.json. Samples count for a folder only when samples.json names that
+folder and is newer than its deme.json (a folder is rewritten whole when it is retrained or merged again), and eval
+results only when they score those samples' model (same model hash); what is missing or stale is left out. A card never
+breaks a command: `update` turns a failure into one warning.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from . import ui
+from .images import GRID_FILE, SAMPLES_JSON
+from .models import META_FILE
+from .runs import RunDir, model_dirname, write_atomic
+
+CARD_FILE = "README.md"
+PAPER_URL = "https://arxiv.org/abs/2410.06664"      # Ma et al., "Decouple-Then-Merge", CVPR 2025
+REPO_TAGS = ["diffusers", "deme", "decouple-then-merge"]
+HUB_TASKS = {                                       # model kind -> (pipeline_tag, task name, what the model is)
+    "unconditional": ("unconditional-image-generation", "Unconditional Image Generation",
+                      "An unconditional image diffusion model"),
+    "text-to-image": ("text-to-image", "Text-to-Image", "A text-to-image diffusion model"),
+}
+METRICS = (("fid", "FID"), ("kid", "KID"), ("clip_score", "CLIP score"))   # eval/<model>.json key, name
+
+
+# --- what the run directory says ---------------------------------------------------------------------------------
+
+def _json(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def base_model_id(base) -> str:
+    """model.pretrained when it is a hub id, else the local pipeline folder (absolute)."""
+    p = Path(base.pretrained).expanduser()
+    return str(p.resolve()) if p.exists() else base.pretrained
+
+
+def _same(a, b) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def fresh_samples(folder: Path, run: RunDir, spec: str) -> Optional[dict]:
+    """samples.json of `spec` when its images were made from this folder's weights (see the module docstring)."""
+    f = run.samples(spec) / SAMPLES_JSON
+    rec = _json(f)
+    if not isinstance(rec, dict) or not _same((rec.get("model_info") or {}).get("folder"), folder):
+        return None
+    if f.stat().st_mtime_ns < (folder / META_FILE).stat().st_mtime_ns:
+        return None
+    return rec
+
+
+def fresh_eval(run: RunDir, spec: str, samples: Optional[dict]) -> Optional[dict]:
+    """eval/<spec>.json when it scored the samples' model and holds at least one of METRICS."""
+    rec = _json(run.eval_json(spec))
+    if samples is None or not isinstance(rec, dict):
+        return None
+    if rec.get("model_hash") is None or rec.get("model_hash") != (samples.get("settings") or {}).get("model_hash"):
+        return None
+    metrics = rec.get("metrics") or {}
+    return rec if any(metrics.get(k) is not None for k, _ in METRICS) else None
+
+
+def _ranges(run: RunDir, meta: dict) -> list[dict]:
+    """[{index, lo, hi, steps}] of the run (ranges.json; else what the folder records), steps from each range's
+    final/deme.json when there."""
+    rs = (_json(run.ranges_json) or {}).get("ranges") or meta.get("ranges") or \
+        ([meta["range"]] if meta.get("range") else [])
+    out = []
+    for r in rs:
+        m = _json(run.final(int(r["index"])) / META_FILE) or {}
+        out.append({"index": int(r["index"]), "lo": r.get("lo"), "hi": r.get("hi"), "steps": m.get("steps")})
+    return out
+
+
+# --- the card ----------------------------------------------------------------------------------------------------
+
+def model_index(name: str, kind: str, ev: dict) -> list[dict]:
+    """The Hub's model-index of one evaluation (eval/<model>.json)."""
+    task_type, task_name, _ = HUB_TASKS.get(kind, HUB_TASKS["unconditional"])
+    ref = (ev.get("reference") or {}).get("path") or (ev.get("sampler") or {}).get("prompt_source") or "samples"
+    metrics = [{"type": k, "value": ev["metrics"][k], "name": label}
+               for k, label in METRICS if (ev.get("metrics") or {}).get(k) is not None]
+    return [{"name": name, "results": [{"task": {"type": task_type, "name": task_name},
+                                         "dataset": {"name": Path(str(ref)).name or str(ref), "type": str(ref)},
+                                         "metrics": metrics}]}]
+
+
+def front_matter(kind: str, base_id: str, lora: bool, name: str, ev: Optional[dict]) -> str:
+    """The YAML block: library, task, base model, tags and, for an evaluated model, its model-index."""
+    import yaml
+
+    tag = HUB_TASKS.get(kind, HUB_TASKS["unconditional"])[0]
+    data: dict = {"library_name": "diffusers", "pipeline_tag": tag, "base_model": base_id,
+                  "tags": REPO_TAGS + [tag] + (["lora"] if lora else [])}
+    if ev is not None:
+        data["model-index"] = model_index(name, kind, ev)
+    return "---\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _ranges_table(ranges: list[dict], weights: Optional[list], mine: Optional[int]) -> list[str]:
+    head = "| range | timesteps [lo, hi) | steps |" + (" merge weight |" if weights else "")
+    lines = [head, "|" + "---|" * (4 if weights else 3)]
+    for r in ranges:
+        idx = f"**{r['index']}** (this model)" if r["index"] == mine else str(r["index"])
+        row = f"| {idx} | [{r['lo']}, {r['hi']}) | {_fmt(r['steps']) if r['steps'] is not None else '-'} |"
+        if weights:
+            row += f" {_fmt(weights[r['index']]) if r['index'] < len(weights) else '-'} |"
+        lines.append(row)
+    return lines
+
+
+TRAINING_KEYS = (("train.lr", "learning rate (AdamW)"), ("train.batch_size", "micro-batch"),
+                 ("train.grad_accum", "gradient accumulation"), ("train.lr_schedule", "LR schedule"),
+                 ("train.loss_weighting", "loss weighting"), ("deme.p", "p: probability of t from all of [0, T)"),
+                 ("deme.consistency_weight", "consistency weight (lambda, Eq. 5)"),
+                 ("deme.projection", "channel-wise projections"), ("deme.adapter", "adapter"),
+                 ("train.ema_max_decay", "EMA max decay"), ("data.resolution", "resolution"), ("seed", "seed"))
+
+
+def _training(meta: dict) -> list[str]:
+    inputs = meta.get("inputs") or {}
+    rows = [("steps", meta.get("steps")), ("weights", meta.get("weights"))]
+    rows += [(label, inputs[k]) for k, label in TRAINING_KEYS if k in inputs]
+    ad = meta.get("adapter") or {}
+    if ad.get("kind") == "lora":
+        rows += [("LoRA rank / alpha", f"{ad.get('rank')} / {_fmt(ad.get('alpha'))}"),
+                 ("LoRA target modules", ", ".join(ad.get("target_modules") or []))]
+    if meta.get("loss") is not None:
+        rows.append(("training loss at the end", meta["loss"]))
+    return ["| setting | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in rows if v is not None]
+
+
+def _merge(merge: dict) -> list[str]:
+    url = merge.get("method_url")
+    method = f"[{merge.get('method')}]({url})" if url else str(merge.get("method"))
+    lines = [f"- method: {method}" + (f" ({merge['summary']})" if merge.get("summary") else ""),
+             f"- weights, low t first: [{', '.join(_fmt(w) for w in merge.get('weights') or [])}]"]
+    for k in ("density", "seed"):
+        if k in merge:
+            lines.append(f"- {k}: {merge[k]}")
+    lines.append(f"- merged from the range models' {'EMA' if merge.get('use_ema', True) else 'raw'} weights; "
+                 f"projections {'merged and kept' if merge.get('projection') else 'none'}")
+    search = merge.get("search")
+    if search:
+        best = search.get("best") or {}
+        lines.append(f"- weights searched ({search.get('strategy')}, objective {search.get('objective')}; best "
+                     f"score {_fmt(best.get('score'))}): every candidate is in merge.json")
+    return lines
+
+
+def _evaluation(ev: dict, spec: str) -> list[str]:
+    s = ev.get("sampler") or {}
+    ref = (ev.get("reference") or {}).get("path")
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {label} | {_fmt(ev['metrics'][k])} |" for k, label in METRICS
+              if (ev.get("metrics") or {}).get(k) is not None]
+    lines += ["", f"{ev.get('num_images')} samples ({s.get('scheduler')}, {s.get('steps')} steps, precision "
+                  f"{s.get('precision')})" + (f" against `{ref}`" if ref else "") +
+              (f", mode {ev['mode']}" if ev.get("mode") else "") + f"; `deme eval` wrote these numbers to "
+              f"`eval/{model_dirname(spec)}.json` with everything needed to reproduce them."]
+    return lines
+
+
+def _usage(run: RunDir, spec: str, kind: str, lora: bool, raw: bool) -> list[str]:
+    call = ('pipe("a photo of a cat", num_inference_steps=50).images' if kind == "text-to-image"
+            else "pipe(batch_size=4, num_inference_steps=50).images")
+    lines = ["```python", "from deme_cli import load_pipeline", "",
+             f'pipe = load_pipeline("{run.root}", model="{spec}")   # the run directory, or its recipe .toml',
+             f"images = {call}", "```", ""]
+    if raw:
+        lines += ["`load_pipeline` loads `final-raw/` (the raw, non-EMA weights) when the recipe sets "
+                  "`merge.use_ema = false`, else `final/`.", ""]
+    if lora:
+        lines.append("Without deme: `lora/` is a [peft](https://github.com/huggingface/peft) LoRA adapter on the "
+                     "base model; the channel-wise projections (`projection.safetensors`) are not part of it.")
+    else:
+        lines.append("Without deme: `unet/` loads in stock diffusers (`from_pretrained(folder, subfolder=\"unet\")`), "
+                     "but without the channel-wise projections in `projection.safetensors`, which deme applies "
+                     "with forward hooks after every down, mid and up block: the model computes what it was trained "
+                     "to only with them.")
+    return lines
+
+
+def render(folder: Path, run: RunDir, base, spec: str, samples: Optional[dict], ev: Optional[dict],
+           grid: bool) -> str:
+    meta = _json(Path(folder) / META_FILE) or {}
+    kind = base.kind.name
+    merged = meta.get("kind") == "merged"
+    merge = (_json(Path(folder) / "merge.json") if merged else None) or {}
+    base_id = base_model_id(base)
+    recipe = meta.get("recipe") or "deme"
+    label = model_dirname(spec) if Path(folder).name != "final-raw" else f"{model_dirname(spec)}-raw"
+    lora = (meta.get("adapter") or {}).get("kind") == "lora"
+    ranges = _ranges(run, meta)
+    what = HUB_TASKS.get(kind, HUB_TASKS["unconditional"])[2]
+    out = [front_matter(kind, base_id, lora, f"{recipe}-{label}", ev), f"# {recipe}: {label}", ""]
+    paper = f"[DeMe, Decouple-then-Merge]({PAPER_URL}) (Ma et al., CVPR 2025)"
+    if merged:
+        out += [f"{what}: `{base_id}` finetuned with {paper} and merged back into one model. "
+                f"{len(ranges) or 'N'} copies of the pretrained UNet were each finetuned on their own range of "
+                f"timesteps (with a consistency loss to the frozen pretrained model, probabilistic sampling of "
+                f"timesteps from outside the range and channel-wise projections), then merged by task-vector "
+                f"arithmetic, θ_merged = θ + Σ w_i (θ_i − θ). It samples like any diffusers model.", ""]
+    else:
+        r, p = meta.get("range") or {}, (meta.get("deme") or {}).get("p")
+        also = f" (and, with probability {_fmt(p)}, on all of [0, {meta.get('T', 'T')}))" if p else ""
+        raw = "; the raw weights (final/ holds the EMA ones)" if Path(folder).name == "final-raw" else ""
+        out += [f"{what}: range model {r.get('index')} of a {paper} run, `{base_id}` finetuned "
+                f"{'as LoRA adapters ' if lora else ''}on the timesteps [{r.get('lo')}, {r.get('hi')}){also}{raw}. "
+                f"It is made to denoise its own range: sample it in the timestep-wise ensemble (`ensemble`: each "
+                f"step by the range model that owns t) or merge it with the other ranges (`deme merge`).", ""]
+    if ranges:
+        mine = (meta.get("range") or {}).get("index")
+        out += ["## Ranges", ""] + _ranges_table(ranges, merge.get("weights"), mine) + [""]
+    if merge:
+        out += ["## Merge", ""] + _merge(merge) + [""]
+    elif meta.get("range"):
+        out += ["## Training", ""] + _training(meta) + [""]
+    if ev is not None:
+        out += ["## Evaluation", ""] + _evaluation(ev, spec) + [""]
+    if grid:
+        s = samples or {}
+        how = (f": `deme sample --model {spec}`, {s.get('scheduler')}, {s.get('steps')} steps, image k with seed "
+               f"{(s.get('seeds') or {}).get('base')} + k" if s else "")
+        out += ["## Samples", "", f"![samples]({GRID_FILE})", "", f"The first samples{how}.", ""]
+    out += ["## Use it", ""] + _usage(run, spec, kind, lora, Path(folder).name == "final-raw") + [""]
+    out += ["## Citation", "", "Ma, Ning, Liu, Niu, Zhang. Decouple-Then-Merge: Finetune Diffusion Models as "
+            f"Multi-Task Learning. CVPR 2025. {PAPER_URL}", ""]
+    return "\n".join(out)
+
+
+def write_card(folder: Path, run: RunDir, base, spec: str) -> Path:
+    """Write `folder`/README.md for model spec `spec` (merged, range:I); copies the samples' grid.png into the folder
+    when the samples are this folder's. Returns the card's path."""
+    folder = Path(folder)
+    samples = fresh_samples(folder, run, spec)
+    grid_src = run.samples(spec) / GRID_FILE
+    if samples is not None and grid_src.is_file():
+        _copy_atomic(grid_src, folder / GRID_FILE)
+    text = render(folder, run, base, spec, samples, fresh_eval(run, spec, samples), (folder / GRID_FILE).is_file())
+    write_atomic(folder / CARD_FILE, text)
+    return folder / CARD_FILE
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    shutil.copyfile(src, tmp)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+
+
+def update(run: RunDir, base, specs: Sequence[str]) -> list[Path]:
+    """Write the cards of the model folders of `specs`: merged/, range I's final/ and final-raw/ (base and ensemble
+    have none; folders not there are skipped). A failure is one warning: a card never breaks a command."""
+    from .model_specs import parse_model_spec
+
+    todo: list[tuple[Path, str]] = []
+    for spec in specs:
+        kind, i = parse_model_spec(spec)
+        if kind == "merged":
+            todo.append((run.merged, spec))
+        elif kind == "range":
+            todo += [(run.final(i), spec), (run.final(i, ema=False), spec)]
+    written = []
+    for folder, spec in todo:
+        if not (folder / META_FILE).is_file():
+            continue
+        try:
+            written.append(write_card(folder, run, base, spec))
+        except Exception as e:  # noqa: BLE001 - a card is a by-product; the command's own work is done
+            ui.warn(f"could not write the model card {folder / CARD_FILE} ({type(e).__name__}: {e})")
+    return written
