@@ -71,7 +71,7 @@ def write_grid(folder: Path, n: int, out: Path) -> Optional[Path]:
     return _save(tile([Image.open(files[k]).convert("RGB") for k in idx]), out)
 
 
-def tile(ims: list) -> "Image.Image":
+def tile(ims: list):
     """PIL images of one size, row by row in a near-square RGB grid."""
     from PIL import Image
 
