@@ -127,6 +127,14 @@ def test_changing_the_adapter_of_a_finished_range_is_refused(lora_run, tiny_ddpm
         run_train(full, RunDir(root), 0)
 
 
+def test_lora_targets_that_match_nothing_are_refused_before_the_run_writes_anything(make_recipe):
+    recipe = make_recipe(deme={**LORA, "lora_targets": ["nope"]})
+    run = RunDir(recipe.out_dir)
+    with pytest.raises(UsageError, match="match no Linear or Conv2d layer"):
+        run_train(recipe, run)
+    assert not run.root.exists() or not any(run.root.iterdir())
+
+
 def test_lora_targets_that_match_nothing_are_refused(tiny_ddpm):
     unet = models.load_unet(tiny_ddpm)
     with pytest.raises(UsageError, match="'to_nothing' matches no Linear or Conv2d layer"):

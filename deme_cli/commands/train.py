@@ -33,11 +33,11 @@ from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import (checkpoints, environment, exports, interrupts, locks, model_card, preflight, provenance,
-                      tracking, ui)
+from ..engine import (adapters, checkpoints, environment, exports, interrupts, locks, model_card, preflight,
+                      provenance, tracking, ui)
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
-from ..engine.models import read_meta
+from ..engine.models import read_meta, unet_folder
 from ..engine.ranges import Range
 from ..engine.previews import PREVIEW_DIR, Previews
 from ..engine.recipe import DataSection, DemeSection, RangesSection, SampleSection, TrainSection, stage_kwargs
@@ -95,6 +95,8 @@ def check_training_needs(base: Base, run: RunDir, *, data: DataSection, ranges: 
     if left:
         preflight.check_data(data, base.kind.conditional)
         preflight.check_disk(run.root, base, train, left, deme)
+        if deme is not None:
+            adapters.check_targets(unet_folder(base.folder), deme)
         tracking.check_tracker(train.log_with)
         if train.preview_every and preview_sample is not None and preview_sample.prompts:
             preflight.check_prompts(preview_sample, base.kind.conditional)

@@ -64,6 +64,20 @@ def target_modules(unet, targets: Optional[list[str]] = None) -> list[str]:
     return [t for t in names if hits[t]]
 
 
+def check_targets(unet_dir: Path, deme) -> None:
+    """deme.lora_targets (or the default) match layers of the UNet in `unet_dir`, checked on a UNet built from its
+    config on the meta device (no weights loaded): before a run writes anything."""
+    if not is_lora(deme):
+        return
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cfg = json.loads((Path(unet_dir) / "config.json").read_text())
+    with init_empty_weights():
+        unet = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+    target_modules(unet, deme.lora_targets)
+
+
 def lora_config(unet, deme):
     """peft's LoraConfig for `deme` ([deme] section: lora_rank, lora_alpha, lora_targets) on `unet`."""
     from peft import LoraConfig
