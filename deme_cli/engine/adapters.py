@@ -42,7 +42,8 @@ def is_lora(deme) -> bool:
     return deme.adapter == "lora"
 
 
-def _matches(name: str, target: str) -> bool:
+def matches(name: str, target: str) -> bool:
+    """peft's rule for a target given by name: the module's full name, or its last dotted parts."""
     return name == target or name.endswith("." + target)
 
 
@@ -54,7 +55,7 @@ def target_modules(unet, targets: Optional[list[str]] = None) -> list[str]:
     cls = type(unet).__name__
     names = list(targets) if targets else DEFAULT_TARGETS.get(cls, ATTENTION)
     layers = [n for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    hits = {t: [n for n in layers if _matches(n, t)] for t in names}
+    hits = {t: [n for n in layers if matches(n, t)] for t in names}
     missing = [t for t, found in hits.items() if not found]
     if not any(hits.values()):
         raise UsageError(f"deme.lora_targets {names} match no Linear or Conv2d layer of this {cls}; name layers "
@@ -179,7 +180,7 @@ def read_adapter(folder: Path) -> tuple[dict, dict]:
     f = Path(folder) / LORA_DIR / LORA_WEIGHTS
     try:
         return m["adapter"], load_file(str(f))
-    except (OSError, KeyError, Exception) as e:  # safetensors raises its own error type on a damaged file
+    except Exception as e:  # OSError, a missing key, or safetensors' own error type on a damaged file
         raise UsageError(f"could not read the LoRA adapter in '{folder}' ({type(e).__name__}); retrain the range "
                          f"with --force") from None
 

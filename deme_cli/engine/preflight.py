@@ -69,7 +69,7 @@ def unet_parameters(base) -> Optional[int]:
 def trained_parameters(base, deme=None) -> Optional[int]:
     """The parameters a range trains and stores: the whole UNet, or with deme.adapter = "lora" rank * (in * k * k +
     out) per adapted weight (the projections are left out: at most a few percent of a UNet). None when unknown."""
-    from .adapters import ATTENTION, DEFAULT_TARGETS, is_lora
+    from .adapters import ATTENTION, DEFAULT_TARGETS, is_lora, matches
 
     shapes = _unet_shapes(base)
     if shapes is None or deme is None or not is_lora(deme):
@@ -82,7 +82,7 @@ def trained_parameters(base, deme=None) -> Optional[int]:
     total = 0
     for k, shape in shapes.items():
         mod = k[: -len(".weight")] if k.endswith(".weight") else None
-        if mod and len(shape) in (2, 4) and any(mod == t or mod.endswith("." + t) for t in targets):
+        if mod and len(shape) in (2, 4) and any(matches(mod, t) for t in targets):
             total += deme.lora_rank * (_numel(shape[1:]) + shape[0])
     return total
 
