@@ -82,7 +82,8 @@ def test_merge_sample_and_eval_fill_the_merged_card(card_run):
     results = ModelCard.load(run.merged / "README.md").data.eval_results
     assert {r.metric_type: r.metric_value for r in results} == ev["metrics"]          # every metric, equal
     assert {r.task_type for r in results} == {"unconditional-image-generation"}
-    assert {(r.dataset_type, r.dataset_name) for r in results} == {("imagefolder", recipe.eval.reference.rsplit("/", 1)[1])}
+    ref = recipe.eval.reference
+    assert {(r.dataset_type, r.dataset_name) for r in results} == {("imagefolder", ref.rsplit("/", 1)[1])}
     assert f"against `{recipe.eval.reference}`" in body and "Held-out loss / base" in body
     assert "import yaml" not in open(model_card.__file__).read()
 

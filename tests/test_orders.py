@@ -166,10 +166,11 @@ def test_retrain_a_range_then_merge_sample_eval(scored, tmp_path):
     o.untouched(mid, *BASE_WORK, *RANGES)
 
 
-def test_merge_again_with_other_weights_then_report_eval_and_load_pipeline(scored, tmp_path):
+def test_merge_again_with_other_weights_then_report_eval_and_load_pipeline(scored, tmp_path, monkeypatch):
     """merge --force with other weights: merged's old KID is shown nowhere as current (report, step summary, card,
     take-away table); eval refuses the old samples naming `deme sample --force`; load_pipeline samples the new
     model; sampled and scored again, it is current."""
+    import torch
     from huggingface_hub import ModelCard
 
     from deme_cli import load_pipeline
@@ -188,12 +189,9 @@ def test_merge_again_with_other_weights_then_report_eval_and_load_pipeline(score
     results, stale_part = d["md"].split("## Stale results")[0], d["md"].split("## Stale results")[1]
     assert kid_text(old_kid) not in results and kid_text(old_kid) in stale_part.split("\n## ")[0]
     summary = tmp_path / "summary.md"
-    import os
-    os.environ["GITHUB_STEP_SUMMARY"] = str(summary)
-    try:
+    with monkeypatch.context() as m:
+        m.setenv("GITHUB_STEP_SUMMARY", str(summary))
         write_report(o.run, o.arg, o.recipe.to_toml())
-    finally:
-        del os.environ["GITHUB_STEP_SUMMARY"]
     assert kid_text(old_kid) not in summary.read_text() and "stale" in summary.read_text()
     assert ModelCard.load(o.run.merged / "README.md").data.eval_results is None
     o.untouched(before, *BASE_WORK, "samples/ensemble/*", "eval/ensemble.json", *RANGES)
@@ -202,7 +200,7 @@ def test_merge_again_with_other_weights_then_report_eval_and_load_pipeline(score
     pipe = load_pipeline(o.root, model="merged")
     o.ok("sample", "--model", "merged", "--force")
     got = np.round(np.asarray(pipe(batch_size=1, num_inference_steps=2, output_type="np",
-                                   generator=__import__("torch").Generator().manual_seed(0)).images) * 255)
+                                   generator=torch.Generator().manual_seed(0)).images) * 255)
     assert np.abs(got[0] - read_pngs(o.run.samples("merged"))[0]).max() <= 1     # the new model, as deme samples it
     o.ok("eval", "--models", "merged")
     assert o.stale() == {} and o.shown()["merged"]["kid"] == o.recorded("merged")["metrics"]["kid"]
@@ -362,11 +360,12 @@ def test_loss_only_eval_after_a_merge_refreshes_only_the_loss(scored, tmp_path):
 
 
 def test_deme_run_after_a_retrained_range_shows_only_current_numbers(scored, tmp_path):
-    """Range 1 retrained (its final/ holds other weights), then `deme run` for the base only: the run ends with the take-away table and the results of
-    current evals (merged/ untouched: current; the ensemble's member changed: left out, said stale)."""
-    from deme_cli.commands.pipeline import run_pipeline
-
+    """Range 1 retrained (its final/ holds other weights), then `deme run` for the base only: the run ends with the
+    take-away table and the results of current evals (merged/ untouched: current; the ensemble's member changed:
+    left out, said stale)."""
     from safetensors.torch import load_file, save_file
+
+    from deme_cli.commands.pipeline import run_pipeline
 
     o = Order(scored, tmp_path)
     unet = o.run.final(1) / "unet" / "diffusion_pytorch_model.safetensors"     # range 1 retrained: other weights

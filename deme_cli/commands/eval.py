@@ -54,8 +54,9 @@ def _plan(e: EvalSection, requested: int, run: RunDir, models: Sequence[str], al
         meta = read_record(folder / SAMPLES_JSON, f"run 'deme sample RECIPE --model {m} --force' to make the samples "
                                                   f"again") if (folder / SAMPLES_JSON).is_file() else {}
         if len(idx) < requested and not allow_fewer and meta.get("complete") is False:
-            raise UsageError(f"the samples of '{m}' are incomplete ({len(idx)} of {requested} images: a 'deme sample' "
-                             f"was stopped); run 'deme sample RECIPE --model {m}' to finish them, or pass --allow-fewer")
+            raise UsageError(f"the samples of '{m}' are incomplete ({len(idx)} of {requested} images: a 'deme "
+                             f"sample' was stopped); run 'deme sample RECIPE --model {m}' to finish them, or pass "
+                             f"--allow-fewer")
         if len(idx) < requested and not allow_fewer:
             raise UsageError(f"'{folder}' holds {len(idx)} of the {requested} images to score; run 'deme sample' "
                              f"with sample.num_images = {requested}, or pass --allow-fewer")

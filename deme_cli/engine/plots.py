@@ -60,13 +60,13 @@ def loss_by_t_plot(curves: dict, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120, layout="constrained")
     ax.axhline(1.0, color="k", lw=1, ls="--")
     counts = {len(rec["bins"]) for rec in curves.values()}
-    for model, rec in curves.items():
+    for k, (model, rec) in enumerate(curves.items()):
         edges = [lo for lo, _ in rec["bins"]] + [rec["bins"][-1][1]]
         centres = [(lo + hi) / 2 for lo, hi in rec["bins"]]
         mean = sum(rec["ratio"]) / len(rec["ratio"])
         bins = f", {len(rec['bins'])} bins" if len(counts) > 1 else ""
         line = ax.stairs(rec["ratio"], edges, baseline=None, lw=1.4, label=f"{model} (mean {mean:.4f}{bins})",
-                         color="k" if model == "base" else None)
+                         color="k" if model == "base" else f"C{k % 10}")   # stairs do not take the cycle
         ax.plot(centres, rec["ratio"], "o", ms=3, color=line.get_edgecolor())
     ax.set_xlabel("timestep t (each step spans its bin [lo, hi))")
     ax.set_ylabel("held-out loss / base model's loss")

@@ -4,8 +4,8 @@ One short table (the top of `deme report`, the end of `deme run`): per model, FI
 base's, KID's std over subsets, the CLIP score and the held-out loss / base, and the folder that holds it. Only
 current numbers reach it (freshness.py), and a model is compared with the base only when both were scored alike (the
 same reference, number of images, feature extractor and mode). A model beats the base when its KID is lower by more
-than the spread, sqrt(std_model² + std_base²) of the two KIDs' std over subsets; FID, the CLIP score and the loss ratio
-come with no spread, so alone they decide nothing. The folder to take away is merged/ (a merged or a routed model)
+than the spread, sqrt(std_model² + std_base²) of the two KIDs' std over subsets; FID, the CLIP score and the loss
+ratio come with no spread, so alone they decide nothing. The folder to take away is merged/ (a merged or a routed model)
 when it beats the base; the ensemble is one folder only once `deme merge --method routed` writes it as merged/; a range
 model denoises only its own range and is never the answer.
 """
@@ -25,14 +25,14 @@ def _alike(a: dict, b: dict) -> bool:
     return ref[0] == ref[1] and ext[0] == ext[1] and all(a.get(k) == b.get(k) for k in COMPARED_ALIKE)
 
 
-def _folder(model: str, merge: Optional[dict]) -> str:
+def _folder(model: str, merge: Optional[dict], recipe_arg: str) -> str:
     if model == "base":
         return "the base (model.pretrained)"
     if model == "merged":
         return "merged/ (routed: the ensemble as one model)" if (merge or {}).get("method") == "routed" \
             else f"merged/ ({(merge or {}).get('method') or 'merged'})"
     if model == "ensemble":
-        return "none yet: `deme merge --method routed` writes it as merged/"
+        return f"none yet: `deme merge {recipe_arg} --method routed` writes it as merged/"
     return f"ranges/{model_dirname(model).split('-')[-1]}/final/ (its own range only)"
 
 
@@ -71,7 +71,7 @@ def summarize(evals: list[dict], merge: Optional[dict], recipe_arg: str = "RECIP
         if has["fid"]:
             row.append(f"{m['fid']:.4g}{delta('fid')}" if m.get("fid") is not None else "-")
         if has["kid"]:
-            std = f" ± {m['kid_std']:.2g}" if m.get("kid_std") is not None else ""
+            std = f" ± {m['kid_std']:.4g}" if m.get("kid_std") is not None else ""
             row.append(f"{m['kid']:.4g}{std}{delta('kid')}" if m.get("kid") is not None else "-")
         if has["clip_score"]:
             row.append(f"{m['clip_score']:.4g}" if m.get("clip_score") is not None else "-")
@@ -89,21 +89,25 @@ def summarize(evals: list[dict], merge: Optional[dict], recipe_arg: str = "RECIP
         else:
             verdict = kid_verdict(e, base) or "no spread known"
         verdicts[e["model"]] = verdict
-        rows.append(row + [verdict if verdict != "better" else "better beyond the spread", _folder(e["model"], merge)])
+        shown = verdict if verdict != "better" else "better beyond the spread"
+        rows.append(row + [shown, _folder(e["model"], merge, recipe_arg)])
     return {"header": header, "rows": rows, "notes": notes,
-            "verdict": _choose(verdicts, merge, base is not None, has["kid"], recipe_arg)}
+            "verdict": _choose(verdicts, merge, base is not None, recipe_arg)}
 
 
-def _choose(verdicts: dict, merge: Optional[dict], base_scored: bool, kid: bool, recipe_arg: str) -> str:
+def _choose(verdicts: dict, merge: Optional[dict], base_scored: bool, recipe_arg: str) -> str:
     if not base_scored:
         return f"no verdict: the base is not scored; run `deme sample {recipe_arg} --model base` and " \
                f"`deme eval {recipe_arg} --models base` (the same images as the others)"
     if verdicts.get("merged") == "better":
-        return f"take away {_folder('merged', merge)}: its KID is lower than the base's by more than the spread"
+        return (f"take away {_folder('merged', merge, recipe_arg)}: its KID is lower than the base's by more than the "
+                f"spread")
     if verdicts.get("ensemble") == "better":
         return (f"the ensemble beats the base beyond the spread but has no folder yet: `deme merge {recipe_arg} "
                 f"--method routed --force` writes it as merged/ (one model, the base's compute per step)")
-    if not kid:
+    if not any(v in ("better", "worse", "within the spread") for v in verdicts.values()):
+        if "scored unlike the base" in verdicts.values():
+            return "no verdict: the finetuned models were scored unlike the base; score them alike"
         return "no verdict: FID, the CLIP score and the loss ratio come with no spread; add \"kid\" to eval.metrics " \
                "(KID's std over subsets is the spread)"
     return "the base: no finetuned model beat it beyond the spread"
