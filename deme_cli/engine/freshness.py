@@ -174,7 +174,7 @@ def _sample_part(run: RunDir, rec: dict, spec: str, recipe_arg: str) -> Verdict:
     resample = _cmd("sample", recipe_arg, "--model", spec, "--force")
     name = f"samples/{model_dirname(spec)}/"
     folder = run.samples(spec)
-    samples = _read(folder / SAMPLES_JSON)
+    samples = _read(folder / SAMPLES_JSON) if (folder / SAMPLES_JSON).exists() else {}   # {}: images deme did not make
     have = existing_images(folder)
     if samples is None or not have:
         return Verdict(False, f"{name} is gone", f"{sample}, then {evaluate}")

@@ -321,8 +321,8 @@ def render(folder: Path, run: RunDir, base, spec: str, samples: Optional[dict], 
 
     meta = _json(Path(folder) / META_FILE) or {}
     kind = base.kind.name
-    merged = meta.get("kind") == "merged"
-    merge = (_json(Path(folder) / "merge.json") if merged else None) or {}
+    merge = _json(Path(folder) / "merge.json") or {}        # merged/ (a merge, or the routed ensemble)
+    merged = meta.get("kind") == "merged" or bool(merge)
     routed = merge.get("method") == "routed"
     hub = hub_id(base)
     base_id = base_model_id(base)

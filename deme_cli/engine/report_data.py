@@ -150,7 +150,7 @@ def _missing(d: dict, recipe_arg: str) -> list[str]:
             why = " (the comparison every DeMe result needs)" if model == "base" else ""
             lines.append(f"no samples of the {model} model{why}: run {cmd('sample', '--model', model)}")
     for x in d["stale"]:
-        what = "loss by timestep" if x["part"] == "loss" else "scores of its samples"
+        what = "loss by timestep and loss ratio" if x["part"] == "loss" else "sample scores (FID, KID, CLIP score)"
         lines.append(f"{x['model']}: its {what} are stale ({x['why']}): run {x['command']}")
     scored = {model_dirname(e["model"]) for e in d["eval"] + d["stale"]}
     todo = [s["model"] for s in d["samples"] if s["folder"] not in scored]
