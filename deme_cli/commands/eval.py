@@ -242,9 +242,10 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
 
 def _made_by(job: _Job, run: RunDir, folders: list[Path], previous: Optional[dict]) -> dict:
     """What a result of the samples scores records about them (freshness.py): the samples' identity and the files of
-    the model folders they were made from."""
+    the model folders they were made from (none for images deme did not make: no model hash ties them to a model)."""
+    made_by_deme = (job.samples.get("settings") or {}).get("model_hash") is not None
     return {"samples_key": freshness.samples_key(job.samples, job.files),
-            "model_files": freshness.signature(folders, run.root, previous)}
+            "model_files": freshness.signature(folders, run.root, previous) if made_by_deme else {}}
 
 
 def _recorded(prev: dict, made: dict) -> bool:

@@ -104,10 +104,10 @@ def _path(key: str, root: Path) -> Path:
 
 
 def signature(folders: Iterable[Path], root: Path, previous: Optional[dict] = None) -> dict:
-    """{folder: {file: [size, mtime_ns, sha256]}} of model folders (see _files); a file whose size and mtime equal
-    those in `previous` (an earlier signature) keeps its recorded sha256 instead of being read again."""
+    """{folder: {file: [size, mtime_ns, sha256]}} of the model folders that exist (see _files); a file whose size and
+    mtime equal those in `previous` (an earlier signature) keeps its recorded sha256 instead of being read again."""
     out = {}
-    for folder in folders:
+    for folder in (f for f in folders if Path(f).is_dir()):
         key, old = _key(folder, root), (previous or {}).get(_key(folder, root)) or {}
         files = {}
         for f in _files(folder):
