@@ -169,7 +169,7 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
         fp = fps[job.model]
         if same[job.model]:
             ui.info(f"eval {job.model}: up to date ({run.eval_json(job.model)}); --force recomputes it")
-            if not _recorded(old[job.model], made[job.model]):
+            if any(old[job.model].get(k) != v for k, v in made[job.model].items()):   # new, or files' times moved
                 results[job.model].update(made[job.model])
                 recorded.append(job.model)
             continue
