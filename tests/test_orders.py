@@ -381,7 +381,7 @@ def test_deme_run_after_a_retrained_range_shows_only_current_numbers(scored, tmp
     o.untouched(before, "samples/*/*.png", "eval/*.json", "merged/*.safetensors", "merged/unet/*")
 
 
-def test_deme_run_refuses_the_samples_of_a_replaced_model(scored, tmp_path):
+def test_deme_run_after_a_merge_with_other_weights_refuses(scored, tmp_path):
     """merge --force with other weights, then `deme run` (recipe weights): the merge stage refuses to replace a merge
     made with other settings, naming --force; nothing changes."""
     o = Order(scored, tmp_path)
@@ -391,7 +391,7 @@ def test_deme_run_refuses_the_samples_of_a_replaced_model(scored, tmp_path):
 
 def test_eval_of_a_range_retrained_after_its_samples_refuses(scored, tmp_path):
     """Range 0 retrained after the ensemble was sampled: eval of the ensemble refuses its samples (made by the old
-    range model), naming `deme sample --force`; the range's card shows no numbers of its old self."""
+    range model), naming `deme sample --force`; a loss-only eval then refreshes only the loss."""
     o = Order(scored, tmp_path)
     o.ok("train", "--range", "0", "--force", "--set", "train.lr=0.002")
     o.refuses("run 'deme sample RECIPE --model ensemble --force'", "eval", "--models", "ensemble")
