@@ -152,6 +152,14 @@ def _report(recipe, run: RunDir, recipe_arg: str) -> Optional[dict]:
     return {"html": r["html"], "markdown": r["markdown"]}
 
 
+def _take_away(run: RunDir, recipe_arg: str) -> Optional[dict]:
+    """Which model to take away, from the run's current eval numbers (engine/take_away.py; the report's first
+    table)."""
+    from ..engine.report_data import collect
+
+    return collect(run, recipe_arg)["take_away"]
+
+
 def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None,
                  recipe_arg: str = "RECIPE") -> dict:
     """Run every stage in order on one resolved base, then write the report; returns {"stages": [...],
@@ -188,8 +196,9 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
                                         "seconds": round(seconds, 2) if done is None else done}
         write_json(record_file, record)  # after the stage: an interrupted stage is simply redone (and resumes)
 
-    results = (eval_result or {}).get("results", {})
-    return {"run": str(run.root), "stages": stages, "report": _report(recipe, run, recipe_arg),
+    results = (eval_result or {}).get("results", {})      # current numbers only (evaluate passes them through
+    return {"run": str(run.root), "stages": stages, "report": _report(recipe, run, recipe_arg),   # freshness)
+            "stale": (eval_result or {}).get("stale", {}), "take_away": _take_away(run, recipe_arg),
             "models": {m: {"metrics": results.get(m, {}).get("metrics", {}),
                            "num_images": results.get(m, {}).get("num_images"),
                            **({"loss_by_t": results[m]["loss_by_t"]} if results.get(m, {}).get("loss_by_t") else {})}

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+from . import freshness
 from .errors import UsageError
 from .runs import RunDir
 
@@ -96,7 +97,14 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
             predicts[m] = _predict(base, run, m, device, base_hash, specs)
     prints = {m: _fingerprint(e, base, data.resolution, h, ref_files) for m, (_, h) in predicts.items()}
     todo = [m for m in models if force or (previous.get(m) or {}).get("fingerprint") != prints[m]]
-    out = {m: previous[m] for m in models if m not in todo}
+    # the files of the models just loaded and of the base (freshness.py): a report shows the ratio while they are
+    # the same; a kept record whose models were loaded equal (same fingerprint) records their files as they are now
+    files = {m: freshness.signature(dict.fromkeys(freshness.model_folders(run, m, base.folder, specs["use_ema"],
+                                                                          specs["ranges"].n) + [base.folder]),
+                                    run.root, (previous.get(m) or {}).get("model_files"))
+             for m in models}
+    out = {m: previous[m] if previous[m].get("model_files") == files[m] else {**previous[m], "model_files": files[m]}
+           for m in models if m not in todo}
     for m in out:
         ui.info(f"eval {m}: loss by t up to date; --force recomputes it")
     if not todo:
@@ -120,12 +128,25 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
         ratio = [a / b for a, b in zip(losses, base_loss)]
         out[m] = {"bins": [list(b) for b in edges], "loss": losses, "ratio": ratio,
                   "ratio_mean": sum(ratio) / len(ratio), "base_loss": base_loss, "images_per_bin": counts,
-                  **held.describe(), "precision": "fp32", "fingerprint": prints[m]}
+                  **held.describe(), "precision": "fp32", "fingerprint": prints[m], "model_files": files[m]}
         ui.info(f"eval {m}: held-out loss / base, mean over {len(edges)} bins: {out[m]['ratio_mean']:.4f}")
     del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def by_bins(curves: dict, bins: Optional[int] = None) -> list[tuple[list, dict]]:
+    """[(bin edges, {model: record})]: the models whose loss by timestep was scored on the same bins and the same
+    held-out draw (images, noise seed, timestep rule), so their ratios sit under the same edges. The group to compare
+    in comes first: the one with `bins` bins (eval.loss_bins) holding the most models, else the largest."""
+    groups: dict[str, dict] = {}
+    for model, rec in curves.items():
+        key = json.dumps([rec.get("bins"), rec.get("images"), rec.get("num_images"), rec.get("noise_seed"),
+                          rec.get("timesteps")], default=str)
+        groups.setdefault(key, {})[model] = rec
+    out = [(next(iter(g.values()))["bins"], g) for g in groups.values()]
+    return sorted(out, key=lambda bg: (len(bg[0]) != bins, -len(bg[1])))
 
 
 def plot(run: RunDir, records: dict, name: str) -> str:

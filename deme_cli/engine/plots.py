@@ -54,16 +54,21 @@ def search_plot(log: dict, path: Path) -> Path:
 
 
 def loss_by_t_plot(curves: dict, path: Path, title: str) -> Path:
-    """curves: {model: loss_by_t record}; each record's `ratio` (loss / the base's) against its bin centres."""
+    """curves: {model: loss_by_t record}; each record's `ratio` (loss / the base's) as a step over its own bins'
+    edges (models scored with other bins show their own steps), with a point at each bin's centre."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120, layout="constrained")
     ax.axhline(1.0, color="k", lw=1, ls="--")
-    for model, rec in curves.items():
+    counts = {len(rec["bins"]) for rec in curves.values()}
+    for k, (model, rec) in enumerate(curves.items()):
+        edges = [lo for lo, _ in rec["bins"]] + [rec["bins"][-1][1]]
         centres = [(lo + hi) / 2 for lo, hi in rec["bins"]]
         mean = sum(rec["ratio"]) / len(rec["ratio"])
-        ax.plot(centres, rec["ratio"], "o-" if model != "base" else "-", ms=3,
-                label=f"{model} (mean {mean:.4f})", color="k" if model == "base" else None)
-    ax.set_xlabel("timestep t (bin centre)")
+        bins = f", {len(rec['bins'])} bins" if len(counts) > 1 else ""
+        line = ax.stairs(rec["ratio"], edges, baseline=None, lw=1.4, label=f"{model} (mean {mean:.4f}{bins})",
+                         color="k" if model == "base" else f"C{k % 10}")   # stairs do not take the cycle
+        ax.plot(centres, rec["ratio"], "o", ms=3, color=line.get_edgecolor())
+    ax.set_xlabel("timestep t (each step spans its bin [lo, hi))")
     ax.set_ylabel("held-out loss / base model's loss")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)
