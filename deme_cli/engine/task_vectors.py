@@ -370,10 +370,19 @@ class CandidateMerger:
 
     @staticmethod
     def nbytes(inputs: MergeInputs) -> int:
-        """Memory the cache takes: theta plus one task vector per range that has the tensor, float32."""
-        n_proj = sum(1 for r in inputs.ranges if r.projection_file)
-        return sum(4 * math.prod(shape) * (1 + (inputs.n if group == "unet" else n_proj))
-                   for group, _, _, shape in inputs.entries)
+        """Memory the cache takes: theta (float tensors in float32) plus one float32 task vector per range and tensor
+        that the range changes (`RangeModel.task_vector` is not None): every UNet tensor of a full range model, only
+        the adapted weights of a LoRA range (tau = B @ A, dense), the projections of a range that has them. Read off
+        the files' headers; nothing is loaded."""
+        changed = [_changed_keys(r) for r in inputs.ranges]
+        total = 0
+        for group, key, _, shape in inputs.entries:
+            base = inputs.base_tensor(group, key)
+            if not base.is_floating_point():
+                total += base.numel() * base.element_size()
+                continue
+            total += 4 * math.prod(shape) * (1 + sum((group, key) in c or (group, None) in c for c in changed))
+        return total
 
     def load_into(self, model, weights: list[float]) -> None:
         import torch
@@ -383,6 +392,14 @@ class CandidateMerger:
             for group, key, theta, taus in self.entries:
                 delta = consensus(self.spec, ((tau, weights[i]) for i, tau in taus if weights[i] != 0))
                 targets[group][key].copy_(theta if delta is None else delta.add_(theta))
+
+
+def _changed_keys(r: RangeModel) -> set:
+    """(group, key) of the tensors range model `r` changes, as `RangeModel.task_vector` reads them; (group, None):
+    all of that group."""
+    unet = {("unet", k) for k in r.lora_pairs} if r.is_lora else {("unet", None)}
+    proj = {("projection", k) for k in read_header(r.projection_file)[0]} if r.projection_file else set()
+    return unet | proj
 
 
 def new_candidate_model(inputs: MergeInputs):
