@@ -346,7 +346,8 @@ class CandidateMerger:
     """Many merges of the same range models, fast: theta and each range's sparsified task vector stay on `device`
     in float32 (about N + 1 models of memory), so a candidate costs one combination per tensor and no file reads.
     For the weight search: TIES trims and DARE drops do not depend on the weights, so they are done once. Results agree
-    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path."""
+    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path.
+    What it holds, in bytes: search_pool.cache_bytes."""
 
     kind = "task vectors held in memory (float32)"
 
@@ -368,22 +369,6 @@ class CandidateMerger:
                         taus.append((r.index, tau.to(device, torch.float32)))
                 self.entries.append((group, key, base.to(device, torch.float32), taus))
 
-    @staticmethod
-    def nbytes(inputs: MergeInputs) -> int:
-        """Memory the cache takes: theta (float tensors in float32) plus one float32 task vector per range and tensor
-        that the range changes (`RangeModel.task_vector` is not None): every UNet tensor of a full range model, only
-        the adapted weights of a LoRA range (tau = B @ A, dense), the projections of a range that has them. Read off
-        the files' headers; nothing is loaded."""
-        changed = [_changed_keys(r) for r in inputs.ranges]
-        total = 0
-        for group, key, _, shape in inputs.entries:
-            base = inputs.base_tensor(group, key)
-            if not base.is_floating_point():
-                total += base.numel() * base.element_size()
-                continue
-            total += 4 * math.prod(shape) * (1 + sum((group, key) in c or (group, None) in c for c in changed))
-        return total
-
     def load_into(self, model, weights: list[float]) -> None:
         import torch
 
@@ -392,14 +377,6 @@ class CandidateMerger:
             for group, key, theta, taus in self.entries:
                 delta = consensus(self.spec, ((tau, weights[i]) for i, tau in taus if weights[i] != 0))
                 targets[group][key].copy_(theta if delta is None else delta.add_(theta))
-
-
-def _changed_keys(r: RangeModel) -> set:
-    """(group, key) of the tensors range model `r` changes, as `RangeModel.task_vector` reads them; (group, None):
-    all of that group."""
-    unet = {("unet", k) for k in r.lora_pairs} if r.is_lora else {("unet", None)}
-    proj = {("projection", k) for k in read_header(r.projection_file)[0]} if r.projection_file else set()
-    return unet | proj
 
 
 def new_candidate_model(inputs: MergeInputs):
