@@ -21,10 +21,10 @@ reached the disk, a copy cut short, a file emptied by hand). `verify(folder)` co
 state.json and each .safetensors header and opening optimizer.pt's zip directory (nothing is unpickled).
 `resume_point` (old name: `latest`) tries every step-<k> folder newest first, whatever `latest` names, and returns
 the first intact one, warning once per process (on the main one only) for each damaged one it skips, and when
-`latest` names another folder (an older one, or one that is missing). No step folders: None; step folders but none intact: a
-UsageError (start the range over with --force). An intact verdict is remembered per process while the files' sizes,
-mtimes and inodes stay the same (train.py asks twice before training). `load` turns any read failure that gets past
-verification into a UsageError naming the folder.
+`latest` names another folder (an older one, or one that is missing). No step folders: None; step folders but none
+intact: a UsageError (start the range over with --force). An intact verdict is remembered per process while the
+files' sizes, mtimes and inodes stay the same (train.py asks twice before training). `load` turns any read failure
+that gets past verification into a UsageError naming the folder.
 
 Pruning after a save keeps the `keep` newest folders up to the one just written and deletes every step folder newer
 than it: those are what a resume fell back from (damaged) or skipped past, and training rewrites those steps anyway.

@@ -9,7 +9,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
