@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import merge_inputs, tiny_recipe_dict, trainer_for
+from conftest import held_bytes, merge_inputs, tiny_recipe_dict, trainer_for
 from deme_cli.commands import merge
 from deme_cli.commands.train import run_train
-from deme_cli.engine import adapters, models, task_vectors
+from deme_cli.engine import adapters, models, search_pool, task_vectors
 from deme_cli.engine.base import resolve_base
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.merge_methods import MERGE_METHODS, MergeSpec
@@ -267,6 +267,11 @@ def test_candidate_merger_reads_lora_ranges_like_the_streamed_merge(lora_run):
     spec = MergeSpec("task_arithmetic", 0.2, 0)
     merger = task_vectors.CandidateMerger(inputs, spec)
     model = task_vectors.new_candidate_model(inputs)
+    # the search's memory estimate counts what the merger holds: theta and, per LoRA range, only the adapted layers
+    full = 4 * sum(t.numel() for t in model.state_dict().values())
+    assert search_pool.cache_bytes(inputs) == held_bytes(merger) < full * (1 + inputs.n)
+    assert sum(len(taus) for group, _, _, taus in merger.entries if group == "unet") == \
+        sum(len(r.lora_pairs) for r in inputs.ranges) > 0
     merger.load_into(model, [0.5, 1.0])
     got, want = model.state_dict(), task_vectors.merged_state(inputs, [0.5, 1.0], spec)
     assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hand_alphas_cumprod, merge_inputs, search_setup
+from conftest import hand_alphas_cumprod, held_bytes, merge_inputs, search_setup
 from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
 from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
@@ -502,7 +502,7 @@ def test_candidate_merger_matches_streamed_merge(setup, method):
     spec = merge_methods.MergeSpec.from_section(recipe.merge)
     merger = task_vectors.CandidateMerger(inputs, spec)
     model = task_vectors.new_candidate_model(inputs)
-    assert task_vectors.CandidateMerger.nbytes(inputs) == \
+    assert search_pool.cache_bytes(inputs) == held_bytes(merger) == \
         4 * sum(t.numel() for t in model.state_dict().values()) * (1 + N)
     for w in ([0.1, 0.2, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]):
         merger.load_into(model, w)
@@ -636,6 +636,8 @@ def test_search_mergers_load_the_hand_merge_into_the_candidate(make_recipe, mixe
     merger = search_pool.make_merger(inputs, merge_methods.MergeSpec.from_section(recipe.merge), torch.device("cpu"))
     fallback = free == 1
     assert isinstance(merger, task_vectors.StreamingMerger if fallback else task_vectors.CandidateMerger)
+    if not fallback:        # the estimate is what it holds: range 1 has no projections, so no projection taus
+        assert search_pool.cache_bytes(inputs) == held_bytes(merger)
     assert ("merged from disk instead" in " ".join(capsys.readouterr().err.split())) == fallback
     model = task_vectors.new_candidate_model(inputs)
     folders = [run.final(i) for i in range(N)]

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
+try:
+    import tomllib                 # Python 3.11+
+except ModuleNotFoundError:        # Python 3.10: the same parser as a package (pyproject.toml installs it there)
+    import tomli as tomllib
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,11 +122,13 @@ class TrainSection(_Section):
     adam_eps: float = 1e-8
     weight_decay: float = 1e-6                    # release
     max_grad_norm: float = 1.0                    # release; 0 disables clipping
-    loss_weighting: choice(LOSS_WEIGHTINGS) = "none"  # per-sample weight of the denoising term by SNR(t) (loss.py)
+    loss_weighting: choice(LOSS_WEIGHTINGS) = "none"  # per-sample weight of the denoising term by SNR(t) (loss.py);
+                                                  # the consistency term keeps deme.consistency_weight, so its
+                                                  # relative weight grows at low t (README: x1.4 / x2.9 in range 0)
     snr_gamma: float = Field(5.0, gt=0)           # min_snr: w_eps = min(SNR, gamma) / SNR (Hang et al. 2023: 5)
     p2_gamma: float = Field(1.0, ge=0)            # p2: w_eps = 1 / (k + SNR)^gamma (Choi et al. 2022: 1)
     p2_k: float = Field(1.0, gt=0)                # p2: k (Choi et al. 2022: 1)
-    mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA (fp16 + grad scaler before Ampere), fp32 on CPU
     ema: bool = True
     ema_max_decay: float = Field(0.9999, ge=0.0, le=1.0)
     ema_power: float = 0.75                       # warm-up: decay_k = min(max, 1 - (1 + k)^-power)
@@ -199,7 +205,7 @@ class SampleSection(_Section):
     num_images: int = Field(50000, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = 0                                  # image k uses seed + k
-    precision: SamplePrecision = "auto"            # auto: bf16 on CUDA, fp32 on CPU
+    precision: SamplePrecision = "auto"            # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU
     compile: choice(COMPILE_SETTINGS) = "auto"
     prompts: Optional[str] = None                  # text-to-image: .txt (one per line), .jsonl/.csv, or hf dataset
     prompt_column: str = "prompt"

@@ -29,11 +29,32 @@ def free_bytes(device) -> Optional[int]:
     return None
 
 
+def cache_bytes(inputs) -> int:
+    """The bytes a task_vectors.CandidateMerger of `inputs` holds: theta (float tensors in float32) and a float32 task
+    vector per range for each tensor the range changes (`_changed`: a LoRA range only its adapted weights, B @ A
+    dense). Read off the files' headers; nothing is loaded."""
+    import math
+
+    changed = [_changed(r) for r in inputs.ranges]
+    return sum(4 * math.prod(shape) * (1 + sum((g, k) in c or (g, None) in c for c in changed))
+               if inputs.base_tensor(g, k).is_floating_point() else inputs.base_tensor(g, k).nbytes
+               for g, k, _, shape in inputs.entries)
+
+
+def _changed(r) -> set:
+    """(group, key) of the tensors whose task vector RangeModel `r` gives (task_vector is not None); (group, None):
+    every tensor of that group."""
+    from .safetensors_stream import read_header
+
+    unet = {("unet", k) for k in r.lora_pairs} if r.is_lora else {("unet", None)}
+    return unet | ({("projection", k) for k in read_header(r.projection_file)[0]} if r.projection_file else set())
+
+
 def make_merger(inputs, spec, device):
     """Task vectors held on the device when they fit in 70% of its free memory, else merges streamed from disk."""
     from .task_vectors import CandidateMerger, StreamingMerger
 
-    need, free = CandidateMerger.nbytes(inputs), free_bytes(device)
+    need, free = cache_bytes(inputs), free_bytes(device)
     if free is not None and need > 0.7 * free:
         ui.warn(f"the task vectors ({need / 2 ** 30:.1f} GiB) do not fit next to the search on {device.type}; "
                 f"each candidate is merged from disk instead (slower)")

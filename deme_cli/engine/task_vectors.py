@@ -9,7 +9,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -346,7 +345,8 @@ class CandidateMerger:
     """Many merges of the same range models, fast: theta and each range's sparsified task vector stay on `device`
     in float32 (about N + 1 models of memory), so a candidate costs one combination per tensor and no file reads.
     For the weight search: TIES trims and DARE drops do not depend on the weights, so they are done once. Results agree
-    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path."""
+    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path.
+    What it holds, in bytes: search_pool.cache_bytes."""
 
     kind = "task vectors held in memory (float32)"
 
@@ -367,13 +367,6 @@ class CandidateMerger:
                         tau = sparsify(spec, f"{group}.{key}", r.index, t)
                         taus.append((r.index, tau.to(device, torch.float32)))
                 self.entries.append((group, key, base.to(device, torch.float32), taus))
-
-    @staticmethod
-    def nbytes(inputs: MergeInputs) -> int:
-        """Memory the cache takes: theta plus one task vector per range that has the tensor, float32."""
-        n_proj = sum(1 for r in inputs.ranges if r.projection_file)
-        return sum(4 * math.prod(shape) * (1 + (inputs.n if group == "unet" else n_proj))
-                   for group, _, _, shape in inputs.entries)
 
     def load_into(self, model, weights: list[float]) -> None:
         import torch

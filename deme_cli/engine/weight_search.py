@@ -358,6 +358,7 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
             with interrupts.deferred() as stop:
                 scorer = Scorer(evaluate, bar, evaluate_many, journal=journal, stop=stop)
                 strategy.run(space, tuple(start), scorer)
+                scorer.check_stop()     # a signal while the last merge was scored: the merged model waits too
     finally:
         if pool is not None:
             pool.close()
