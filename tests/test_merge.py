@@ -714,3 +714,63 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k].double(), want[k], rtol=0, atol=1e-6), k
+
+
+# --- the candidate space: per-range strengths up to 1.5, with every merge method ---------------------------------
+
+def test_default_candidates_reach_full_strength_and_beyond():
+    from deme_cli.engine.recipe import MergeSection
+
+    assert MergeSection().candidates == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+class FullStrengthObjective(PlantedObjective):
+    """Minimal exactly at a planted merge (TARGET, set per test)."""
+
+
+# coordinate descent: range 0 off, range 1 at half strength, range 2 beyond full strength. Greedy keeps each range
+# at its best solo weight or off, and TIES averages the agreeing ranges instead of summing them, so a range's solo
+# optimum is not its optimum in company: greedy's planted merge is one range beyond full strength, the others off.
+TARGETS = {"coordinate": [0.0, 0.5, 1.5], "greedy": [0.0, 0.0, 1.5]}
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("strategy", ["coordinate", "greedy"])
+def test_searches_reach_any_per_range_weight_with_every_method(setup, monkeypatch, strategy, method):
+    """With the default candidates, coordinate descent (from 1/N each) and greedy find a planted merge that keeps a
+    range off and another at 1.5, for task arithmetic, TIES and DARE alike (the objective is the distance to that
+    merge made with the recipe's method); the log and merge-search.png hold every candidate scored."""
+    from PIL import Image
+
+    monkeypatch.setattr(FullStrengthObjective, "TARGET", TARGETS[strategy])
+    monkeypatch.setitem(search_objectives.OBJECTIVES, "loss", FullStrengthObjective)
+    recipe, run = setup(merge={"search": strategy, "method": method, "density": 0.5})
+    res = merge.run_merge(recipe, run, search=True)
+    log = res["search"]
+    assert res["weights"] == TARGETS[strategy] == log["best"]["weights"], log["candidates"]
+    assert log["method"] == method and log["candidate_values"] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert len(log["candidates"]) == log["evaluations"] == len({tuple(c["weights"]) for c in log["candidates"]})
+    on_disk = json.loads((run.merged / "merge.json").read_text())["search"]
+    assert on_disk["candidates"] == log["candidates"]
+    assert Image.open(run.merged / "merge-search.png").size[0] >= 600
+
+
+def test_search_plot_draws_every_candidate_and_its_weights():
+    """The in-order search plot: one point per candidate at its score, and a column of weights per candidate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from deme_cli.engine import plots
+
+    cands = [{"weights": [0.0, 0.0, 0.0], "score": 1.0}, {"weights": [0.25, 0.0, 1.5], "score": 0.8},
+             {"weights": [1.0, 1.0, 0.0], "score": 1.3}, {"weights": [0.0, 0.5, 1.5], "score": 0.7}]
+    log = {"strategy": "coordinate", "objective": "loss_by_t", "candidates": cands,
+           "best": {"weights": [0.0, 0.5, 1.5], "score": 0.7}}
+    fig = plots._in_order(plt, log)
+    ax, heat = fig.axes[0], fig.axes[1]
+    points = ax.lines[0]
+    assert list(points.get_xdata()) == [1, 2, 3, 4] and list(points.get_ydata()) == [1.0, 0.8, 1.3, 0.7]
+    assert np.array_equal(heat.images[0].get_array(), np.array([c["weights"] for c in cands]).T)
+    plt.close(fig)

@@ -154,6 +154,29 @@ def per_image_losses(predict: Predict, held: HeldOut):
     return torch.cat(out).double().cpu()      # one device-to-host copy per call
 
 
+def load_binned(base, data, folder: str, unet, device, *, bins: int, seed: int, num_images: Optional[int],
+                batch_size: int, what: str, images_key: str, cache_dir: Optional[Path] = None):
+    """The held-out set of the loss by timestep: image k with one noise draw and a timestep uniform in bin k mod `bins`
+    (both seeded by `seed`). Returns (held, edges: the bins' [lo, hi), counts: images per bin); every bin must hold an
+    image (UsageError naming `what`, the folder's recipe key, and `images_key`, the key that sets how many are
+    scored)."""
+    held = load_heldout(base, data, folder, unet, device, num_images=num_images, seed=seed,
+                        timesteps=lambda n, T: binned_timesteps(n, T, bins, seed),
+                        timesteps_rule=f"image k: uniform in bin k mod {bins} (seed {seed})",
+                        batch_size=batch_size, what=what, cache_dir=cache_dir)
+    edges = equal_bins(int(held.scheduler.config.num_train_timesteps), bins)
+    counts = [int(((held.t >= lo) & (held.t < hi)).sum()) for lo, hi in edges]
+    if min(counts) == 0:
+        raise UsageError(f"{what} gives {held.n} images, fewer than eval.loss_bins = {bins}; score more images "
+                         f"({images_key}) or use fewer bins")
+    return held, edges, counts
+
+
+def bin_losses(predict: Predict, held: HeldOut, edges: Sequence[tuple[int, int]]) -> list[float]:
+    """A model's mean held-out loss in each bin of `edges` (the loss by timestep)."""
+    return binned_means(per_image_losses(predict, held), held.t, edges)
+
+
 def binned_means(losses, t, edges: Sequence[tuple[int, int]]) -> list[float]:
     """Mean of `losses` over the images whose t falls in each [lo, hi) of `edges`."""
     out = []

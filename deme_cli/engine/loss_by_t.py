@@ -85,7 +85,7 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
     import torch
 
     from . import ui
-    from .heldout import binned_means, binned_timesteps, equal_bins, load_heldout, per_image_losses
+    from .heldout import bin_losses, load_binned
     from .features import _file_key, image_files
     e = ev
     check_reference(e)
@@ -111,20 +111,12 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
         return out
 
     unet = base.load_unet()
-    held = load_heldout(base, data, e.reference, unet, device, cache_dir=run.cache, num_images=e.loss_num_images,
-                        seed=e.loss_seed,
-                        timesteps=lambda n, T: binned_timesteps(n, T, e.loss_bins, e.loss_seed),
-                        timesteps_rule=f"image k: uniform in bin k mod {e.loss_bins} (seed {e.loss_seed})",
-                        batch_size=e.batch_size, what="eval.reference")
-    T = int(held.scheduler.config.num_train_timesteps)
-    edges = equal_bins(T, e.loss_bins)
-    counts = [int(((held.t >= lo) & (held.t < hi)).sum()) for lo, hi in edges]
-    if min(counts) == 0:
-        raise UsageError(f"eval.reference holds {held.n} images, fewer than eval.loss_bins = {e.loss_bins}; score "
-                         f"more images or use fewer bins")
-    base_loss = binned_means(per_image_losses(predicts["base"][0], held), held.t, edges)
+    held, edges, counts = load_binned(base, data, e.reference, unet, device, bins=e.loss_bins, seed=e.loss_seed,
+                                      num_images=e.loss_num_images, batch_size=e.batch_size, what="eval.reference",
+                                      images_key="eval.loss_num_images", cache_dir=run.cache)
+    base_loss = bin_losses(predicts["base"][0], held, edges)
     for m in todo:
-        losses = base_loss if m == "base" else binned_means(per_image_losses(predicts[m][0], held), held.t, edges)
+        losses = base_loss if m == "base" else bin_losses(predicts[m][0], held, edges)
         ratio = [a / b for a, b in zip(losses, base_loss)]
         out[m] = {"bins": [list(b) for b in edges], "loss": losses, "ratio": ratio,
                   "ratio_mean": sum(ratio) / len(ratio), "base_loss": base_loss, "images_per_bin": counts,

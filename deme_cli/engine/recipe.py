@@ -174,8 +174,14 @@ class MergeSection(_Section):
     shapes: Optional[list[list[float]]] = None     # scaled: weight vectors, low t first (default: uniform 1/N, the
                                                    # release's rising kind (N = 4: 0.1, 0.1, 0.2, 0.5) and its mirror)
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
-    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # grid/coordinate/greedy: values each weight may take
-    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta)
+    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # grid/coordinate/greedy: values each weight
+                                                   # may take (1 and above: a range's task vector at full strength)
+    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta; loss_by_t*: per
+                                                   # eval.loss_bins bin, vs theta: search_objectives.py)
+    bin_tolerance: float = Field(0.0005, ge=0.0)   # loss_by_t_guarded: no bin's loss may exceed theta's by more than
+                                                   # this fraction (else the candidate scores its worst bin's ratio)
+    bin_weights: Optional[list[float]] = None      # loss_by_t_weighted: one weight >= 0 per eval.loss_bins bin, low t
+                                                   # first (e.g. fitted to FID: benchmarks/fashion-mnist/objectives.py)
     search_num_images: int = Field(DEFAULT_SEARCH_IMAGES, ge=2)  # images per candidate (kid/fid) or per loss
     search_steps: Optional[int] = Field(None, ge=1)  # sampler steps per candidate (kid/fid); default sample.steps
     search_reference: Optional[str] = None         # held-out TRAINING images for the search (required to search)
@@ -187,6 +193,13 @@ class MergeSection(_Section):
         if v not in MERGE_WEIGHTS and not numbers:
             names = ", ".join(f'"{w}"' for w in MERGE_WEIGHTS)
             raise ValueError(f"must be {names} or a list of numbers, one per range, low t first")
+        return v
+
+    @field_validator("bin_weights")
+    @classmethod
+    def _bin_weights_ok(cls, v: Any) -> Any:
+        if v is not None and (any(w < 0 or w != w for w in v) or not sum(v) > 0):
+            raise ValueError("must be weights >= 0, one per eval.loss_bins bin, with a positive sum")
         return v
 
     def weight_shapes(self, n: int) -> list[list[float]]:

@@ -62,6 +62,13 @@ def make_merger(inputs, spec, device):
     return CandidateMerger(inputs, spec, device)
 
 
+def set_theta_baseline(objective, merger, model, n: int) -> None:
+    """An objective relative to theta (range_loss, loss_by_t*) scores theta first: all n weights 0 loaded."""
+    if hasattr(objective, "set_baseline"):
+        merger.load_into(model, [0.0] * n)          # all weights 0: theta itself, for every merge method
+        objective.set_baseline(model)
+
+
 def candidate_evaluator(setup, run, inputs, spec):
     """(objective, merger, evaluate(weights) -> score): one candidate model on the objective's device."""
     from .task_vectors import new_candidate_model
@@ -70,9 +77,7 @@ def candidate_evaluator(setup, run, inputs, spec):
     model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
     merger = make_merger(inputs, spec, objective.device)
 
-    if hasattr(objective, "set_baseline"):          # an objective relative to theta (range_loss)
-        merger.load_into(model, [0.0] * inputs.n)   # all weights 0: theta itself
-        objective.set_baseline(model)
+    set_theta_baseline(objective, merger, model, inputs.n)
 
     def evaluate(weights: list[float]) -> float:
         merger.load_into(model, weights)
