@@ -15,7 +15,7 @@ from typing import Optional
 
 from . import checkpoints
 from .errors import UsageError
-from .models import EXPORT_FORMAT, META_FILE, swap_in, write_weights
+from .models import EXPORT_FORMAT, META_FILE, split_state, swap_in
 from .runs import RunDir
 
 
@@ -59,11 +59,14 @@ def refuse_stale(run: RunDir, indices) -> None:
                              f"claims (written before deme fixed the EMA export); {repair_hint(run, i)}")
 
 
-def reexport(run: RunDir, i: int) -> Path:
-    """Rewrite range i's final/ (EMA) and final-raw/ from its last checkpoint, keeping their configs and metadata.
+def reexport(run: RunDir, i: int, base_folder: Path) -> Path:
+    """Rewrite range i's final/ (EMA) and final-raw/ from its last checkpoint as pipeline folders (the other parts from
+    `base_folder`, the pretrained pipeline), keeping their UNet config and metadata.
 
     Returns the checkpoint used. Raises UsageError when there is no checkpoint at the final step."""
     from safetensors.torch import load_file
+
+    from .pipeline_folders import folder_files, write_full_unet, write_pipeline_parts
 
     final = run.final(i)
     meta = json.loads((final / META_FILE).read_text())
@@ -77,10 +80,10 @@ def reexport(run: RunDir, i: int) -> Path:
         state = load_file(str(ck / name))
         tmp = folder.with_name(folder.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "unet").mkdir(parents=True)
-        shutil.copyfile(final / "unet" / "config.json", tmp / "unet" / "config.json")
-        write_weights(tmp, {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")},
-                      {k[len("projections."):]: v for k, v in state.items() if k.startswith("projections.")})
+        tmp.mkdir(parents=True)
+        files = folder_files(final)
+        write_full_unet(tmp, files.unet_class, files.unet_config, *split_state(state))
+        write_pipeline_parts(tmp, base_folder)
         old_meta = json.loads((folder / META_FILE).read_text()) if (folder / META_FILE).is_file() else meta
         (tmp / META_FILE).write_text(json.dumps({**old_meta, "weights": weights, "export_format": EXPORT_FORMAT,
                                                  "reexported_from": f"checkpoints/{ck.name}"}, indent=2) + "\n")
