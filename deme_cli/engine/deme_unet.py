@@ -352,14 +352,15 @@ class DemeUNet(ModelMixin, ConfigMixin):
     def _call(self, i: int, sample, timestep, args, kwargs, return_dict: bool):
         self.calls[i] += 1
         if self.is_lora:
-            self._switch(i)
+            self.activate(i)
             return self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
         return self.models[i].unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
 
     @torch.compiler.disable
     @torch.no_grad()
-    def _switch(self, i: Optional[int]) -> None:
-        """LoRA: make the base UNet compute range model i (None: the base itself), exactly (module docstring)."""
+    def activate(self, i: Optional[int]) -> None:
+        """LoRA: make the base UNet compute range model i (None: the base itself), exactly (module docstring); a call
+        does this itself. Full range models: nothing to do."""
         if i == self._active or not self.is_lora:
             return
         lora = self.config.deme["lora"]
@@ -389,23 +390,23 @@ class DemeUNet(ModelMixin, ConfigMixin):
 
     # state dicts, moves and casts see the base weights (the next call switches again)
     def state_dict(self, *args, **kwargs):
-        self._switch(None)
+        self.activate(None)
         return super().state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
-        self._switch(None)
+        self.activate(None)
         return super().load_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
         if getattr(self, "_active", None) is not None:
-            self._switch(None)
+            self.activate(None)
         return super()._apply(fn, *args, **kwargs)
 
     # --- files ---
 
     def parts(self) -> list[tuple[str, dict]]:
         """(file name relative to unet/, tensors) of every weight file but the LoRA base's."""
-        self._switch(None)
+        self.activate(None)
         out = []
         for i in range(self.num_models):
             d = model_dir(i)

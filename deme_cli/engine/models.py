@@ -251,6 +251,13 @@ def read_state(files) -> dict:
     return state
 
 
+def folder_state(folder: Path) -> dict:
+    """The weights of a one-model full folder (either layout) as a DemeModel state (unet.*, projections.*)."""
+    from .pipeline_folders import folder_files
+
+    return read_state(folder_files(Path(folder)))
+
+
 def load_model_folder(folder: Path, dtype=None):
     """Load a one-model full folder (either layout) as a DemeModel (projections attached when it has them)."""
     import diffusers

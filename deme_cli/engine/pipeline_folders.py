@@ -7,8 +7,9 @@ A model folder:
     vae/, text_encoder/, tokenizer/, ...   Stable Diffusion: the base's other components as hard links to the base's
                         files (no disk of their own on the base's file system; copies on another one)
     unet/               a stock diffusers UNet folder when the model is one full UNet without projections; otherwise a
-                        DemeUNet folder (deme_unet.py: projections, LoRA adapters on `unet/base/`, hard links to the base
-                        UNet's files, or N range models routed by t), which diffusers loads with trust_remote_code=True
+                        DemeUNet folder (deme_unet.py: projections, LoRA adapters on `unet/base/` (hard links to the
+                        base UNet's files), or N range models routed by t), which diffusers loads with
+                        trust_remote_code=True
     pytorch_lora_weights.safetensors   Stable Diffusion LoRA range models: the adapter in diffusers' own LoRA format
     deme.json, README.md (the model card); merged/: merge.json
 

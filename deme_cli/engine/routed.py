@@ -58,12 +58,12 @@ def lora_member_hash(model, i: int) -> str:
     model holds them while switched to i) and projections, keyed like a DemeModel's state (unet.*, projections.*)."""
     from .models import state_hash
 
-    model._switch(i)
+    model.activate(i)
     state = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
     if model.projections is not None:
         state.update({f"projections.{k}": v for k, v in model.projections[i].state_dict().items()})
     h = state_hash(state)
-    model._switch(None)
+    model.activate(None)
     return h
 
 
