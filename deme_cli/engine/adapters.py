@@ -272,10 +272,3 @@ def load_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
     if f.lora is not None:
         return load_lora_model(folder, base_folder, dtype)
     return load_model_folder(folder, dtype)
-
-
-def is_model_folder(folder: Path) -> bool:
-    """Whether `folder` holds a model's weights (either layout)."""
-    from .pipeline_folders import is_model_folder as holds
-
-    return holds(folder)

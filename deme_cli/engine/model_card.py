@@ -160,13 +160,16 @@ def _training(meta: dict) -> list[str]:
 def _merge(merge: dict) -> list[str]:
     url = merge.get("method_url")
     method = f"[{merge.get('method')}]({url})" if url else str(merge.get("method"))
-    lines = [f"- method: {method}" + (f" ({merge['summary']})" if merge.get("summary") else ""),
-             f"- weights, low t first: [{', '.join(_fmt(w) for w in merge.get('weights') or [])}]"]
+    lines = [f"- method: {method}" + (f" ({merge['summary']})" if merge.get("summary") else "")]
+    if merge.get("method") == "routed":
+        lines.append("- routing, low t first: " + ", ".join(f"[{lo}, {hi})" for lo, hi in merge.get("routing") or []))
+    else:
+        lines.append(f"- weights, low t first: [{', '.join(_fmt(w) for w in merge.get('weights') or [])}]")
     for k in ("density", "seed"):
         if k in merge:
             lines.append(f"- {k}: {merge[k]}")
-    lines.append(f"- merged from the range models' {'EMA' if merge.get('use_ema', True) else 'raw'} weights; "
-                 f"projections {'merged and kept' if merge.get('projection') else 'none'}")
+    lines.append(f"- made from the range models' {'EMA' if merge.get('use_ema', True) else 'raw'} weights; "
+                 f"projections {'kept' if merge.get('projection') else 'none'}")
     search = merge.get("search")
     if search:
         best = search.get("best") or {}
@@ -188,7 +191,7 @@ def _evaluation(ev: dict, spec: str) -> list[str]:
     return lines
 
 
-def _usage(run: RunDir, spec: str, kind: str, lora: bool, raw: bool) -> list[str]:
+def _usage(run: RunDir, spec: str, kind: str, lora: bool, raw: bool, folder: Optional[Path] = None) -> list[str]:
     call = ('pipe("a photo of a cat", num_inference_steps=50).images' if kind == "text-to-image"
             else "pipe(batch_size=4, num_inference_steps=50).images")
     lines = ["```python", "from deme_cli import load_pipeline", "",
@@ -197,14 +200,29 @@ def _usage(run: RunDir, spec: str, kind: str, lora: bool, raw: bool) -> list[str
     if raw:
         lines += ["`load_pipeline` loads `final-raw/` (the raw, non-EMA weights) when the recipe sets "
                   "`merge.use_ema = false`, else `final/`.", ""]
-    if lora:
-        lines.append("Without deme: `lora/` is a [peft](https://github.com/huggingface/peft) LoRA adapter on the "
-                     "base model; the channel-wise projections (`projection.safetensors`) are not part of it.")
-    else:
-        lines.append("Without deme: `unet/` loads in stock diffusers (`from_pretrained(folder, subfolder=\"unet\")`), "
-                     "but without the channel-wise projections in `projection.safetensors`, which deme applies "
-                     "with forward hooks after every down, mid and up block: the model computes what it was trained "
-                     "to only with them.")
+    lines += _without_deme(folder) if folder is not None else []
+    return lines
+
+
+def _without_deme(folder: Path) -> list[str]:
+    """How diffusers alone loads the folder (pipeline_folders.py), and what a LoRA file in it is and is not."""
+    index = _json(Path(folder) / "model_index.json") or {}
+    cfg = _json(Path(folder) / "unet" / "config.json") or {}
+    if index.get("unet") != ["deme_unet", "DemeUNet"]:
+        return ["Without deme: `DiffusionPipeline.from_pretrained(folder)` loads this folder (a stock diffusers "
+                "pipeline)."]
+    deme = cfg.get("deme") or {}
+    what = ("the range models, each call routed to the one whose timesteps it was trained on" if deme.get("ranges")
+            else "the LoRA adapter on the base UNet (`unet/base/`)" if deme.get("lora")
+            else "the channel-wise projections after every down, mid and up block")
+    lines = ["Without deme: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads this folder "
+             f"with the UNet code it ships (`unet/deme_unet.py`, torch and diffusers only: {what}); the stock "
+             "`UNet2DModel.from_pretrained(folder + \"/unet\")` refuses it rather than load it without them."]
+    if (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+        lines += ["", "`pytorch_lora_weights.safetensors` is the adapter in diffusers' own LoRA format "
+                      "(`pipe.load_lora_weights(folder)` on the base pipeline)" +
+                  ("; it does not hold the channel-wise projections, so with it alone the base is not this range "
+                   "model: load the folder itself." if deme.get("projection") else ".")]
     return lines
 
 
@@ -222,7 +240,12 @@ def render(folder: Path, run: RunDir, base, spec: str, samples: Optional[dict], 
     what = HUB_TASKS.get(kind, HUB_TASKS["unconditional"])[2]
     out = [front_matter(kind, base_id, lora, f"{recipe}-{label}", ev), f"# {recipe}: {label}", ""]
     paper = f"[DeMe, Decouple-then-Merge]({PAPER_URL}) (Ma et al., CVPR 2025)"
-    if merged:
+    if merged and merge.get("method") == "routed":
+        out += [f"{what}: `{base_id}` finetuned with {paper}, its {len(ranges) or 'N'} range models kept as one model "
+                f"that sends each denoising step to the range model trained on that step's timesteps (the "
+                f"timestep-wise ensemble, Eq. 7). A step calls one UNet, so it samples at the base's cost; memory and "
+                f"disk hold the N range models (LoRA range models: the base once plus N adapters).", ""]
+    elif merged:
         out += [f"{what}: `{base_id}` finetuned with {paper} and merged back into one model. "
                 f"{len(ranges) or 'N'} copies of the pretrained UNet were each finetuned on their own range of "
                 f"timesteps (with a consistency loss to the frozen pretrained model, probabilistic sampling of "
@@ -250,7 +273,7 @@ def render(folder: Path, run: RunDir, base, spec: str, samples: Optional[dict], 
         how = (f": `deme sample --model {spec}`, {s.get('scheduler')}, {s.get('steps')} steps, image k with seed "
                f"{(s.get('seeds') or {}).get('base')} + k" if s else "")
         out += ["## Samples", "", f"![samples]({GRID_FILE})", "", f"The first samples{how}.", ""]
-    out += ["## Use it", ""] + _usage(run, spec, kind, lora, Path(folder).name == "final-raw") + [""]
+    out += ["## Use it", ""] + _usage(run, spec, kind, lora, Path(folder).name == "final-raw", folder) + [""]
     out += ["## Citation", "", "Ma, Ning, Liu, Niu, Zhang. Decouple-Then-Merge: Finetune Diffusion Models as "
             f"Multi-Task Learning. CVPR 2025. {PAPER_URL}", ""]
     return "\n".join(out)

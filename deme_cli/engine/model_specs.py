@@ -33,8 +33,8 @@ def _model_info(folder: Path, model) -> tuple[dict, str]:
 def _load_folder(folder: Path, what: str, how: str, device, base=None, upgrade: str = ""):
     """A model folder as a DemeModel (a routed one as a DemeUNet) on `device`; a LoRA range folder is loaded on
     `base`'s UNet (adapters.py). `upgrade`: the command that rewrites a folder of the older layout (said once)."""
-    from .adapters import is_model_folder, load_model
-    from .pipeline_folders import note_old_layout
+    from .adapters import load_model
+    from .pipeline_folders import is_model_folder, note_old_layout
 
     if not is_model_folder(folder):
         raise UsageError(f"no {what} at '{folder}'; run '{how}' first")
