@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from conftest import hand_alphas_cumprod, merge_inputs, search_setup
 from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
-from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
+from deme_cli.engine import (merge_methods, models, pipeline_folders, search_objectives, search_pool, task_vectors,
                               weight_search)
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
@@ -716,7 +716,7 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
     single.unlink()
-    assert task_vectors.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    assert pipeline_folders.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
     merge.run_merge(recipe, run, weights=w)
     got = _hand_file_state(run.merged)
     assert got.keys() == want.keys()

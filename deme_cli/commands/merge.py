@@ -49,7 +49,7 @@ from ..engine.pipeline_folders import is_model_folder
 from ..engine.recipe import (DataSection, EvalSection, MergeSection, RangesSection, SampleSection, TrainSection,
                              stage_kwargs)
 from ..engine.errors import UsageError
-from ..engine.pipeline_folders import upgrade
+from ..engine.exports import upgrade
 from ..engine.ranges import Range
 from ..engine.routed import write_routed_folder
 from ..engine.runs import RunDir, read_json

@@ -33,8 +33,8 @@ from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Optional
 
-from ..engine import (adapters, checkpoints, environment, exports, interrupts, locks, model_card, pipeline_folders,
-                      preflight, provenance, tracking, ui)
+from ..engine import (adapters, checkpoints, environment, exports, interrupts, locks, model_card, preflight,
+                      provenance, tracking, ui)
 from ..engine.base import Base, resolve_base
 from ..engine.errors import Failed, UsageError
 from ..engine.models import read_meta, unet_folder
@@ -167,7 +167,7 @@ def finished_meta(train: TrainSection, run: RunDir, r: Range, inputs: dict) -> O
 def reexport_if_stale(run: RunDir, r: Range, base: Base) -> bool:
     """Re-export a finished range's final/ that was exported before the EMA fix (exports.py) from its last
     checkpoint, or rewrite final/ and final-raw/ of the older folder layout as pipeline folders
-    (pipeline_folders.upgrade), saying so in one line; True when it did. UsageError when no checkpoint is left to
+    (exports.upgrade), saying so in one line; True when it did. UsageError when no checkpoint is left to
     re-export from."""
     # under accelerate launch only the main process rewrites the folder; the others see it finished
     if int(os.environ.get("RANK", "0")) != 0:
@@ -178,7 +178,7 @@ def reexport_if_stale(run: RunDir, r: Range, base: Base) -> bool:
                 f"weights from checkpoints/{ck.name} without training")
         return True
     upgraded = [f.name for f in (run.final(r.index), run.final(r.index, ema=False))
-                if f.is_dir() and pipeline_folders.upgrade(f, base.folder)]
+                if f.is_dir() and exports.upgrade(f, base.folder)]
     if upgraded:
         ui.info(f"range {r.index}: rewrote {' and '.join(upgraded)} as diffusers pipeline folders (the same weights; "
                 f"deme's older folder layout), without training")

@@ -1,40 +1,28 @@
-"""DeMe's UNet for diffusers pipelines: a stock diffusers UNet with the channel-wise projections of DeMe, LoRA adapters
-on a base UNet, or several range models routed by timestep (the timestep-wise ensemble, Eq. 7 of Decouple-Then-Merge,
-Ma et al., CVPR 2025, https://arxiv.org/abs/2410.06664).
+"""DeMe's UNet for diffusers pipelines: a stock diffusers UNet with DeMe's channel-wise projections, LoRA adapters on a
+base UNet, or several range models routed by timestep (the timestep-wise ensemble, Eq. 7 of Decouple-Then-Merge, Ma et
+al., CVPR 2025, https://arxiv.org/abs/2410.06664). deme ships this file in `unet/` of every model folder whose UNet is
+not a stock one and names it in model_index.json (["deme_unet", "DemeUNet"]), so diffusers loads it without deme:
 
-deme copies this file into the `unet/` folder of every model folder whose UNet is not a stock diffusers UNet and names
-it in model_index.json (`"unet": ["deme_unet", "DemeUNet"]`), so that diffusers loads the model without deme:
-
-    from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained("runs/quickstart/merged", trust_remote_code=True)
+    pipe = diffusers.DiffusionPipeline.from_pretrained("runs/quickstart/merged", trust_remote_code=True)
 
 It imports torch, diffusers and safetensors (a dependency of diffusers) only; deme imports it as
-deme_cli.engine.deme_unet, so the code that samples in deme is the code that ships.
-
-The folder (`unet/`):
-    config.json                       the stock UNet's config (what pipelines read: in_channels, sample_size, ...),
-                                      "unet_class" (UNet2DModel | UNet2DConditionModel) and "deme":
-                                      {"ranges": [[lo, hi], ...] (routed, low t first) or null (one model for every t),
-                                       "projection": true | false,
+deme_cli.engine.deme_unet, so the code that samples in deme is the code that ships. The folder (`unet/`):
+    config.json                       the stock UNet's config (what pipelines read), "unet_class" and "deme":
+                                      {"ranges": [[lo, hi], ...] low t first, or null: one model; "projection": bool;
                                        "lora": null or {"layers": [...], "ranks": [...], "scales": [...]}}
-    deme_unet.py                      this file
     model-<i>/unet.safetensors        range model i's UNet weights, stock diffusers key names (full models)
     model-<i>/lora.safetensors        range model i's LoRA adapter: <layer>.lora_A.weight, <layer>.lora_B.weight
     model-<i>/projection.safetensors  range model i's projections: down.<k>.weight, mid.0.weight, up.<k>.weight
-    base/                             LoRA models: the base UNet, a stock diffusers UNet folder
+    base/, deme_unet.py               LoRA models: the base UNet, a stock diffusers UNet folder; this file
 
-Channel-wise projection (DeMe section 3.2): a C x C matrix (a 1x1 convolution without bias, initialised to the
-identity) applied to the hidden states leaving every down block, the mid block and every up block; skip connections are
-not projected. They are applied with forward hooks, so any UNet2DModel / UNet2DConditionModel config works.
-
-Routing: a call at timestep t goes to the range model whose [lo, hi) holds t; a batch whose rows have different t is
-split by rows, each row going to its own range model. LoRA range models share one base UNet: switching to range model i
-writes fl(W + scale_i * B_i @ A_i) (the sum in float64) into each adapted weight W in place, and switching away puts the
-base weights back exactly (the few entries where subtracting the delta does not round back to W are kept aside), so
-the base is held once and a call costs what a call of the base costs.
-
-`UNet2DModel.from_pretrained("<folder>/unet")` (the stock class) does not load this folder: it finds no
-diffusion_pytorch_model.safetensors there and raises, instead of returning a model without the projections or adapters.
+Channel-wise projection (DeMe 3.2): a C x C 1x1 convolution (identity-initialised) on the hidden states leaving every
+down block, the mid block and every up block (not the skips), applied by forward hooks, so any UNet2DModel /
+UNet2DConditionModel config works. Routing: a call at t goes to the range model whose [lo, hi) holds t; a batch with
+rows of different t is split by rows. LoRA range models share one base UNet: switching to range model i writes
+fl(W + scale_i * B_i @ A_i) (summed in float64) into each adapted weight W in place, and switching away puts W back
+exactly (the few entries where subtracting the delta does not round back to W are kept aside): the base is held once
+and a call costs a call of the base. The stock `UNet2DModel.from_pretrained("<folder>/unet")` finds no
+diffusion_pytorch_model.safetensors here and raises, instead of returning a model without projections or adapters.
 """
 from __future__ import annotations
 
@@ -49,49 +37,37 @@ from diffusers import ConfigMixin, ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-MODULE_FILE = "deme_unet.py"          # this file, as it ships in unet/
-CLASS_NAME = "DemeUNet"
-CONFIG_FILE = "config.json"
-UNET_FILE = "unet.safetensors"
-PROJECTION_FILE = "projection.safetensors"
-LORA_FILE = "lora.safetensors"
-BASE_DIR = "base"
+MODULE_FILE, CLASS_NAME, CONFIG_FILE, BASE_DIR = "deme_unet.py", "DemeUNet", "config.json", "base"
+UNET_FILE, PROJECTION_FILE, LORA_FILE = "unet.safetensors", "projection.safetensors", "lora.safetensors"
 PEFT_PREFIX = "base_model.model."     # what peft's save_pretrained puts before a module name (deme's older files)
 _SLOT = "_deme_projection"            # the block attribute its hook reads (not a registered submodule)
 _HOOKED = "_deme_projection_hooked"
 
 
 def model_dir(i: int) -> str:
-    """The subfolder of range model i (model 0: the one model of an unrouted folder)."""
-    return f"model-{i}"
+    return f"model-{i}"          # range model i's files (model 0: the one model of an unrouted folder)
 
 
-# --- channel-wise projections ------------------------------------------------------------------------------------
-
-def projection_channels(config: Any) -> dict[str, list[int]]:
-    """Output channels of every down block, the mid block and every up block, from a UNet config."""
+def projection_channels(config: Any) -> dict[str, list[int]]:       # of every down, the mid and every up block
     boc = list(config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels)
     return {"down": boc, "mid": [boc[-1]], "up": boc[::-1]}
-
-
-def _identity_conv(c: int) -> nn.Conv2d:
-    conv = nn.Conv2d(c, c, kernel_size=1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-    return conv
 
 
 def make_projections(config: Any) -> nn.Module:
     """Identity-initialised projections for a UNet config (state keys down.<k>.weight, mid.0.weight, up.<k>.weight)."""
     mod = nn.Module()
     for part, chans in projection_channels(config).items():
-        setattr(mod, part, nn.ModuleList([_identity_conv(c) for c in chans]))
+        setattr(mod, part, nn.ModuleList([nn.Conv2d(c, c, kernel_size=1, bias=False) for c in chans]))
+    with torch.no_grad():
+        for conv in mod.modules():
+            if isinstance(conv, nn.Conv2d):
+                c = conv.weight.shape[0]
+                conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
     return mod
 
 
 def _blocks(unet) -> list[tuple[nn.Module, str, int]]:
-    """(block, projection part, index) of every block whose output is projected."""
-    out = [(b, "down", k) for k, b in enumerate(unet.down_blocks)]
+    out = [(b, "down", k) for k, b in enumerate(unet.down_blocks)]     # (block, projection part, index)
     if unet.mid_block is not None:
         out.append((unet.mid_block, "mid", 0))
     return out + [(b, "up", k) for k, b in enumerate(unet.up_blocks)]
@@ -108,8 +84,8 @@ def _project(block, args, output):
 
 
 def set_projections(unet, projections: Optional[nn.Module]) -> None:
-    """Make the hooks of `unet` apply `projections` (None: the blocks' outputs pass unchanged). The block holds its
-    projection as a plain attribute, so a deep copy of a model that also holds the projections stays consistent."""
+    """Make the hooks of `unet` apply `projections` (None: none); a block holds its projection as a plain attribute
+    (so a deep copy of a model that also holds the projections stays consistent)."""
     for block, part, k in _blocks(unet):
         block.__dict__[_SLOT] = getattr(projections, part)[k] if projections is not None else None
 
@@ -123,8 +99,7 @@ def attach_projections(unet, projections: Optional[nn.Module]) -> None:
             block.__dict__[_HOOKED] = True
 
 
-def detach_projections(unet) -> None:
-    """Remove the projection hooks of `unet`: it computes the stock UNet again."""
+def detach_projections(unet) -> None:     # remove the projection hooks of `unet`: the stock UNet again
     for block, _, _ in _blocks(unet):
         for key, fn in list(block._forward_hooks.items()):
             if fn is _project:
@@ -133,10 +108,7 @@ def detach_projections(unet) -> None:
         block.__dict__.pop(_SLOT, None)
 
 
-# --- LoRA ----------------------------------------------------------------------------------------------------------
-
-def delta_shape(a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple:
-    """The shape of B @ A's weight delta: (out, in) for a Linear, (out, in, k, k) for a Conv2d."""
+def delta_shape(a_shape: Sequence[int], b_shape: Sequence[int]) -> tuple:    # (out, in[, k, k]) of B @ A
     return (b_shape[0],) + tuple(a_shape[1:])
 
 
@@ -148,8 +120,7 @@ def lora_delta(a, b, scale: float):
     return (b64.reshape(b64.shape[0], r) @ a64.reshape(r, -1)).reshape(delta_shape(a.shape, b.shape)) * scale
 
 
-def with_delta(w, d):
-    """fl(W + delta) in W's dtype, the sum taken in float64: the weight of a LoRA range model."""
+def with_delta(w, d):                 # fl(W + delta) in W's dtype, summed in float64: a LoRA range model's weight
     return (w.to(torch.float64) + d).to(w.dtype)
 
 
@@ -162,16 +133,13 @@ def lora_keys(keys) -> dict[str, tuple[str, str]]:
         for which, slot in (("lora_A", 0), ("lora_B", 1)):
             if f".{which}." in name:
                 out.setdefault(name.split(f".{which}.")[0], [None, None])[slot] = key
-    paired = {x for pair in out.values() for x in pair}
-    odd = sorted(set(keys) - paired) + [f"{layer}.lora_{'AB'[pair.index(None)]}" for layer, pair in out.items()
-                                        if None in pair]
+    odd = sorted(set(keys) - {x for pair in out.values() for x in pair}) + [k for k, p in out.items() if None in p]
     if odd:
         raise ValueError(f"the adapter's tensors are not complete LoRA pairs (e.g. '{odd[0]}')")
     return {layer: (a, b) for layer, (a, b) in sorted(out.items())}
 
 
-def lora_pairs(tensors: dict) -> dict[str, tuple[Any, Any]]:
-    """{layer: (A, B)} of an adapter's tensors (see lora_keys)."""
+def lora_pairs(tensors: dict) -> dict[str, tuple[Any, Any]]:      # {layer: (A, B)} of an adapter's tensors
     return {layer: (tensors[a], tensors[b]) for layer, (a, b) in lora_keys(list(tensors)).items()}
 
 
@@ -190,15 +158,11 @@ class LoraAdapter(nn.Module):
             self.B.append(nn.Parameter(torch.zeros(b), requires_grad=False))
 
 
-class RangeModel(nn.Module):
-    """A full range model: a stock UNet and its projections (or None)."""
-
+class RangeModel(nn.Module):          # a full range model: a stock UNet and its projections (or None)
     def __init__(self, unet, projections: Optional[nn.Module]):
         super().__init__()
         self.unet, self.projections = unet, projections
 
-
-# --- the model -----------------------------------------------------------------------------------------------------
 
 def _take(x, rows, n: int):
     """The `rows` of every tensor in x (nested in dicts, lists, tuples) whose first dimension is the batch, n."""
@@ -213,24 +177,19 @@ def _take(x, rows, n: int):
 
 class DemeUNet(ModelMixin, ConfigMixin):
     """One or N range models of a stock diffusers UNet (full, or LoRA adapters on one base), each with optional
-    channel-wise projections; a call goes to the range model that owns its timestep (see the module docstring).
-
-    `calls[i]`: the calls range model i served (a call whose rows were split counts once for each part)."""
+    projections; a call goes to the range model owning its timestep. `calls[i]`: the calls range model i served."""
 
     config_name = CONFIG_FILE
     __module__ = "deme_unet"      # what save_pretrained writes into model_index.json: the module file in unet/
 
-    def __init__(self, unet_class: str = "UNet2DModel", deme: Optional[dict] = None,
-                 unet_config: Optional[dict] = None):
+    def __init__(self, unet_class: str = "UNet2DModel", deme: Optional[dict] = None, unet_config: Optional[dict] = None):
         super().__init__()
         deme = {"ranges": None, "projection": False, "lora": None, **(deme or {})}
         unet_config = {k: v for k, v in (unet_config or {}).items() if not k.startswith("_")}
         self.register_to_config(unet_class=unet_class, deme=deme, **unet_config)
-        cls = getattr(diffusers, unet_class)
-        n = len(deme["ranges"]) if deme["ranges"] else 1
+        cls, n, proj, lora = getattr(diffusers, unet_class), len(deme["ranges"] or [0]), deme["projection"], \
+            deme["lora"]
         self.ranges = [(float(lo), float(hi)) for lo, hi in deme["ranges"]] if deme["ranges"] else None
-        proj = bool(deme["projection"])
-        lora = deme["lora"]
         if lora:
             self.unet = cls.from_config(unet_config)
             layers = [self.unet.get_submodule(name) for name in lora["layers"]]
@@ -241,50 +200,47 @@ class DemeUNet(ModelMixin, ConfigMixin):
                                                     make_projections(unet_config) if proj else None)
                                          for _ in range(n)])
         self.calls = [0] * n
-        self._active: Optional[int] = None      # LoRA: the range model whose deltas the base weights hold now
-        self._saved: dict = {}                  # LoRA: layer -> (flat indices, base values) not recoverable by rounding
+        # LoRA: the range model whose deltas the base weights hold now (_active) and, per layer, the flat indices and
+        # base values that subtracting the delta would not give back (_saved); _wire() resets both
         self._wire()
 
-    # --- structure ---
+    is_lora = property(lambda self: bool(self.config.deme.get("lora")))
 
-    @property
-    def is_lora(self) -> bool:
-        return bool(self.config.deme.get("lora"))
-
-    @property
-    def num_models(self) -> int:
-        return len(self.calls)
-
-    def _wire(self) -> None:
-        """(Re)attach the projection hooks to the UNet(s) this model holds now."""
+    def _wire(self) -> None:          # (re)attach the projection hooks to the UNet(s) this model holds now
+        self._active, self._saved = None, {}
         if self.is_lora:
             attach_projections(self.unet, None)
-            self._active, self._saved = None, {}
         else:
             for m in self.models:
                 attach_projections(m.unet, m.projections)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """A DemeUNet (random weights) from a config as config.json holds it (stock keys, unet_class, deme)."""
+        """A DemeUNet (random weights) from config.json's contents (stock keys, unet_class, deme)."""
         config = {**dict(config or {}), **kwargs}
         unet_class, deme = config.pop("unet_class", "UNet2DModel"), config.pop("deme", None)
         model = cls(unet_class, deme, config)
         return (model, {}) if return_unused_kwargs else model
 
     @classmethod
+    def _shell(cls, unet, n: int, ranges, projections, lora: Optional[dict] = None):
+        """(A DemeUNet on the meta device shaped like `unet`, to hold existing modules; the n projections or Nones;
+        whether there are projections)."""
+        projections = list(projections) if projections is not None else [None] * n
+        has = any(p is not None for p in projections)
+        detach_projections(unet)
+        with torch.device("meta"):
+            return cls(type(unet).__name__, deme_config(ranges, has, lora), dict(unet.config)), projections, has
+
+    @classmethod
     def from_models(cls, unets: Sequence[Any], projections: Optional[Sequence[Any]] = None,
                     ranges: Optional[Sequence[Sequence[float]]] = None) -> "DemeUNet":
-        """A DemeUNet of stock UNets (range i's first, for ranges[i]; one UNet and ranges=None: an unrouted model) and
-        their projections (make_projections modules, or None: identity). The modules are used, not copied."""
-        projections = list(projections) if projections is not None else [None] * len(unets)
-        has = any(p is not None for p in projections)
-        with torch.device("meta"):
-            model = cls(type(unets[0]).__name__, _deme_config(ranges, has, None), dict(unets[0].config))
+        """Stock UNets (range i's for ranges[i]; one UNet and ranges=None: an unrouted model) with their projections
+        (make_projections modules, or None: identity), used as they are (not copied)."""
+        model, projections, has = cls._shell(unets[0], len(unets), ranges, projections)
         for m, unet, proj in zip(model.models, unets, projections):
             detach_projections(unet)
-            m.unet = unet
-            m.projections = proj if proj is not None or not has else _on(make_projections(unet.config), unet)
+            m.unet, m.projections = unet, _identity_if_none(proj, unet) if has else None
         model._wire()
         return model.eval()
 
@@ -292,29 +248,21 @@ class DemeUNet(ModelMixin, ConfigMixin):
     def from_lora(cls, base_unet, adapters: Sequence[dict], scales: Sequence[float],
                   projections: Optional[Sequence[Any]] = None,
                   ranges: Optional[Sequence[Sequence[float]]] = None) -> "DemeUNet":
-        """A DemeUNet of LoRA range models on one base UNet (used, not copied): adapters[i] holds range model i's
-        tensors (see lora_pairs), scales[i] its alpha / rank; projections as in from_models."""
+        """LoRA range models on one base UNet (used, not copied): adapters[i] holds range model i's tensors (see
+        lora_keys), scales[i] its alpha / rank; projections as in from_models."""
         pairs = [lora_pairs(a) for a in adapters]
-        layers = list(pairs[0])
-        if any(list(p) != layers for p in pairs):
+        if any(list(p) != list(pairs[0]) for p in pairs):
             raise ValueError("the range models adapt different layers; one routed model needs the same targets")
-        ranks = [int(next(iter(p.values()))[0].shape[0]) for p in pairs]
-        projections = list(projections) if projections is not None else [None] * len(adapters)
-        has = any(p is not None for p in projections)
-        lora = {"layers": layers, "ranks": ranks, "scales": [float(s) for s in scales]}
-        with torch.device("meta"):
-            model = cls(type(base_unet).__name__, _deme_config(ranges, has, lora), dict(base_unet.config))
-        detach_projections(base_unet)
+        lora = {"layers": list(pairs[0]), "ranks": [int(next(iter(p.values()))[0].shape[0]) for p in pairs],
+                "scales": [float(s) for s in scales]}
+        model, projections, has = cls._shell(base_unet, len(adapters), ranges, projections, lora)
         model.unet = base_unet
         for adapter, p in zip(model.adapters, pairs):
             _assign_adapter(adapter, p, base_unet)
-        if has:
-            for k, proj in enumerate(projections):
-                model.projections[k] = proj if proj is not None else _on(make_projections(base_unet.config), base_unet)
+        for k, proj in enumerate(projections if has else []):
+            model.projections[k] = _identity_if_none(proj, base_unet)
         model._wire()
         return model.eval()
-
-    # --- routing ---
 
     def owners(self, timestep, rows: int) -> list[tuple[int, Optional[torch.Tensor]]]:
         """[(range model, row indices or None for every row)] for a call at `timestep` (a number, or a tensor with one
@@ -349,12 +297,16 @@ class DemeUNet(ModelMixin, ConfigMixin):
             out[rows.to(out.device)] = y
         return out_type(sample=out) if return_dict else (out,)
 
+    def projection(self, i: int) -> Optional[nn.Module]:          # range model i's projections, or None
+        if self.is_lora:
+            return self.projections[i] if self.projections is not None else None
+        return self.models[i].projections
+
     def _call(self, i: int, sample, timestep, args, kwargs, return_dict: bool):
         self.calls[i] += 1
-        if self.is_lora:
-            self.activate(i)
-            return self.unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
-        return self.models[i].unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
+        self.activate(i)
+        unet = self.unet if self.is_lora else self.models[i].unet
+        return unet(sample, timestep, *args, return_dict=return_dict, **kwargs)
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -370,7 +322,7 @@ class DemeUNet(ModelMixin, ConfigMixin):
                 w = self.unet.get_submodule(name).weight
                 idx, kept = self._saved.pop(name)
                 w.copy_((w.to(torch.float64) - self._delta(j, k)).to(w.dtype))
-                w.view(-1)[idx] = kept
+                w.view(-1)[idx.long()] = kept
             self._active = None
             set_projections(self.unet, None)
         if i is not None:
@@ -379,14 +331,13 @@ class DemeUNet(ModelMixin, ConfigMixin):
                 d = self._delta(i, k)
                 new = with_delta(w, d)
                 idx = ((new.to(torch.float64) - d).to(w.dtype) != w).view(-1).nonzero().flatten()
-                self._saved[name] = (idx, w.view(-1)[idx].clone())
+                self._saved[name] = (idx.to(torch.int32), w.view(-1)[idx].clone())     # int32: half the memory
                 w.copy_(new)
             self._active = i
-            set_projections(self.unet, self.projections[i] if self.projections is not None else None)
+            set_projections(self.unet, self.projection(i))
 
     def _delta(self, i: int, k: int):
-        a = self.adapters[i]
-        return lora_delta(a.A[k], a.B[k], float(self.config.deme["lora"]["scales"][i]))
+        return lora_delta(self.adapters[i].A[k], self.adapters[i].B[k], float(self.config.deme["lora"]["scales"][i]))
 
     # state dicts, moves and casts see the base weights (the next call switches again)
     def state_dict(self, *args, **kwargs):
@@ -402,26 +353,19 @@ class DemeUNet(ModelMixin, ConfigMixin):
             self.activate(None)
         return super()._apply(fn, *args, **kwargs)
 
-    # --- files ---
-
     def parts(self) -> list[tuple[str, dict]]:
         """(file name relative to unet/, tensors) of every weight file but the LoRA base's."""
         self.activate(None)
         out = []
-        for i in range(self.num_models):
-            d = model_dir(i)
+        for i in range(len(self.calls)):
             if self.is_lora:
-                a = self.adapters[i]
-                tensors = {}
-                for k, layer in enumerate(self.config.deme["lora"]["layers"]):
-                    tensors[f"{layer}.lora_A.weight"], tensors[f"{layer}.lora_B.weight"] = a.A[k], a.B[k]
-                out.append((f"{d}/{LORA_FILE}", tensors))
-                proj = self.projections[i] if self.projections is not None else None
+                a, layers = self.adapters[i], self.config.deme["lora"]["layers"]
+                out.append((f"{model_dir(i)}/{LORA_FILE}", {**{f"{n}.lora_A.weight": x for n, x in zip(layers, a.A)},
+                                                            **{f"{n}.lora_B.weight": x for n, x in zip(layers, a.B)}}))
             else:
-                out.append((f"{d}/{UNET_FILE}", self.models[i].unet.state_dict()))
-                proj = self.models[i].projections
-            if proj is not None:
-                out.append((f"{d}/{PROJECTION_FILE}", proj.state_dict()))
+                out.append((f"{model_dir(i)}/{UNET_FILE}", self.models[i].unet.state_dict()))
+            if (proj := self.projection(i)) is not None:
+                out.append((f"{model_dir(i)}/{PROJECTION_FILE}", proj.state_dict()))
         return out
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs) -> None:
@@ -448,48 +392,41 @@ class DemeUNet(ModelMixin, ConfigMixin):
         if not os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             raise OSError(f"'{folder}' holds no {CONFIG_FILE}: DemeUNet loads the unet/ folder of a deme model on "
                           f"disk (DiffusionPipeline.from_pretrained downloads a Hub repository first)")
-        with open(os.path.join(folder, CONFIG_FILE)) as f:
-            config = json.load(f)
-        with torch.device("meta"):
-            model = cls.from_config(config)
+        with open(os.path.join(folder, CONFIG_FILE)) as f, torch.device("meta"):
+            model = cls.from_config(json.load(f))
         if model.is_lora:
             model.unet = getattr(diffusers, model.config.unet_class).from_pretrained(os.path.join(folder, BASE_DIR))
-            for i, adapter in enumerate(model.adapters):
-                _assign_adapter(adapter, lora_pairs(_read(folder, i, LORA_FILE)), model.unet)
-            projections = list(model.projections) if model.projections is not None else []
-        else:
-            for i, m in enumerate(model.models):
-                m.unet.load_state_dict(_read(folder, i, UNET_FILE), assign=True)
-            projections = [m.projections for m in model.models if m.projections is not None]
-        for i, proj in enumerate(projections):
-            proj.load_state_dict(_read(folder, i, PROJECTION_FILE), assign=True)
+        for i in range(len(model.calls)):
+            if model.is_lora:
+                _assign_adapter(model.adapters[i], lora_pairs(_read(folder, i, LORA_FILE)), model.unet)
+            else:
+                model.models[i].unet.load_state_dict(_read(folder, i, UNET_FILE), assign=True)
+            if (proj := model.projection(i)) is not None:
+                proj.load_state_dict(_read(folder, i, PROJECTION_FILE), assign=True)
         model._wire()
         unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if unloaded:
             raise ValueError(f"'{folder}' does not hold '{unloaded[0]}'; the folder is incomplete")
-        if torch_dtype is not None:
-            model = model.to(torch_dtype)
-        return model.eval()
+        return (model if torch_dtype is None else model.to(torch_dtype)).eval()
 
 
-def _num(x):
-    x = float(x)
-    return int(x) if x.is_integer() else x
+def deme_config(ranges, projection: bool, lora: Optional[dict]) -> dict:
+    """The "deme" entry of config.json (module docstring)."""
+    num = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731
+    return {"ranges": [[num(lo), num(hi)] for lo, hi in ranges] if ranges else None, "projection": bool(projection),
+            "lora": lora}
 
 
-def _deme_config(ranges, projection: bool, lora: Optional[dict]) -> dict:
-    return {"ranges": [[_num(lo), _num(hi)] for lo, hi in ranges] if ranges else None,
-            "projection": bool(projection), "lora": lora}
-
-
-def _on(module: nn.Module, like) -> nn.Module:
-    p = next(like.parameters())
-    return module.to(device=p.device, dtype=p.dtype)
+def _identity_if_none(proj: Optional[nn.Module], unet) -> nn.Module:
+    """`proj`, or identity projections on `unet`'s device and dtype (they compute the UNet itself)."""
+    if proj is not None:
+        return proj
+    p = next(unet.parameters())
+    return make_projections(unet.config).to(device=p.device, dtype=p.dtype)
 
 
 def _read(folder: str, i: int, name: str) -> dict:
-    path = os.path.join(folder, model_dir(i), name)
-    if not os.path.isfile(path):
+    if not os.path.isfile(path := os.path.join(folder, model_dir(i), name)):
         raise OSError(f"'{path}' is missing; the folder is incomplete")
     return load_file(path)
 
@@ -510,11 +447,3 @@ def ship_module(unet_dir) -> None:
     dest = os.path.join(str(unet_dir), MODULE_FILE)
     if os.path.abspath(dest) != os.path.abspath(__file__):
         shutil.copyfile(__file__, dest)
-
-
-def folder_config(unet_class: str, unet_config: dict, ranges=None, projection: bool = False,
-                  lora: Optional[dict] = None) -> dict:
-    """The config.json of a DemeUNet folder, as save_pretrained writes it (for writers that stream the weights)."""
-    stock = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
-    return {"_class_name": CLASS_NAME, "_diffusers_version": diffusers.__version__, "unet_class": unet_class,
-            "deme": _deme_config(ranges, projection, lora), **stock}

@@ -1,4 +1,5 @@
-"""Range models exported before the EMA fix: find them, and re-export them from their last checkpoint.
+"""Model folders of older deme versions: range models exported before the EMA fix (re-exported from their last
+checkpoint), and folders of the layout before pipeline folders (rewritten in place by `upgrade`, pipeline_folders.py).
 
 deme 0.1.0 wrote `ranges/<i>/final/` with `unet.save_pretrained(..., state_dict=ema)`; diffusers has no such
 parameter, ignored it, and saved the live (raw) UNet. So such a final/ paired the raw UNet with the EMA projections.
@@ -9,6 +10,7 @@ holds EMA weights is stale: `deme train` re-exports it from the last checkpoint 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -90,3 +92,40 @@ def reexport(run: RunDir, i: int, base_folder: Path) -> Path:
         swap_in(tmp, folder)
     return ck
 
+
+def upgrade(folder: Path, base_folder: Path) -> bool:
+    """Rewrite a one-model folder of the older layout as a pipeline folder, in place (via folder.tmp and a rename),
+    keeping its weights, deme.json and README.md. False when it already is one."""
+    from safetensors.torch import load_file
+
+    from . import pipeline_folders as pf
+    from .models import unet_folder
+
+    folder = Path(folder)
+    f = pf.folder_files(folder)
+    if f.layout != "old":
+        return False
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    proj = load_file(str(f.projection)) if f.projection else {}
+    if f.lora is not None:
+        meta = json.loads((folder / META_FILE).read_text())
+        base_unet = unet_folder(base_folder)
+        cfg = json.loads((base_unet / "config.json").read_text())
+        lora = {pf.clean_lora_key(k): v for k, v in load_file(str(f.lora)).items()}
+        pf.write_lora_unet(tmp, base_unet, cfg["_class_name"], cfg, lora, float(meta["adapter"]["scale"]), proj)
+        if cfg["_class_name"] == "UNet2DConditionModel":
+            pf.write_sd_lora(tmp, lora, meta["adapter"])
+    else:
+        state = {}
+        for p in f.unet:
+            state.update(load_file(str(p)))
+        pf.write_full_unet(tmp, f.unet_class, f.unet_config, state, proj)
+    pf.write_pipeline_parts(tmp, base_folder)
+    for name in os.listdir(folder):
+        src = folder / name
+        if src.is_file() and name != pf.OLD_PROJECTION and not (tmp / name).exists():
+            shutil.copy2(src, tmp / name)          # deme.json, README.md, grid.png, merge.json, ...
+    swap_in(tmp, folder)
+    return True

@@ -18,8 +18,8 @@ base pipeline overwritten in place by another program would change them too (dem
 hash when it loads it).
 
 The older layout (deme before pipeline folders): unet/ (stock) + projection.safetensors at the top, or lora/ (peft's
-adapter_model.safetensors) + projection.safetensors; no model_index.json. deme reads it still; `upgrade` rewrites such
-a folder in place (`deme train` does for finished ranges, `deme merge` for merged/).
+adapter_model.safetensors) + projection.safetensors; no model_index.json. deme reads it still; exports.upgrade
+rewrites such a folder in place (`deme train` does for finished ranges, `deme merge` for merged/).
 """
 from __future__ import annotations
 
@@ -182,11 +182,15 @@ def save_tensors(tensors: dict, path: Path) -> None:
 
 def write_deme_config(unet_dir: Path, unet_class: str, unet_config: dict, ranges=None, projection: bool = False,
                       lora: Optional[dict] = None) -> None:
-    """unet/config.json of a DemeUNet folder and its code (deme_unet.py)."""
-    from .deme_unet import folder_config, ship_module
+    """unet/config.json of a DemeUNet folder, as DemeUNet.save_pretrained writes it, and its code (deme_unet.py)."""
+    import diffusers
+
+    from .deme_unet import CLASS_NAME, deme_config, ship_module
 
     unet_dir.mkdir(parents=True, exist_ok=True)
-    cfg = folder_config(unet_class, unet_config, ranges, projection, lora)
+    stock = {k: v for k, v in dict(unet_config).items() if not k.startswith("_")}
+    cfg = {"_class_name": CLASS_NAME, "_diffusers_version": diffusers.__version__, "unet_class": unet_class,
+           "deme": deme_config(ranges, projection, lora), **stock}
     (unet_dir / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     ship_module(unet_dir)
 
@@ -254,45 +258,7 @@ def write_sd_lora(folder: Path, lora_sd: dict, adapter: dict) -> None:
                                     "target_modules": list(adapter["target_modules"])})
 
 
-# --- older folders -----------------------------------------------------------------------------------------------
-
-def upgrade(folder: Path, base_folder: Path) -> bool:
-    """Rewrite a one-model folder of the older layout as a pipeline folder, in place (via folder.tmp and a rename),
-    keeping its weights, deme.json and README.md. False when it already is one."""
-    from safetensors.torch import load_file
-
-    from .models import META_FILE, swap_in, unet_folder
-
-    folder = Path(folder)
-    f = folder_files(folder)
-    if f.layout != "old":
-        return False
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    proj = load_file(str(f.projection)) if f.projection else {}
-    if f.lora is not None:
-        meta = json.loads((folder / META_FILE).read_text())
-        base_unet = unet_folder(base_folder)
-        cfg = json.loads((base_unet / "config.json").read_text())
-        lora = {clean_lora_key(k): v for k, v in load_file(str(f.lora)).items()}
-        write_lora_unet(tmp, base_unet, cfg["_class_name"], cfg, lora, float(meta["adapter"]["scale"]), proj)
-        if cfg["_class_name"] == "UNet2DConditionModel":
-            write_sd_lora(tmp, lora, meta["adapter"])
-    else:
-        state = {}
-        for p in f.unet:
-            state.update(load_file(str(p)))
-        write_full_unet(tmp, f.unet_class, f.unet_config, state, proj)
-    write_pipeline_parts(tmp, base_folder)
-    for name in os.listdir(folder):
-        src = folder / name
-        if src.is_file() and name not in (OLD_PROJECTION,) and not (tmp / name).exists():
-            shutil.copy2(src, tmp / name)          # deme.json, README.md, grid.png, merge.json, ...
-    swap_in(tmp, folder)
-    _NOTED.discard(str(folder))
-    return True
-
+# --- keys ------------------------------------------------------------------------------------------------------
 
 def clean_lora_key(key: str) -> str:
     """'base_model.model.x.lora_A.weight' or 'x.lora_A.default.weight' -> 'x.lora_A.weight'."""

@@ -23,8 +23,8 @@ from .exports import refuse_stale
 from .merge_methods import MergeSpec, combine, consensus, get_method, sparsify
 from .adapters import delta_shape, lora_modules
 from .models import META_FILE
-from .pipeline_folders import folder_files, note_old_layout, unet_weight_files
-from .runs import RunDir, read_json
+from .pipeline_folders import folder_files, note_old_layout
+from .runs import RunDir
 from .safetensors_stream import TensorFileReader, TensorFileWriter, dtype_name, read_header, torch_dtype
 
 MERGE_JSON = "merge.json"
