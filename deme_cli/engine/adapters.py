@@ -187,16 +187,14 @@ def base_for(folder: Path, base_folder: Optional[Path] = None):
 
 def read_projections(folder: Path, like) -> Optional[Any]:
     """The projections of a one-model folder (either layout) as a module on `like`'s device and dtype, or None."""
-    from safetensors.torch import load_file
-
-    from .models import make_projections
+    from .models import load_tensors, make_projections
     from .pipeline_folders import folder_files
 
     f = folder_files(folder).projection
     if f is None:
         return None
     proj = make_projections(like)
-    proj.load_state_dict(load_file(str(f), device=str(like.device)))
+    proj.load_state_dict(load_tensors(f, device=str(like.device)))
     return proj
 
 
@@ -267,7 +265,11 @@ def load_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
     if f.routed:
         from .deme_unet import DemeUNet
 
-        model = DemeUNet.from_pretrained(Path(folder) / "unet")
+        try:
+            model = DemeUNet.from_pretrained(Path(folder) / "unet")
+        except Exception as e:  # a missing or damaged file: OSError, ValueError, safetensors' own error type
+            raise UsageError(f"could not load the routed model in '{folder}' ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); merge it again with --force") from None
         return model if dtype is None else model.to(dtype)
     if f.lora is not None:
         return load_lora_model(folder, base_folder, dtype)

@@ -239,15 +239,24 @@ def read_meta(folder: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def read_state(files) -> dict:
-    """A one-model full folder's weights (pipeline_folders.FolderFiles) as a DemeModel state (unet.*, projections.*)."""
+def load_tensors(path: Path, device: str = "cpu") -> dict:
+    """The tensors of a model folder's safetensors file; a damaged file is a UsageError naming it."""
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # OSError, or safetensors' own error type on a truncated or garbled file
+        raise UsageError(f"could not read '{path}' ({type(e).__name__}); the model folder is damaged: train or merge "
+                         f"it again with --force") from None
+
+
+def read_state(files) -> dict:
+    """A one-model full folder's weights (pipeline_folders.FolderFiles) as a DemeModel state (unet.*, projections.*)."""
     state = {}
     for p in files.unet:
-        state.update({f"unet.{k}": v for k, v in load_file(str(p)).items()})
+        state.update({f"unet.{k}": v for k, v in load_tensors(p).items()})
     if files.projection is not None:
-        state.update({f"projections.{k}": v for k, v in load_file(str(files.projection)).items()})
+        state.update({f"projections.{k}": v for k, v in load_tensors(files.projection).items()})
     return state
 
 
