@@ -190,12 +190,19 @@ def test_routed_lora_holds_the_base_once_and_is_the_ensemble(lora_run):
     assert all(torch.equal(state[f"unet.{k}"], v) for k, v in base.state_dict().items())
 
 
-def test_weights_do_not_apply_to_a_routed_merge(full_run, capsys):
+def test_weights_do_not_apply_to_a_routed_merge(full_run, capsys, tmp_path):
+    from deme_cli.commands.pipeline import run_pipeline
+
     recipe, run, routed, rrun = full_run
     with pytest.raises(UsageError, match="no weights to search"):
         run_merge(routed, rrun, search=True)
     out = run_merge(routed, rrun, weights=[0.3, 0.7])
     assert out["skipped"] and "ignored" in capsys.readouterr().err
+    searched = routed.model_copy(update={"merge": routed.merge.model_copy(update={"weights": "search"}),
+                                         "output": routed.output.model_copy(update={"dir": str(tmp_path / "r")})})
+    with pytest.raises(UsageError, match="no weights to search.*checked before any stage starts"):
+        run_pipeline(searched, RunDir(tmp_path / "r"))
+    assert not (tmp_path / "r" / "ranges").exists()
 
 
 def to_old_layout(folder: Path) -> None:

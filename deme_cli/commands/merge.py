@@ -48,10 +48,9 @@ from ..engine.models import META_FILE
 from ..engine.pipeline_folders import is_model_folder
 from ..engine.recipe import (DataSection, EvalSection, MergeSection, RangesSection, SampleSection, TrainSection,
                              stage_kwargs)
-from ..engine.errors import UsageError
 from ..engine.exports import upgrade
 from ..engine.ranges import Range
-from ..engine.routed import write_routed_folder
+from ..engine.routed import check_weights, write_routed_folder
 from ..engine.runs import RunDir, read_json
 from ..engine.splitting import load_ranges
 from ..engine.task_vectors import MERGE_JSON, load_inputs, resolve_weights, write_merged_folder
@@ -112,10 +111,7 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
     spec = MergeSpec.from_section(merge)
     routed = get_method(spec.method).routed
     search = merge.weights == "search"
-    if routed and search:
-        raise UsageError("merge.method = \"routed\" keeps every range model and routes each step by t, so it has no "
-                         "weights to search; set merge.weights = \"uniform\" or pick a merge method that combines "
-                         "task vectors")
+    check_weights(merge)
     if routed and isinstance(merge.weights, list):
         ui.info("merge.weights is ignored by merge.method = \"routed\": each denoising step uses the one range "
                 "model that owns t")

@@ -20,6 +20,16 @@ from typing import Any, Sequence
 from .errors import UsageError
 
 
+def check_weights(merge) -> None:
+    """merge.method = "routed" keeps every range model: a weight search is refused (UsageError), before any work."""
+    from .merge_methods import get_method
+
+    if get_method(merge.method).routed and merge.weights == "search":
+        raise UsageError("merge.method = \"routed\" keeps every range model and routes each step by t, so it has no "
+                         "weights to search; set merge.weights = \"uniform\" or pick a merge method that combines "
+                         "task vectors")
+
+
 def _ranges(owned: Sequence[Any]) -> list[list[int]]:
     return [[int(r.lo), int(r.hi)] for r in owned]
 
