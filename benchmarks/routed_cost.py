@@ -8,9 +8,10 @@ on the default targets (adapters.DEFAULT_TARGETS), random, with projections) the
 `deme train` does (models.save_model_folder, adapters.save_lora_folder), a uniform ranges.json, and merged/ with
 `deme merge --method routed` (commands.merge.run_merge), then measures the routed model loaded from merged/ (the
 DemeUNet of unet/deme_unet.py) against the base UNet:
-  images/s   deme's sampling loop (denoise.generate: DDIM --steps, --images images in batches of --batch, fp32), the two
-             models alternating for --rounds rounds (the order swapped every round, so the load of other processes on
-             a shared CPU hits both alike); the median round of each and their ratio
+  images/s   deme's sampling loop (denoise.generate: DDIM --steps, --images images in batches of --batch, fp32, one
+             thread), the two models alternating for --rounds rounds (the order swapped every round); the median round
+             of each, per second of the process's CPU time (speed_ratio: on a shared CPU the steadiest) and of wall
+             time (wall_speed_ratio)
   tensors    bytes of the tensors the model holds after sampling: parameters, buffers and, for LoRA, the base entries
              kept aside while a range model is switched in (deme_unet.DemeUNet.activate)
   peak RSS   each model alone in a fresh process: the process's peak RSS after loading it and sampling one batch, minus
@@ -177,14 +178,17 @@ def measure(n: int, kind: str, root: Path, a) -> dict:
     for m in models.values():                                   # warm-up: one batch each
         sample(m, a.batch, a.batch, a.steps)
     rounds = {w: [] for w in models}
+    cpu_rounds = {w: [] for w in models}
     order = list(models)
     for _ in range(a.rounds):
         for w in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sample(models[w], a.images, a.batch, a.steps)
             rounds[w].append(a.images / (time.perf_counter() - t0))
+            cpu_rounds[w].append(a.images / (time.process_time() - c0))
         order.reverse()
     ips = {w: statistics.median(v) for w, v in rounds.items()}
+    cpu_ips = {w: statistics.median(v) for w, v in cpu_rounds.items()}
     held = {w: tensor_bytes(m) for w, m in models.items()}
     trained = 0                                                 # one range model's trained tensors (adapter + proj.)
     if kind == "lora":
@@ -195,8 +199,9 @@ def measure(n: int, kind: str, root: Path, a) -> dict:
     rss = {w: peak_rss_in_child(w, str(run.merged), a.batch, a.steps, torch.get_num_threads()) for w in models}
     disk = folder_bytes(run.merged)
     base_disk = folder_bytes(FMNIST / "unet")["apparent"]
-    row = {"n": n, "kind": kind, "img_per_s": ips, "rounds_img_per_s": rounds,
-           "speed_ratio": ips["routed"] / ips["base"], "tensor_bytes": held, "peak_rss": rss,
+    row = {"n": n, "kind": kind, "img_per_s": ips, "rounds_img_per_s": rounds, "img_per_cpu_s": cpu_ips,
+           "rounds_img_per_cpu_s": cpu_rounds, "speed_ratio": cpu_ips["routed"] / cpu_ips["base"],
+           "wall_speed_ratio": ips["routed"] / ips["base"], "tensor_bytes": held, "peak_rss": rss,
            "disk_bytes": {"merged": disk, "base_unet": base_disk}, "trained_bytes_per_range": trained,
            "calls_per_range": list(models["routed"].calls)}
     row["memory_ratio"] = held["routed"] / (held["base"] + n * trained) if kind == "lora" else \
@@ -207,11 +212,12 @@ def measure(n: int, kind: str, root: Path, a) -> dict:
 
 def table(rows: list[dict]) -> list[str]:
     mb = lambda x: f"{x / 1e6:.2f}" if x is not None else "-"  # noqa: E731
-    out = ["| N | kind | base img/s | routed img/s | ratio | tensors MB base / routed | memory ratio | "
+    out = ["| N | kind | base img/CPU-s | routed img/CPU-s | ratio | tensors MB base / routed | memory ratio | "
            "peak RSS MB base / routed | merged/ disk MB apparent / own |", "|---:|---|---:|---:|---:|---|---:|---|---|"]
     for r in rows:
         rss = [r["peak_rss"][w].get("peak_rss_bytes") for w in ("base", "routed")]
-        out.append(f"| {r['n']} | {r['kind']} | {r['img_per_s']['base']:.1f} | {r['img_per_s']['routed']:.1f} | "
+        ips = r["img_per_cpu_s"]
+        out.append(f"| {r['n']} | {r['kind']} | {ips['base']:.2f} | {ips['routed']:.2f} | "
                    f"{r['speed_ratio']:.3f} | {mb(r['tensor_bytes']['base'])} / {mb(r['tensor_bytes']['routed'])} | "
                    f"{r['memory_ratio']:.3f} ({r['memory_reference']}) | {mb(rss[0])} / {mb(rss[1])} | "
                    f"{mb(r['disk_bytes']['merged']['apparent'])} / {mb(r['disk_bytes']['merged']['own'])} |")
@@ -228,7 +234,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="images per timed round")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps (the release samples DDIM-50)")
-    ap.add_argument("--rounds", type=int, default=3, help="timed rounds of each model")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds of each model")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 32 images, batch 16, 10 steps, 2 rounds")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cpu-routed_cost-fmnist.json")
