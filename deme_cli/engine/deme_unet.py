@@ -187,7 +187,8 @@ class DemeUNet(ModelMixin, ConfigMixin):
     config_name = CONFIG_FILE
     __module__ = "deme_unet"      # what save_pretrained writes into model_index.json: the module file in unet/
 
-    def __init__(self, unet_class: str = "UNet2DModel", deme: Optional[dict] = None, unet_config: dict = None):
+    def __init__(self, unet_class: str = "UNet2DModel", deme: Optional[dict] = None,
+                 unet_config: Optional[dict] = None):
         super().__init__()
         deme = {"ranges": None, "projection": False, "lora": None, **(deme or {})}
         unet_config = {k: v for k, v in (unet_config or {}).items() if not k.startswith("_")}
@@ -223,8 +224,7 @@ class DemeUNet(ModelMixin, ConfigMixin):
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
         """A DemeUNet (random weights) from config.json's contents (stock keys, unet_class, deme)."""
         config = {**dict(config or {}), **kwargs}
-        unet_class, deme = config.pop("unet_class", "UNet2DModel"), config.pop("deme", None)
-        model = cls(unet_class, deme, config)
+        model = cls(config.pop("unet_class", "UNet2DModel"), config.pop("deme", None), config)    # (pops first)
         return (model, {}) if return_unused_kwargs else model
 
     @classmethod
@@ -263,7 +263,7 @@ class DemeUNet(ModelMixin, ConfigMixin):
         model, projections, has = cls._shell(base_unet, len(adapters), ranges, projections, lora)
         model.unet = base_unet
         for adapter, p in zip(model.adapters, pairs):
-            _assign_adapter(adapter, p, base_unet)
+            _assign_adapter(adapter, p, base_unet, lora["layers"])
         for k, proj in enumerate(projections if has else []):
             model.projections[k] = _identity_if_none(proj, base_unet)
         model._wire()
@@ -303,7 +303,7 @@ class DemeUNet(ModelMixin, ConfigMixin):
 
     def projection(self, i: int) -> Optional[nn.Module]:          # range model i's projections, or None
         if self.is_lora:
-            return self.projections[i] if self.projections is not None else None
+            return None if self.projections is None else self.projections[i]
         return self.models[i].projections
 
     def _call(self, i: int, sample, timestep, args, kwargs, return_dict: bool):
@@ -342,7 +342,6 @@ class DemeUNet(ModelMixin, ConfigMixin):
     def _delta(self, i: int, k: int):
         return lora_delta(self.adapters[i].A[k], self.adapters[i].B[k], float(self.config.deme["lora"]["scales"][i]))
 
-    # state dicts, moves and casts see the base weights (the next call switches again)
     def state_dict(self, *args, **kwargs):
         self.activate(None)
         return super().state_dict(*args, **kwargs)
@@ -351,7 +350,7 @@ class DemeUNet(ModelMixin, ConfigMixin):
         self.activate(None)
         return super().load_state_dict(*args, **kwargs)
 
-    def _apply(self, fn, *args, **kwargs):
+    def _apply(self, fn, *args, **kwargs):     # state dicts, moves, casts: the base weights (calls switch again)
         if getattr(self, "_active", None) is not None:
             self.activate(None)
         return super()._apply(fn, *args, **kwargs)
@@ -399,20 +398,19 @@ class DemeUNet(ModelMixin, ConfigMixin):
             model.unet = getattr(diffusers, model.config.unet_class).from_pretrained(os.path.join(folder, BASE_DIR))
         for i in range(len(model.calls)):
             if model.is_lora:
-                _assign_adapter(model.adapters[i], lora_pairs(_read(folder, i, LORA_FILE)), model.unet)
+                _assign_adapter(model.adapters[i], lora_pairs(_read(folder, i, LORA_FILE)), model.unet,
+                                model.config.deme["lora"]["layers"])
             else:
                 model.models[i].unet.load_state_dict(_read(folder, i, UNET_FILE), assign=True)
             if (proj := model.projection(i)) is not None:
                 proj.load_state_dict(_read(folder, i, PROJECTION_FILE), assign=True)
         model._wire()
-        unloaded = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if unloaded:
+        if unloaded := [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]:
             raise ValueError(f"'{folder}' does not hold '{unloaded[0]}'; the folder is incomplete")
         return (model if torch_dtype is None else model.to(torch_dtype)).eval()
 
 
-def deme_config(ranges, projection: bool, lora: Optional[dict]) -> dict:
-    """The "deme" entry of config.json (module docstring)."""
+def deme_config(ranges, projection: bool, lora: Optional[dict]) -> dict:     # config.json's "deme" (module docstring)
     num = lambda x: int(x) if float(x).is_integer() else float(x)  # noqa: E731
     return {"ranges": [[num(lo), num(hi)] for lo, hi in ranges] if ranges else None, "projection": bool(projection),
             "lora": lora}
@@ -432,8 +430,10 @@ def _read(folder: str, i: int, name: str) -> dict:
     return load_file(path)
 
 
-def _assign_adapter(adapter: LoraAdapter, pairs: dict, unet) -> None:
-    """Put an adapter's (A, B) pairs, in layer order, into `adapter` (on the device and in the dtype of `unet`)."""
+def _assign_adapter(adapter: LoraAdapter, pairs: dict, unet, layers: Sequence[str]) -> None:
+    """Put an adapter's (A, B) pairs of `layers` into `adapter` (on the device and in the dtype of `unet`)."""
+    if list(pairs) != list(layers):
+        raise ValueError(f"the adapter's layers are not the {len(layers)} the config names (e.g. {list(layers)[:1]})")
     p = next(unet.parameters())
     for k, (a, b) in enumerate(pairs.values()):
         if tuple(adapter.A[k].shape) != tuple(a.shape) or tuple(adapter.B[k].shape) != tuple(b.shape):
