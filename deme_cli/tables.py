@@ -15,7 +15,7 @@ def merge(result: dict) -> None:
     ui.table(f"{result['method']}{extra}{' (unchanged)' if result['skipped'] else ''} -> {result['merged']}",
              ["range", "timesteps", "weight", "model"],
              [[r["index"], f"[{r['lo']}, {r['hi']})" if r.get("lo") is not None else None, w, r["path"]]
-              for r, w in zip(result["ranges"], result["weights"])])
+              for r, w in zip(result["ranges"], result["weights"] or ["routed by t"] * len(result["ranges"]))])
     log = result.get("search")
     if log:
         top = sorted(log["candidates"], key=lambda c: c["score"])[:10]

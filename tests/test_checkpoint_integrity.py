@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from deme_cli.commands.train import run_train
 from deme_cli.engine import checkpoints, models
@@ -317,10 +316,7 @@ def test_run_train_resumes_from_an_intact_old_format_checkpoint(make_recipe, mon
 # --- end to end: training resumes from the newest intact checkpoint, bit-exactly ----------------------------------
 
 def _folder_weights(folder: Path) -> dict:
-    w = load_file(str(folder / "unet" / models.UNET_WEIGHTS))
-    if (folder / models.PROJECTION_FILE).is_file():
-        w.update({f"projections.{k}": v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
-    return w
+    return models.folder_state(folder)
 
 
 def test_training_falls_back_past_an_emptied_checkpoint_and_ends_bit_exact(make_recipe, tmp_path, warnings,

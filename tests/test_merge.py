@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 from conftest import hand_alphas_cumprod, held_bytes, merge_inputs, search_setup
 from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
-from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
+from deme_cli.engine import (merge_methods, models, pipeline_folders, search_objectives, search_pool, task_vectors,
                               weight_search)
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
 from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
 
 N = 3
+TASK_METHODS = [m for m, v in MERGE_METHODS.items() if not v.routed]    # "routed" combines no task vectors
 
 
 def _spec(method: str, **settings) -> merge_methods.MergeSpec:
@@ -46,7 +47,7 @@ def write_ranges(root, pipe, n=N, projection=(True,) * N, scale=0.02, base_hash=
             m = _perturbed(base, seed + 10 * i + ema, scale, projection[i])
             meta = {"range": {"index": i, "lo": 1000 * i // n, "hi": 1000 * (i + 1) // n}, "base_hash": h,
                     "recipe": "tiny", "weights": "ema" if ema else "raw"}
-            models.save_model_folder(run.final(i, ema=ema), m, meta)
+            models.save_model_folder(run.final(i, ema=ema), m, meta, base_folder=pipe)
     return run
 
 
@@ -91,7 +92,7 @@ def test_zero_weights_give_theta_exactly(setup, tiny_ddpm):
     assert any(k.startswith("projections.") for k in want)
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_one_hot_weight_gives_that_range_exactly(setup, method):
     recipe, run = setup(merge={"method": method, "density": 1.0})
     inputs = merge_inputs(recipe, run)
@@ -224,16 +225,14 @@ def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
 
 # --- streaming ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_streamed_folder_equals_in_memory_merge(setup, method):
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
     w = [0.1, 0.2, 0.5]
     merge.run_merge(recipe, run, weights=w)
     inputs = merge_inputs(recipe, run)
     mem = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec.from_section(recipe.merge))
-    unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
-    proj = load_file(str(run.merged / models.PROJECTION_FILE))
-    disk = {**{"unet." + k: v for k, v in unet.items()}, **{"projections." + k: v for k, v in proj.items()}}
+    disk = _hand_file_state(run.merged)
     assert disk.keys() == mem.keys()
     assert all(torch.equal(disk[k], mem[k]) for k in mem)
     # the folder loads back as a model, and computes what the in-memory merge computes
@@ -494,7 +493,7 @@ def test_search_with_kid_objective(setup, tiny_images, tmp_path):
         merge.run_merge(recipe, run, search=True)
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_candidate_merger_matches_streamed_merge(setup, method):
     """The search's in-memory merges equal the streamed float64 merge up to float32 rounding."""
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 1})
@@ -594,11 +593,14 @@ def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, mo
 # --- by hand: the search's fallback merger and its loss objective ------------------------------------------------
 
 def _hand_file_state(folder):
-    """A model folder's weights read with safetensors only, keyed like DemeModel.state_dict(); no projection file:
-    identity projections are filled in by _hand_merge."""
-    sd = {"unet." + k: v for k, v in load_file(str(folder / "unet" / models.UNET_WEIGHTS)).items()}
-    if (folder / models.PROJECTION_FILE).is_file():
-        sd.update({"projections." + k: v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
+    """A model folder's weights read with safetensors only, keyed like DemeModel.state_dict(): a stock unet/
+    (diffusion_pytorch_model.safetensors, one file or shards) or a DemeUNet's unet/model-0/ (unet.safetensors,
+    projection.safetensors); no projection file: identity projections are filled in by _hand_merge."""
+    own = folder / "unet" / "model-0"
+    files = [own / "unet.safetensors"] if own.is_dir() else sorted((folder / "unet").glob("*.safetensors"))
+    sd = {"unet." + k: v for f in files for k, v in load_file(str(f)).items()}
+    if (own / "projection.safetensors").is_file():
+        sd.update({"projections." + k: v for k, v in load_file(str(own / "projection.safetensors")).items()})
     return sd
 
 
@@ -696,10 +698,18 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     recipe, run = setup()
     folders = [run.final(i) for i in range(N)]
     w = [0.4, 0.7, -0.2]
-    want = _hand_merge(tiny_ddpm, folders, w)
+    # range 1 as a stock diffusers UNet folder (no projections: their task vector is 0), then sharded
     unet_dir = run.final(1) / "unet"
+    sd = load_file(str(unet_dir / "model-0" / "unet.safetensors"))
+    cfg = {k: v for k, v in json.loads((unet_dir / "config.json").read_text()).items()
+           if k not in ("deme", "unet_class")}
+    shutil.rmtree(unet_dir)
+    unet_dir.mkdir()
+    (unet_dir / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DModel"}))
     single = unet_dir / models.UNET_WEIGHTS
-    sd = load_file(str(single))
+    save_file(sd, str(single))
+    want = _hand_merge(tiny_ddpm, folders, w)
+    assert _hand_file_state(run.final(1)).keys() == {"unet." + k for k in sd}
     keys = sorted(sd)
     shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
               "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
@@ -708,7 +718,7 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
     single.unlink()
-    assert task_vectors.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    assert pipeline_folders.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
     merge.run_merge(recipe, run, weights=w)
     got = _hand_file_state(run.merged)
     assert got.keys() == want.keys()

@@ -104,7 +104,8 @@ def test_a_lora_range_card_says_lora(tiny_ddpm, tiny_images, tmp_path):
     run = RunDir(tmp_path / "run")
     run_train(recipe_from_dict(d), run, 0)
     meta, body = front(run.final(0) / "README.md")
-    assert meta["tags"][-1] == "lora" and "| LoRA rank / alpha | 4 / 4 |" in body and "`lora/` is a" in body
+    assert meta["tags"][-1] == "lora" and "| LoRA rank / alpha | 4 / 4 |" in body
+    assert "the LoRA adapter on the base UNet (`unet/base/`)" in body and "trust_remote_code=True" in body
     assert "as LoRA adapters on the timesteps [0, 500)" in body
 
 
@@ -171,3 +172,19 @@ def test_a_failing_card_is_one_warning_and_the_command_succeeds(card_run, monkey
     assert not out["skipped"] and json.loads((run.merged / "merge.json").read_text())["weights"] == [0.1, 0.9]
     err = capsys.readouterr().err
     assert "could not write the model card" in err and "disk full" in err
+
+
+def test_the_card_says_when_the_lora_file_alone_is_not_the_range_model(tmp_path):
+    """A Stable Diffusion LoRA range folder's pytorch_lora_weights.safetensors lacks the projections: with them the
+    card says the file alone is not the range model; without them, that the file is the adapter."""
+    import json
+
+    folder = tmp_path / "final"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"unet": ["deme_unet", "DemeUNet"]}))
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    for projection in (True, False):
+        (folder / "unet" / "config.json").write_text(json.dumps(
+            {"deme": {"ranges": None, "projection": projection, "lora": {"layers": ["a"]}}}))
+        text = " ".join(model_card._without_deme(folder))
+        assert "load_lora_weights" in text and ("the base is not this range model" in text) == projection

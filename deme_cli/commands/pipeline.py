@@ -127,6 +127,10 @@ def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = Fals
         base.device          # train.device: "cuda" on a machine without CUDA is refused here
         check_training_needs(base, run, data=recipe.data, ranges=recipe.ranges, train=recipe.train, deme=recipe.deme,
                              force=force)
+        if "merged" in models:
+            from ..engine.routed import check_weights
+
+            check_weights(recipe.merge)
         if "merged" in models and recipe.merge.weights == "search":
             from ..engine.search_objectives import SearchSetup
             from ..engine.weight_search import check_search

@@ -166,16 +166,25 @@ def finished_meta(train: TrainSection, run: RunDir, r: Range, inputs: dict) -> O
     return meta
 
 
-def reexport_if_stale(run: RunDir, r: Range) -> bool:
+def reexport_if_stale(run: RunDir, r: Range, base: Base) -> bool:
     """Re-export a finished range's final/ that was exported before the EMA fix (exports.py) from its last
-    checkpoint, saying so in one line; True when it did. UsageError when no checkpoint is left to do it from."""
+    checkpoint, or rewrite final/ and final-raw/ of the older folder layout as pipeline folders
+    (exports.upgrade), saying so in one line; True when it did. UsageError when no checkpoint is left to
+    re-export from."""
     # under accelerate launch only the main process rewrites the folder; the others see it finished
-    if not exports.is_stale(run.final(r.index)) or int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return False
-    ck = exports.reexport(run, r.index)
-    ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA weights "
-            f"from checkpoints/{ck.name} without training")
-    return True
+    if exports.is_stale(run.final(r.index)):
+        ck = exports.reexport(run, r.index, base.folder)
+        ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA "
+                f"weights from checkpoints/{ck.name} without training")
+        return True
+    upgraded = [f.name for f in (run.final(r.index), run.final(r.index, ema=False))
+                if f.is_dir() and exports.upgrade(f, base.folder)]
+    if upgraded:
+        ui.info(f"range {r.index}: rewrote {' and '.join(upgraded)} as diffusers pipeline folders (the same weights; "
+                f"deme's older folder layout), without training")
+    return bool(upgraded)
 
 
 def range_inputs(*, data: DataSection, ranges: RangesSection, train: TrainSection, deme: DemeSection,
@@ -238,7 +247,7 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
         metrics.unlink(missing_ok=True)
     meta = finished_meta(train, run, r, inputs)
     if meta is not None:
-        if not reexport_if_stale(run, r):
+        if not reexport_if_stale(run, r, base):
             ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
                     f"use --force to train it again")
         return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)

@@ -115,28 +115,8 @@ Predict = Callable[[Any, Any, dict], Any]          # (x_t, t, unet kwargs) -> th
 
 
 def model_predict(model) -> Predict:
-    """A UNet or DemeModel as a Predict."""
+    """A UNet, DemeModel or routed DemeUNet (each row to the range model owning its t) as a Predict."""
     return lambda x_t, t, kwargs: model(x_t, t, **kwargs).sample
-
-
-def routed_predict(models: Sequence[Any], ranges: Sequence[Any]) -> Predict:
-    """The timestep-wise ensemble (Eq. 7) as a Predict: each row goes to the model whose range holds its t."""
-    import torch
-
-    def predict(x_t, t, kwargs):
-        out = None
-        for m, r in zip(models, ranges):
-            rows = ((t >= r.lo) & (t < r.hi)).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            sub = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == t.shape else v for k, v in kwargs.items()}
-            y = m(x_t[rows], t[rows], **sub).sample
-            out = torch.empty((len(t),) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device) if out is None else out
-            out[rows] = y
-        if out is None or sum(int(((t >= r.lo) & (t < r.hi)).sum()) for r in ranges) != len(t):
-            raise ValueError("the ranges do not cover every timestep of the batch")
-        return out
-    return predict
 
 
 def per_image_losses(predict: Predict, held: HeldOut):

@@ -49,8 +49,7 @@ def _predict(base, run: RunDir, spec: str, device, base_hash: str, specs: dict):
     """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions).
 
     A model finetuned from another base than model.pretrained is refused: its ratio to this base would mislead."""
-    from .denoise import EnsembleDenoiser
-    from .heldout import model_predict, routed_predict
+    from .heldout import model_predict
     from .model_specs import load_unets
 
     loaded = load_unets(base, run, spec, device, **specs)
@@ -61,9 +60,8 @@ def _predict(base, run: RunDir, spec: str, device, base_hash: str, specs: dict):
         raise UsageError(f"model '{spec}' was finetuned from another base model (base_hash "
                          f"{', '.join(sorted(made_from))}) than model.pretrained = '{base.pretrained}' "
                          f"(base_hash {base_hash}); point model.pretrained at its base, or retrain it")
-    d = loaded.denoiser
-    predict = routed_predict(d.models, d.ranges) if isinstance(d, EnsembleDenoiser) else model_predict(d.model)
-    return predict, loaded.identity.get("hash")
+    # the ensemble and a routed merge are routed models: they split a batch of mixed t by rows themselves
+    return model_predict(loaded.denoiser.model), loaded.identity.get("hash")
 
 
 def _fingerprint(e, base, resolution: int, identity, ref_files: list) -> str:

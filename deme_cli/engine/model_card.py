@@ -218,13 +218,16 @@ def _training(meta: dict) -> list[str]:
 def _merge(merge: dict) -> list[str]:
     url = merge.get("method_url")
     method = f"[{merge.get('method')}]({url})" if url else str(merge.get("method"))
-    lines = [f"- method: {method}" + (f" ({merge['summary']})" if merge.get("summary") else ""),
-             f"- weights, low t first: [{', '.join(_fmt(w) for w in merge.get('weights') or [])}]"]
+    lines = [f"- method: {method}" + (f" ({merge['summary']})" if merge.get("summary") else "")]
+    if merge.get("method") == "routed":
+        lines.append("- routing, low t first: " + ", ".join(f"[{lo}, {hi})" for lo, hi in merge.get("routing") or []))
+    else:
+        lines.append(f"- weights, low t first: [{', '.join(_fmt(w) for w in merge.get('weights') or [])}]")
     for k in ("density", "seed"):
         if k in merge:
             lines.append(f"- {k}: {merge[k]}")
-    lines.append(f"- merged from the range models' {'EMA' if merge.get('use_ema', True) else 'raw'} weights; "
-                 f"projections {'merged and kept' if merge.get('projection') else 'none'}")
+    lines.append(f"- made from the range models' {'EMA' if merge.get('use_ema', True) else 'raw'} weights; "
+                 f"projections {'kept' if merge.get('projection') else 'none'}")
     search = merge.get("search")
     if search:
         best = search.get("best") or {}
@@ -268,9 +271,6 @@ def _usage(folder: Path, run: RunDir, spec: str, kind: str, lora: bool, raw: boo
         lines += ["```python", "from diffusers import DiffusionPipeline", "",
                   f'pipe = DiffusionPipeline.from_pretrained("path/to/this/folder"{trust})', f"images = {call}",
                   "```", ""]
-        if trust:
-            lines += ["The UNet's code ships in this folder (`unet/`), so diffusers loads it without deme installed "
-                      "(`trust_remote_code=True`).", ""]
     lines += ["From the run directory, with deme:", "", "```python", "from deme_cli import load_pipeline", "",
               f'pipe = load_pipeline("{run.root}", model="{spec}")   # the run directory, or its recipe .toml',
               f"images = {call}", "```", ""]
@@ -278,7 +278,7 @@ def _usage(folder: Path, run: RunDir, spec: str, kind: str, lora: bool, raw: boo
         lines += ["`load_pipeline` loads `final-raw/` (the raw, non-EMA weights) when the recipe sets "
                   "`merge.use_ema = false`, else `final/`.", ""]
     if (Path(folder) / "model_index.json").is_file():
-        return lines
+        return lines + _without_deme(folder)
     if lora:
         lines.append("Without deme: `lora/` is a [peft](https://github.com/huggingface/peft) LoRA adapter on the "
                      "base model; the channel-wise projections (`projection.safetensors`) are not part of it.")
@@ -287,6 +287,28 @@ def _usage(folder: Path, run: RunDir, spec: str, kind: str, lora: bool, raw: boo
                      "but without the channel-wise projections in `projection.safetensors`, which deme applies "
                      "with forward hooks after every down, mid and up block: the model computes what it was trained "
                      "to only with them.")
+    return lines
+
+
+def _without_deme(folder: Path) -> list[str]:
+    """How diffusers alone loads the folder (pipeline_folders.py), and what a LoRA file in it is and is not."""
+    index = _json(Path(folder) / "model_index.json") or {}
+    cfg = _json(Path(folder) / "unet" / "config.json") or {}
+    if index.get("unet") != ["deme_unet", "DemeUNet"]:
+        return ["Without deme: `DiffusionPipeline.from_pretrained(folder)` loads this folder (a stock diffusers "
+                "pipeline)."]
+    deme = cfg.get("deme") or {}
+    what = ("the range models, each call routed to the one whose timesteps it was trained on" if deme.get("ranges")
+            else "the LoRA adapter on the base UNet (`unet/base/`)" if deme.get("lora")
+            else "the channel-wise projections after every down, mid and up block")
+    lines = ["Without deme: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads this folder "
+             f"with the UNet code it ships (`unet/deme_unet.py`, torch and diffusers only: {what}); the stock "
+             "`UNet2DModel.from_pretrained(folder + \"/unet\")` refuses it rather than load it without them."]
+    if (Path(folder) / "pytorch_lora_weights.safetensors").is_file():
+        lines += ["", "`pytorch_lora_weights.safetensors` is the adapter in diffusers' own LoRA format "
+                      "(`pipe.load_lora_weights(folder)` on the base pipeline)" +
+                  ("; it does not hold the channel-wise projections, so with it alone the base is not this range "
+                   "model: load the folder itself." if deme.get("projection") else ".")]
     return lines
 
 

@@ -20,9 +20,10 @@ from . import ui
 from .errors import UsageError
 from .exports import refuse_stale
 from .merge_methods import MergeSpec, combine, consensus, get_method, sparsify
-from .adapters import LORA_DIR, LORA_WEIGHTS, delta_shape, lora_modules
-from .models import META_FILE, PROJECTION_FILE, UNET_WEIGHTS
-from .runs import RunDir, read_json
+from .adapters import delta_shape, lora_modules
+from .models import META_FILE
+from .pipeline_folders import folder_files, note_old_layout
+from .runs import RunDir
 from .safetensors_stream import TensorFileReader, TensorFileWriter, dtype_name, read_header, torch_dtype
 
 MERGE_JSON = "merge.json"
@@ -56,17 +57,6 @@ def resolve_weights(weights, n: int, source: str = "--weights") -> list[float]:
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
-
-def unet_weight_files(unet_dir: Path) -> list[Path]:
-    """The safetensors file(s) of a diffusers UNet folder (one file, or the shards of an index)."""
-    single = unet_dir / UNET_WEIGHTS
-    if single.is_file():
-        return [single]
-    index = unet_dir / (UNET_WEIGHTS + ".index.json")
-    if index.is_file():
-        return [unet_dir / f for f in sorted(set(read_json(index)["weight_map"].values()))]
-    return []
-
 
 @dataclass
 class RangeModel:
@@ -120,11 +110,12 @@ class RangeModel:
 class MergeInputs:
     """theta (in memory), the range models (on disk) and the plan of output tensors."""
     base_unet: Any                         # the pretrained UNet (diffusers module), fp32
-    base_unet_dir: Path                    # its folder (config.json is copied into merged/unet/)
+    base_unet_dir: Path                    # its folder
     base_hash: str
     ranges: list[RangeModel]
     identity: Optional[dict]               # identity projection state, or None when no range has projections
     entries: list[tuple[str, str, str, tuple]] = field(default_factory=list)  # (group, key, dtype, shape) in order
+    base_folder: Optional[Path] = None     # the base pipeline (merged/ gets its scheduler and other components)
 
     @property
     def n(self) -> int:
@@ -173,11 +164,15 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
         refuse_stale(run, range(n))
     out = []
     for i, folder in enumerate(folders):
-        files = unet_weight_files(folder / "unet")
-        lora = folder / LORA_DIR / LORA_WEIGHTS
-        if not files and not lora.is_file():
-            raise UsageError(f"range model '{folder}' has no unet/{UNET_WEIGHTS}; run 'deme train RECIPE --range {i} "
+        try:
+            found = folder_files(folder)
+        except UsageError:
+            found = None
+        if found is None or found.routed or not (found.unet or found.lora):
+            raise UsageError(f"range model '{folder}' holds no UNet weights; run 'deme train RECIPE --range {i} "
                              f"--force' to write it again")
+        note_old_layout(folder, "'deme train RECIPE --all' (no training)")
+        files, lora = found.unet, found.lora
         try:
             meta = json.loads((folder / META_FILE).read_text())
         except (OSError, ValueError):
@@ -190,9 +185,8 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
         if not meta.get("base_hash"):
             raise UsageError(f"'{folder / META_FILE}' does not record base_hash, so its base model is unknown; "
                              f"retrain range {i}")
-        proj = folder / PROJECTION_FILE
-        model = RangeModel(i, folder, meta, files, proj if proj.is_file() else None)
-        if not files:
+        model = RangeModel(i, folder, meta, files, found.projection)
+        if lora is not None:
             if not (meta.get("adapter") or {}).get("scale"):
                 raise UsageError(f"'{folder / META_FILE}' does not describe the LoRA adapter in '{lora.parent}'; "
                                  f"run 'deme train RECIPE --range {i} --force'")
@@ -221,7 +215,7 @@ def load_inputs(base, run: RunDir, *, n: int, use_ema: bool) -> MergeInputs:
         raise UsageError(f"the range models were finetuned from a different base model (base_hash "
                          f"{ranges[0].meta['base_hash']}) than model.pretrained = '{base.pretrained}' "
                          f"(base_hash {base_hash}); point model.pretrained at their base or retrain them")
-    inputs = MergeInputs(base_unet, unet_folder(base.folder), base_hash, ranges, None)
+    inputs = MergeInputs(base_unet, unet_folder(base.folder), base_hash, ranges, None, base_folder=Path(base.folder))
     if any(r.projection_file for r in ranges):
         inputs.identity = identity_projection_state(base_unet)
     inputs.entries = _plan(inputs)
@@ -390,7 +384,10 @@ def new_candidate_model(inputs: MergeInputs):
 
 def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSpec, dest: Path, meta: dict,
                         merge_json: dict) -> None:
-    """Stream the merged model into `dest` (the layout of a range's final/), via a temporary folder and a rename."""
+    """Stream the merged model into `dest` (a pipeline folder, as a range's final/), via a temporary folder and a
+    rename."""
+    from .pipeline_folders import finish_unet, unet_paths, write_pipeline_parts
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", suffix=".tmp", dir=dest.parent))
@@ -398,19 +395,23 @@ def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSp
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700 folders; merged/ gets the usual permissions
     try:
-        (tmp / "unet").mkdir()
-        shutil.copyfile(inputs.base_unet_dir / "config.json", tmp / "unet" / "config.json")
         unet_entries = [(k, d, s) for g, k, d, s in inputs.entries if g == "unet"]
         proj_entries = [(k, d, s) for g, k, d, s in inputs.entries if g == "projection"]
+        unet_file, proj_file = unet_paths(tmp, bool(proj_entries))      # a stock unet/, or a DemeUNet's model-0/
+        unet_file.parent.mkdir(parents=True)
         with contextlib.ExitStack() as stack:
-            writers = {"unet": stack.enter_context(TensorFileWriter(tmp / "unet" / UNET_WEIGHTS, unet_entries))}
+            writers = {"unet": stack.enter_context(TensorFileWriter(unet_file, unet_entries))}
             if proj_entries:
-                writers["projection"] = stack.enter_context(TensorFileWriter(tmp / PROJECTION_FILE, proj_entries))
+                writers["projection"] = stack.enter_context(TensorFileWriter(proj_file, proj_entries))
             bar = stack.enter_context(ui.progress("merge", total=len(inputs.entries), unit="tensors", every=100))
             stack.enter_context(inputs.open())
             for group, key, t in merged_tensors(inputs, weights, spec):
                 writers[group].write(key, t)
                 bar.update()
+        base_unet = inputs.base_unet
+        finish_unet(tmp, type(base_unet).__name__, dict(base_unet.config), bool(proj_entries))
+        if inputs.base_folder is not None:
+            write_pipeline_parts(tmp, inputs.base_folder)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MERGE_JSON).write_text(json.dumps(merge_json, indent=2, default=str) + "\n")
         if merge_json.get("search"):
