@@ -744,7 +744,7 @@ class FullStrengthObjective(PlantedObjective):
 TARGETS = {"coordinate": [0.0, 0.5, 1.5], "greedy": [0.0, 0.0, 1.5]}
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every method that combines task vectors (routed has no weights)
 @pytest.mark.parametrize("strategy", ["coordinate", "greedy"])
 def test_searches_reach_any_per_range_weight_with_every_method(setup, monkeypatch, strategy, method):
     """With the default candidates, coordinate descent (from 1/N each) and greedy find a planted merge that keeps a

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from conftest import read_pngs, tiny_recipe_dict
 from deme_cli.cli import app
+from deme_cli.engine.pipeline_folders import folder_files
 from deme_cli.engine.recipe import load_recipe, recipe_from_dict
 from deme_cli.engine.runs import RunDir
 
@@ -155,7 +156,8 @@ def test_retrain_a_range_then_merge_sample_eval(scored, tmp_path):
     o.untouched(before, *BASE_WORK, "samples/merged/*", "eval/merged.json", "merged/unet/*", "ranges/1/*")
 
     o.ok("merge")                                                        # the range changed: merged again
-    assert o.changed(before, ignore=("report/*",)) >= {"merged/unet/diffusion_pytorch_model.safetensors"}
+    weights = {str(f.relative_to(o.root)) for f in folder_files(o.run.merged).unet}
+    assert weights and o.changed(before, ignore=("report/*",)) >= weights
     assert ("merged", "samples") in o.stale() and ("merged", "loss") in o.stale()
     o.refuses("--force", "sample", "--model", "merged")                  # images of another model: refused
     mid = o.files()
@@ -368,7 +370,7 @@ def test_deme_run_after_a_retrained_range_shows_only_current_numbers(scored, tmp
     from deme_cli.commands.pipeline import run_pipeline
 
     o = Order(scored, tmp_path)
-    unet = o.run.final(1) / "unet" / "diffusion_pytorch_model.safetensors"     # range 1 retrained: other weights
+    unet, = folder_files(o.run.final(1)).unet                                   # range 1 retrained: other weights
     save_file({k: v + 0.01 for k, v in load_file(unet).items()}, unet)
     recipe = o.recipe.model_copy(update={"run": o.recipe.run.model_copy(update={"models": ["base"]})})
     before = o.files()
