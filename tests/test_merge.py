@@ -12,6 +12,7 @@ from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
 from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
                               weight_search)
+from deme_cli.engine import merge_inputs as inputs_module
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
 from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
@@ -145,12 +146,13 @@ def test_raw_weights_and_mixed_projections(make_recipe, tmp_path, tiny_ddpm):
 def test_ties_trim_keeps_density_fraction_by_magnitude():
     tau = torch.randn(1000, dtype=torch.float64)
     for density in (0.05, 0.2, 0.5):
-        kept = merge_methods.trim_by_magnitude(tau, density)
+        kept = merge_methods.sparsify(_spec("ties", density=density), "x", 0, tau.clone())
         mask = kept != 0
         assert mask.sum().item() == round(density * 1000)
         assert kept[mask].abs().min() >= tau[~mask].abs().max()  # the largest magnitudes are the ones kept
         assert torch.equal(kept[mask], tau[mask])
-    assert (merge_methods.trim_by_magnitude(torch.randn(3, dtype=torch.float64), 0.01) != 0).sum() == 1  # at least one
+    assert (merge_methods.sparsify(_spec("ties", density=0.01), "x", 0, torch.randn(3, dtype=torch.float64)) != 0
+            ).sum() == 1  # at least one
 
 
 def test_ties_elects_sign_and_averages_agreeing_entries():
@@ -158,8 +160,9 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     taus = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
     w = [0.5, 1.0, 0.2, 0.7]
     spec = _spec("ties", density=0.3)
-    out = merge_methods.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
-    trimmed = torch.stack([wi * merge_methods.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
+    out = merge_methods.combine(spec, "x", lambda: [(i, wi, t.clone()) for i, (wi, t) in enumerate(zip(w, taus))])
+    trimmed = torch.stack([wi * merge_methods.sparsify(spec, "x", i, t.clone())
+                           for i, (wi, t) in enumerate(zip(w, taus))])
     elected = torch.sign(trimmed.sum(0))
     nz = out != 0
     assert nz.any()
@@ -171,7 +174,8 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     a = torch.tensor([3.0, -1.0], dtype=torch.float64)
     b = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     c = torch.tensor([2.0, 5.0], dtype=torch.float64)
-    out = merge_methods.combine(_spec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
+    out = merge_methods.combine(_spec("ties", density=1.0), "y", lambda: [(0, 1.0, a.clone()), (1, 1.0, b.clone()),
+                                                                          (2, 1.0, c.clone())])
     assert torch.equal(out, torch.tensor([2.5, 5.0], dtype=torch.float64))
 
 
@@ -183,7 +187,7 @@ def test_ties_one_range_density_one_is_task_arithmetic(setup):
     ties = task_vectors.merged_state(inputs, w, _spec("ties", density=1.0))
     assert all(torch.equal(ta[k], ties[k]) for k in ta)
     tau = torch.randn(50, dtype=torch.float64)
-    assert torch.equal(merge_methods.combine(_spec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
+    assert torch.equal(merge_methods.combine(_spec("ties", density=1.0), "z", lambda: [(0, 0.3, tau.clone())]), tau * 0.3)
 
 
 # --- DARE ---------------------------------------------------------------------------------------------------------
@@ -192,7 +196,8 @@ def test_dare_preserves_expectation_and_keeps_density():
     gen = torch.Generator().manual_seed(1)
     tau = torch.randn(2000, generator=gen, dtype=torch.float64)
     density, seeds = 0.3, 400
-    outs = torch.stack([merge_methods.combine(_spec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
+    outs = torch.stack([merge_methods.combine(_spec("dare", density=density, seed=s), "w",
+                                              lambda: [(0, 1.0, tau.clone())])
                         for s in range(seeds)])
     kept = (outs != 0).double().mean().item()
     assert abs(kept - density) < 0.01
@@ -245,6 +250,80 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
         assert torch.equal(loaded(x, t).sample, cand(x, t).sample)
     meta = json.loads((run.merged / "deme.json").read_text())
     assert meta["base_hash"] == inputs.base_hash and meta["weights"] == w
+
+
+def _ties_by_stack(scaled: list):
+    """TIES' consensus as a formula over the stacked scaled, trimmed task vectors (as deme computed it before it
+    streamed them): elect sign(sum), mean of the agreeing entries."""
+    stacked = torch.stack(scaled)
+    elected = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == elected) & (elected != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_ties_streamed_consensus_equals_the_stacked_formula():
+    """disjoint_mean reads the ranges twice, one task vector at a time, instead of stacking them: the same values
+    (sums run over the ranges in order; torch's sum over a stack of 8 or more may add in another order, so float64
+    rounding may differ by an ulp), for 1-8 ranges, entries that are exactly 0 and ties in sign."""
+    gen = torch.Generator().manual_seed(0)
+    zeros = 0
+    for n in range(1, 9):
+        for shape in [(7,), (64, 33), (32, 16, 3, 3)]:
+            taus = [torch.randn(shape, generator=gen, dtype=torch.float64) * (torch.rand(shape, generator=gen) < 0.6)
+                    for _ in range(n)]
+            w = [float(x) for x in torch.randn(n, generator=gen)]
+            got = merge_methods.disjoint_mean(lambda: zip(taus, w))
+            want = _ties_by_stack([t * wi for t, wi in zip(taus, w)])
+            torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+            assert torch.equal(got == 0, want == 0)
+            zeros += int((want == 0).sum())
+    assert zeros > 100
+    assert merge_methods.disjoint_mean(lambda: []) is None
+
+
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_merge_streams_theta_and_gives_the_merge_of_the_loaded_base(setup, tiny_ddpm, method, monkeypatch):
+    """theta is read from the base's safetensors file tensor by tensor (the base UNet is never loaded), with the hash
+    `train` computes on the loaded UNet; every merged tensor equals the merge with theta loaded whole (the way every
+    merge ran before), and TIES equals its stacked formula by hand, every float32 bit."""
+    recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
+    spec, w = merge_methods.MergeSpec.from_section(recipe.merge), [0.1, -0.2, 0.5]
+    streamed = merge_inputs(recipe, run)
+    assert streamed.theta_files == [tiny_ddpm / "unet" / models.UNET_WEIGHTS]
+    got = task_vectors.merged_state(streamed, w, spec)
+    assert "base_unet" not in vars(streamed)       # cached_property: never loaded
+    monkeypatch.setattr(inputs_module, "streamable_theta", lambda unet_dir, skeleton: [])
+    loaded = merge_inputs(recipe, run)
+    assert loaded.theta_files == [] and loaded.base_hash == streamed.base_hash == \
+        models.unet_hash(models.load_unet(tiny_ddpm))
+    assert loaded.entries == streamed.entries
+    want = task_vectors.merged_state(loaded, w, spec)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if method == "ties":
+        theta = _base_state(tiny_ddpm)
+        ranges = [_state(run.final(i)) for i in range(N)]
+        for k, t in theta.items():
+            scaled = [wi * merge_methods.sparsify(spec, k, i, r[k].double() - t.double())   # TIES: no seed
+                      for i, (wi, r) in enumerate(zip(w, ranges))]
+            assert torch.equal(got[k], (t.double() + _ties_by_stack(scaled)).to(t.dtype)), k
+
+
+def test_theta_is_loaded_whole_when_its_file_is_not_what_diffusers_loads(tiny_ddpm, tmp_path):
+    """streamable_theta: only a safetensors file holding exactly the loaded UNet's names, dtypes and shapes is read
+    tensor by tensor; an fp16 file (diffusers loads it as float32), a renamed tensor or a .bin file are not."""
+    from safetensors.torch import save_file
+
+    unet_dir = tiny_ddpm / "unet"
+    skeleton = models.empty_unet(unet_dir)
+    assert inputs_module.streamable_theta(unet_dir, skeleton) == [unet_dir / models.UNET_WEIGHTS]
+    state = load_file(str(unet_dir / models.UNET_WEIGHTS))
+    for name, variant in [("fp16", {k: v.half() for k, v in state.items()}),
+                          ("renamed", {("x" + k if i == 0 else k): v for i, (k, v) in enumerate(state.items())})]:
+        d = tmp_path / name
+        d.mkdir()
+        save_file(variant, str(d / models.UNET_WEIGHTS))
+        assert inputs_module.streamable_theta(d, skeleton) == [], name
+    assert inputs_module.streamable_theta(tmp_path, skeleton) == []     # no safetensors file at all
 
 
 def test_tensor_file_writer_roundtrip(tmp_path):
@@ -706,7 +785,7 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
     single.unlink()
-    assert task_vectors.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    assert inputs_module.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
     merge.run_merge(recipe, run, weights=w)
     got = _hand_file_state(run.merged)
     assert got.keys() == want.keys()

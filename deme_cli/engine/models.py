@@ -87,6 +87,17 @@ def load_unet(folder: Path, dtype=None):
         raise UsageError(f"could not load the UNet from '{uf}': {str(e).splitlines()[0]}") from None
 
 
+def empty_unet(unet_dir: Path):
+    """The UNet of a UNet folder built from its config on the meta device: its architecture (names, shapes, dtypes),
+    no weights, no memory."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cfg = json.loads((Path(unet_dir) / "config.json").read_text())
+    with init_empty_weights():
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+
 # --- projections -------------------------------------------------------------------------------------------------
 
 def projection_channels(config: Any) -> dict[str, list[int]]:
@@ -105,20 +116,22 @@ def _identity_conv(c: int):
     return conv
 
 
-def make_projections(unet):
-    """A module of identity-initialised projections sized for `unet` (keys down.i.weight, mid.0.weight, up.i.weight)."""
+def make_projections(unet, device=None):
+    """A module of identity-initialised projections sized for `unet` (keys down.i.weight, mid.0.weight, up.i.weight),
+    on `device` (default: the UNet's)."""
     from torch import nn
 
     ch = projection_channels(unet.config)
     mod = nn.Module()
     for part, chans in ch.items():
         setattr(mod, part, nn.ModuleList([_identity_conv(c) for c in chans]))
-    return mod.to(device=unet.device, dtype=unet.dtype)
+    return mod.to(device=unet.device if device is None else device, dtype=unet.dtype)
 
 
-def identity_projection_state(unet) -> dict:
-    """The projection state dict of the identity (the base of projection task vectors)."""
-    return {k: v.detach().clone() for k, v in make_projections(unet).state_dict().items()}
+def identity_projection_state(unet, device=None) -> dict:
+    """The projection state dict of the identity (the base of projection task vectors); `device` for a UNet on the
+    meta device (empty_unet)."""
+    return {k: v.detach().clone() for k, v in make_projections(unet, device).state_dict().items()}
 
 
 def _hook(conv, tuple_out: bool):
