@@ -69,7 +69,7 @@ def search_series(work: Path, candidates: list[int], images: list[int], base_c: 
     from merge_memory import write_range_models
 
     root = work / "search-run"
-    write_range_models(load_unet(BASE), root, N, scale=1e-2)
+    write_range_models(load_unet(BASE), root, N, scale=1e-2, base_folder=BASE)
     held = _copy_images(image_files(TRAIN)[-64:], work / "held-out")
 
     def search(c: int, m: int) -> dict:

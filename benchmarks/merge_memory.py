@@ -10,8 +10,8 @@ the 2.44 models of issue 28) and after also importing diffusers' UNet classes (w
 merge time (wall clock, and the child's CPU time including its ~10 s of imports, which depends less on other load).
 Weights: the release's [0.1, 0.1, 0.2, 0.5] for N = 4, 1/N otherwise.
 
-`--before DIR` also runs each merge with the code in DIR (a checkout of an earlier commit, e.g.
-`git archive f0b12d4 | tar -x -C DIR`), side by side (interleaved), and checks that both wrote the same merged
+`--before DIR` also runs each merge with the code in DIR (a checkout of an earlier commit, e.g. main before issue
+28: `git archive main | tar -x -C DIR`), side by side (interleaved), and checks that both wrote the same merged
 weights, every tensor bit for bit. `--naive` also runs an in-memory task-arithmetic merge that loads all N + 1 state
 dicts (safetensors.torch.load_file) first, for contrast.
 
@@ -101,14 +101,15 @@ def build(workdir: Path, n: int) -> tuple[Path, Path, int, int]:
     base = workdir / "base"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(base)
     params = sum(p.numel() for p in unet.parameters())
-    write_range_models(unet, workdir / "run", n)
+    write_range_models(unet, workdir / "run", n, base_folder=base)
     size = (base / "unet" / models.UNET_WEIGHTS).stat().st_size
     return base, workdir / "run", params, size
 
 
-def write_range_models(unet, root: Path, n: int, scale: float = 1e-3) -> None:
+def write_range_models(unet, root: Path, n: int, scale: float = 1e-3, base_folder: Path = None) -> None:
     """n range models of `unet` in the run at `root` (ranges/<i>/final/, with projections), as `deme train` writes
-    them: its weights (and identity projections) plus Gaussian noise of std `scale`; `unet` is left as it is."""
+    them (pipeline folders around the base pipeline `base_folder`): its weights (and identity projections) plus
+    Gaussian noise of std `scale`; `unet` is left as it is."""
     import copy
 
     import torch
@@ -126,7 +127,8 @@ def write_range_models(unet, root: Path, n: int, scale: float = 1e-3) -> None:
                 p.copy_(original[k] + scale * torch.randn_like(p))
         models.save_model_folder(run.final(i), model, {"range": {"index": i, "lo": 1000 * i // n,
                                                                  "hi": 1000 * (i + 1) // n},
-                                                       "base_hash": h, "recipe": "bench"})
+                                                       "base_hash": h, "recipe": "bench"},
+                                  base_folder=base_folder)
 
 
 def measure(mode: str, base: Path, root: Path, weights: list[float], code: Path = None) -> dict:
@@ -145,19 +147,23 @@ def measure(mode: str, base: Path, root: Path, weights: list[float], code: Path 
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    """Whether two merged/ folders hold the same tensors, bit for bit (read one tensor at a time)."""
+    """Whether two merged/ folders hold the same tensors, bit for bit, in either folder layout (read one tensor at a
+    time from the files pipeline_folders.folder_files finds)."""
     import torch
 
+    from deme_cli.engine.pipeline_folders import folder_files
     from deme_cli.engine.safetensors_stream import TensorFileReader
 
-    for name in ("unet/diffusion_pytorch_model.safetensors", "projection.safetensors"):
-        if (a / name).is_file() != (b / name).is_file():
+    fa, fb = folder_files(a), folder_files(b)
+    for xa, xb in [(fa.unet, fb.unet), ([fa.projection] if fa.projection else [], [fb.projection] if fb.projection
+                                        else [])]:
+        if bool(xa) != bool(xb):
             return False
-        if not (a / name).is_file():
+        if not xa:
             continue
-        with TensorFileReader([a / name]) as x, TensorFileReader([b / name]) as y:
-            if x.keys() != y.keys() or any(x.info(k).dtype != y.info(k).dtype or not torch.equal(x.get(k), y.get(k))
-                                           for k in x.keys()):
+        with TensorFileReader(xa) as x, TensorFileReader(xb) as y:
+            if sorted(x.keys()) != sorted(y.keys()) or any(
+                    x.info(k).dtype != y.info(k).dtype or not torch.equal(x.get(k), y.get(k)) for k in x.keys()):
                 return False
     return True
 

@@ -29,6 +29,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="
                        "(TOML) as its first argument; see README.md.")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from .engine.environment import deme_version
+
+        typer.echo(f"deme {deme_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print deme's version and exit.")) -> None:
+    pass                        # the app's own options; its help text is the Typer's
+
+
 def _default(fn, name: str):
     """The default of a stage function's parameter: help texts and options show it, they do not repeat it."""
     return inspect.signature(fn).parameters[name].default

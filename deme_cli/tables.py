@@ -15,7 +15,7 @@ def merge(result: dict) -> None:
     ui.table(f"{result['method']}{extra}{' (unchanged)' if result['skipped'] else ''} -> {result['merged']}",
              ["range", "timesteps", "weight", "model"],
              [[r["index"], f"[{r['lo']}, {r['hi']})" if r.get("lo") is not None else None, w, r["path"]]
-              for r, w in zip(result["ranges"], result["weights"])])
+              for r, w in zip(result["ranges"], result["weights"] or ["routed by t"] * len(result["ranges"]))])
     log = result.get("search")
     if log:
         top = sorted(log["candidates"], key=lambda c: c["score"])[:10]
@@ -26,7 +26,7 @@ def merge(result: dict) -> None:
 
 
 def evaluation(r: dict) -> None:
-    """`deme eval`: one column per model, then the loss by timestep."""
+    """`deme eval`: one column per model (current numbers only), then the loss by timestep and what is stale."""
     res = r["results"]
     keys = list(dict.fromkeys(k for v in res.values() for k in v["metrics"]))
     rows = [[k] + [res[m]["metrics"].get(k) for m in res] for k in keys]
@@ -35,21 +35,43 @@ def evaluation(r: dict) -> None:
         ui.info(f"reference: {r['reference']} (clean-fid, {r['mode']} mode)")
     ui.table("eval", ["metric"] + list(res), rows)
     loss_by_t(res, r.get("loss_plot"))
+    stale(r.get("stale") or {})
 
 
-def loss_by_t(results: dict, plot: Optional[str]) -> None:
-    """The held-out loss by timestep bin: the base's loss, then each model's ratio to it."""
-    curves = {m: v["loss_by_t"] for m, v in results.items() if v.get("loss_by_t")}
-    if not curves:
-        return
-    first = next(iter(curves.values()))
-    rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for c in curves.values()]
-            for b, (lo, hi) in enumerate(first["bins"])]
-    rows.append(["mean of ratios", None] + [c["ratio_mean"] for c in curves.values()])
-    ui.table(f"held-out loss by timestep ({first['num_images']} images): base loss, and each model / base",
-             ["t", "base loss"] + list(curves), rows)
-    if plot:
+def stale(by_model: dict) -> None:
+    """Parts of eval results left out because their model or samples changed, with what refreshes them."""
+    for m, parts in by_model.items():
+        for part, v in parts.items():
+            what = "loss by timestep" if part == "loss" else "sample scores"
+            ui.info(f"{m}: {what} not shown, stale ({v['why']}): run {v['command']}")
+
+
+def loss_by_t(results: dict, plot: Optional[str], bins: Optional[int] = None) -> None:
+    """The held-out loss by timestep: per set of bins (loss_by_t.by_bins), the base's loss in each bin, then each
+    model's ratio to it; rows are matched by their edges, models scored on other bins get their own table."""
+    from .engine.loss_by_t import by_bins
+
+    groups = by_bins({m: v["loss_by_t"] for m, v in results.items() if v.get("loss_by_t")}, bins)
+    for k, (edges, group) in enumerate(groups):
+        first = next(iter(group.values()))
+        rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for c in group.values()]
+                for b, (lo, hi) in enumerate(edges)]
+        rows.append(["mean of ratios", None] + [c["ratio_mean"] for c in group.values()])
+        apart = "" if k == 0 else ", scored on other bins: shown apart"
+        ui.table(f"held-out loss by timestep ({first['num_images']} images{apart}): base loss, and each model / base",
+                 ["t", "base loss"] + list(group), rows)
+    if groups and plot:
         ui.info(f"plot: {plot}")
+
+
+def take_away(t: Optional[dict]) -> None:
+    """Which model to take away (engine/take_away.py): the verdict, then the table."""
+    if t is None:
+        return
+    ui.table("which model to take away", t["header"], t["rows"])
+    ui.info(f"verdict: {t['verdict']}")
+    for n in t["notes"]:
+        ui.info(f"  note: {n}")
 
 
 def gradients(result: dict) -> None:
@@ -81,6 +103,8 @@ def pipeline(name: str, r: dict) -> None:
              ["model"] + [METRIC_NAMES.get(k, k.upper()) for k in keys] + ["images"],
              [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
     loss_by_t(r["models"], r.get("loss_plot"))
+    stale(r.get("stale") or {})
+    take_away(r.get("take_away"))
     stage_times(r["stages"])
     if r.get("report"):
         ui.info(f"report: {r['report']['html']}")

@@ -60,6 +60,12 @@ def read_pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(files[k]).convert("RGB")) for k in sorted(files)]).astype(np.float64)
 
 
+def held_bytes(merger) -> int:
+    """The bytes of every tensor a task_vectors.CandidateMerger holds: theta and the task vectors."""
+    return sum(t.numel() * t.element_size() for _, _, theta, taus in merger.entries
+               for t in [theta] + [tau for _, tau in taus])
+
+
 def build_ddpm(folder: Path, **overrides) -> Path:
     """Save a tiny DDPM pipeline (UNet2DModel + DDPMScheduler, T = 1000) with random weights."""
     import torch

@@ -32,6 +32,37 @@ def test_the_base_of_a_pipeline_folder(tiny_ddpm, tiny_sd):
     assert sd.kind.name == "text-to-image" and sd.kind.conditional
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(tiny_ddpm, monkeypatch, native_bf16):
+    """precision "auto" on CUDA: bf16 where the GPU computes in bf16 natively, else fp16 (said once per process), and
+    training then runs accelerate's fp16, which brings the gradient scaler."""
+    import accelerate
+    import torch
+
+    from deme_cli.engine import devices
+    from deme_cli.engine.trainer import make_accelerator
+
+    asked, said, made = [], [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **k: asked.append(k) or native_bf16)
+    monkeypatch.setattr(devices, "_said", set())
+    monkeypatch.setattr(devices.ui, "info", said.append)
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **k: made.append(k))
+    want = "bf16" if native_bf16 else "fp16"
+    for _ in range(2):
+        base = resolve_base(ModelSection(pretrained=str(tiny_ddpm)), "auto", "auto")
+        assert base.device.type == "cuda" and base.precision == want
+        assert base.with_precision("bf16").precision == "bf16"            # an explicit choice is kept
+        make_accelerator(base.device, base.precision)
+    assert asked and all(k == {"including_emulation": False} for k in asked)  # emulated bf16 counts as none
+    assert [k["mixed_precision"] for k in made] == [want, want] and not made[0]["cpu"]
+    if native_bf16:
+        assert said == []
+    else:
+        assert len(said) == 1 and "fp16" in said[0] and "gradient scaler" in said[0]
+    assert devices.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
 def test_a_pickled_base_looks_its_device_up_again(tiny_ddpm):
     """Worker processes get the base pickled; they must pick their device under their own CUDA_VISIBLE_DEVICES."""
     base = resolve_base(ModelSection(pretrained=str(tiny_ddpm)), "auto")

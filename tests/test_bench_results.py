@@ -3,6 +3,7 @@ and a smoke run never writes the real RESULTS.md. benchmarks/results_md.py: JSON
 benchmarks/RESULTS.md."""
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ SCRIPT = BENCH / "fashion-mnist" / "results.py"
 def _load(name, path):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod             # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -114,3 +116,126 @@ def test_lora_size_report_matches_a_hand_count():
         assert x["adapted_layers"] == 32
         assert x["adapter_params"] == r * per_rank and x["adapter_bytes_fp32"] == 4 * r * per_rank
         assert x["folder_bytes_fp32"] == 4 * (r * per_rank + s["projection_params"])
+
+
+# --- issue 26: the keep-the-gain section, the objectives study's fits, run.py's suite -----------------------------
+
+def _entry(recipe, model, seed, fid, kid=None, loss=None, images=5000):
+    return {"recipe": recipe, "seed": seed, "run": recipe if seed == 0 else f"{recipe}-seed{seed}", "model": model,
+            "fid": fid, "kid": kid, "kid_std": None if kid is None else kid / 10, "loss_ratio": loss,
+            "loss_by_t": None, "images": images, "reference": {}, "sampler": "DDIM-50, fp32", "weights": None,
+            "search": None, "command": None, "hardware": None, "stages": {}, "calls": 0}
+
+
+def test_keep_the_gain_section_is_placed_above_the_history_and_rebuilt_alone(tmp_path, monkeypatch):
+    """The first write puts the section under the title and the whole earlier file below a history heading, byte for
+    byte; a rebuild replaces only the section and keeps the notes written into it; rebuilding the old table keeps
+    the section too."""
+    results = _results()
+    old = "# Fashion-MNIST reproduction benchmark: results\n\n<!-- notes:begin -->\nold reading\n<!-- notes:end -->" \
+          "\n\n| row | FID |\n|---|---|\n| (a) base | 20.25 |\n"
+    dest = tmp_path / "RESULTS.md"
+    dest.write_text(old)
+    out = tmp_path / "bench"
+    out.mkdir()
+    (out / "benchmark.json").write_text(json.dumps({"command": "python run.py --suite keep-the-gain",
+                                                    "suite": "keep-the-gain", "smoke": False}))
+    found = [_entry("n1-all-timesteps", "base", s, 20.0 + s, 3e-3) for s in (0, 1)] + \
+        [_entry("n1-all-timesteps", "range:0", s, 20.1 + s, 3e-3) for s in (0, 1)] + \
+        [_entry("deme", "ensemble", s, 19.8 + s, 2.9e-3) for s in (0, 1)] + \
+        [_entry("n1-all-timesteps-4x", "range:0", s, 20.0 + s, 3e-3) for s in (0, 1)] + \
+        [_entry("deme-4x", "ensemble", s, 19.6 + s, 2.8e-3) for s in (0, 1)]
+    monkeypatch.setattr(results, "collect", lambda out: found)
+    results.write(out, dest)
+    text = dest.read_text()
+    head, _, rest = text.partition(results.SECTION_END)
+    assert text.startswith("# Fashion-MNIST reproduction benchmark: results\n\n" + results.SECTION_BEGIN)
+    assert rest == "\n\n" + results.HISTORY + "\n\n" + old.partition("\n\n")[2]      # the earlier file, unchanged
+    assert "| 5000 |" in head and "8,000 total finetuning steps" in head
+    # ensemble - N = 1: -0.30 at 2,000 steps, -0.40 at 8,000 (both seeds)
+    assert "| ensemble | -0.30 ± 0.00 | -0.40 ± 0.00 |" in head
+    notes = "<!-- keep-the-gain-notes:begin -->\nwhat it means\n<!-- keep-the-gain-notes:end -->"
+    dest.write_text(text.replace(results.SECTION_BEGIN + "\n", results.SECTION_BEGIN + "\n" + notes + "\n\n", 1))
+    found[0] = _entry("n1-all-timesteps", "base", 0, 25.0, 3e-3)
+    results.write(out, dest)
+    again = dest.read_text()
+    assert again.count(results.SECTION_BEGIN) == 1 and notes in again and "| 25.00 |" in again
+    assert again.endswith(rest)
+    # the old table's own rebuild (another benchmark folder) keeps the section above it
+    (out / "benchmark.json").write_text(json.dumps({"command": "python run.py", "smoke": False}))
+    monkeypatch.setattr(results, "collect", lambda out: [])
+    results.write(out, dest)
+    rebuilt = dest.read_text()
+    assert rebuilt.count(results.SECTION_BEGIN) == 1 and notes in rebuilt and "old reading" in rebuilt
+
+
+def _objectives():
+    sys.path.insert(0, str(BENCH / "fashion-mnist"))
+    return _load("fmnist_objectives", BENCH / "fashion-mnist" / "objectives.py")
+
+
+def _record(fid, ratios, kid=1e-3):
+    return {"test": {"fid": fid, "kid": kid, "steps": 50},
+            "objectives": {"loss_by_t": {"score": sum(ratios) / len(ratios), "ratios": ratios, "cpu_s": 2.0}}}
+
+
+def test_study_fits_bin_weights_and_tolerance_on_one_seed():
+    """FID made a known non-negative combination of the per-bin ratios: the fitted bin weights are that combination
+    (normalised); the fitted tolerance is the smallest of the grid with the best rank correlation, and the guarded
+    and weighted scores are the engine's own rules."""
+    import numpy as np
+
+    study = _objectives()
+    rng = np.random.default_rng(0)
+    true = np.array([4.0, 1.0, 0.0, 0.0, 3.0])
+    records = {"theta": _record(20.0, [1.0] * 5)}
+    for k in range(12):
+        r = 1.0 + rng.normal(0, 0.002, 5)
+        records[f"c{k}"] = _record(20.0 + float(true @ (r - 1.0)), [float(x) for x in r])
+    tolerance, weights = study.fit(records)
+    assert weights == pytest.approx(list(true / true.sum()), abs=1e-6)
+    assert tolerance in study.TOLERANCES
+    names = sorted(records)
+    fid = [records[c]["test"]["fid"] for c in names]
+    rho = {t: study.spearman([study.bin_variant_scores(records, "loss_by_t_guarded", t, None)[c] for c in names], fid)
+           for t in study.TOLERANCES}
+    assert rho[tolerance] == max(rho.values()) and all(rho[t] < rho[tolerance] for t in study.TOLERANCES
+                                                        if t < tolerance)
+    weighted = study.bin_variant_scores(records, "loss_by_t_weighted", 0.0, weights)
+    assert study.spearman([weighted[c] for c in names], fid) == pytest.approx(1.0)
+    assert study.objective_sets("loss_by_t_weighted", study.FULL, tolerance, weights, 50)[-1] == \
+        f"merge.bin_weights={json.dumps(weights)}"
+    assert study.objective_sets("kid@1000", study.FULL, tolerance, weights, 50) == \
+        ['merge.objective="kid"', "merge.search_num_images=1000", "merge.search_steps=50"]
+
+
+def test_keep_the_gain_suite_trains_with_the_recipes_values_and_paths():
+    """run.py's `deme run --set` values for the suite: the data and base paths and the seed only, as the recipes'
+    training was started (`deme train` with the same paths and seeds resumes); 4x recipes hold 8,000 steps; row (f)
+    searches; the 4x N = 1 run dir samples only its finetuned model; the loss-only models exist in each run dir."""
+    import tomllib
+
+    sys.path.insert(0, str(BENCH / "fashion-mnist"))
+    bench = _load("fmnist_run", BENCH / "fashion-mnist" / "run.py")
+    out = Path("/somewhere/fmnist-bench")
+    sets = bench.deme_sets("deme-4x", 1, out=out, base="assets/fmnist-ddpm", scale="cpu-5k", smoke=False,
+                           suite="keep-the-gain")
+    assert sets[:6] == ['model.pretrained="assets/fmnist-ddpm"', 'data.path="/somewhere/fmnist-bench/data/train"',
+                        'merge.search_reference="/somewhere/fmnist-bench/data/holdout-2k"',
+                        'eval.reference="/somewhere/fmnist-bench/data/test"', "seed=1", "sample.seed=1000000"]
+    assert not any(s.startswith(("train.", "deme.", "ranges.", "data.")) for s in sets[6:])
+    assert "sample.num_images=5000" in sets and "sample.steps=50" in sets
+    for name, steps in (("deme-4x", 2000), ("n1-all-timesteps-4x", 8000)):
+        cfg = tomllib.loads(bench.recipe_file(name).read_text())
+        assert cfg["train"]["steps"] == steps and cfg["ranges"]["n"] * steps == bench.budget(name) == 8000
+    chosen = bench.deme_sets("deme-4x-chosen", 0, out=out, base="b", scale="cpu-5k", smoke=False,
+                             suite="keep-the-gain")
+    assert bench.recipe_file("deme-4x-chosen").name == "deme-4x.toml" and bench.DERIVED["deme-4x-chosen"] == "deme-4x"
+    assert 'merge.weights="search"' in chosen and 'merge.search="coordinate"' in chosen
+    assert bench.effective_models("n1-all-timesteps-4x", "keep-the-gain") == ["range:0"]
+    assert bench.effective_models("deme-lora", "keep-the-gain") == ["ensemble"]
+    assert bench.loss_only_models("deme-lora", "keep-the-gain") == ["ensemble", "range:0", "range:1", "range:2",
+                                                                     "range:3"]
+    assert bench.loss_only_models("deme-lora", "table") == ["merged", "ensemble", "range:0", "range:1", "range:2",
+                                                            "range:3"]
+    assert bench.loss_only_models("deme-chosen", "keep-the-gain") == []

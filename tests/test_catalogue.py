@@ -27,7 +27,7 @@ from conftest import tiny_recipe_dict
 from deme_cli.cli import app
 
 SUBCOMMANDS = ("split", "train", "merge", "sample", "eval", "analyze-gradients", "report", "run")
-UNET = "unet/diffusion_pytorch_model.safetensors"
+UNET = "unet/model-0/unet.safetensors"      # the UNet weights of a model folder with projections (a DemeUNet)
 
 
 def recipe_dict(tiny_ddpm: Path, tiny_images: Path, heldout_images: Path, out: Path) -> dict:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from deme_cli.commands.train import run_train
 from deme_cli.engine import checkpoints, models
@@ -126,10 +125,18 @@ def test_only_the_main_process_warns(tmp_path, warnings, monkeypatch):
     assert checkpoints.resume_point(ckpt) == step3 and warnings == []
 
 
-def test_latest_is_preferred_over_a_newer_folder_and_no_folders_means_none(tmp_path, warnings):
+def test_the_newest_intact_checkpoint_wins_over_latest_and_no_folders_means_none(tmp_path, warnings):
     ckpt, step3, step6 = _two(tmp_path)
     (ckpt / "latest").write_text("step-3\n")      # killed between the rename of step-6 and the pointer's update
+    assert checkpoints.resume_point(ckpt) == step6
+    assert checkpoints.resume_point(ckpt) == step6
+    assert warnings == [f"'{ckpt / 'latest'}' names step-3, but step-6 is newer and intact (stopped between writing "
+                        f"it and updating 'latest'); resuming from step-6"]
+    (step6 / "state.json").unlink()                # the newer one damaged: latest's older one, one warning for it
     assert checkpoints.resume_point(ckpt) == step3
+    assert len(warnings) == 2 and warnings[1] == f"checkpoint '{step6}' is damaged (state.json is missing); " \
+                                                 f"resuming from step-3"
+    warnings.clear()
     assert checkpoints.resume_point(tmp_path / "nothing") is None
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -193,6 +200,39 @@ def test_load_of_an_unreadable_checkpoint_is_a_usage_error_and_keeps_weights_onl
     (step3 / "student.safetensors").write_bytes(b"")
     with pytest.raises(UsageError, match="cannot be read"):
         checkpoints.load(step3, {})
+
+
+def test_training_resumes_from_the_newest_checkpoint_when_latest_is_one_behind(make_recipe, tmp_path, warnings,
+                                                                               monkeypatch):
+    """A stop between renaming step-6 into place and rewriting `latest` leaves `latest` at step-3: the re-run resumes
+    from step-6 (says so), logs steps 1..9 once each, and ends with the weights of an uninterrupted 9-step run."""
+    common = {"checkpoint_every": 3, "keep_checkpoints": 5}
+    ref = make_recipe(train={**common, "steps": 9}, output={"dir": str(tmp_path / "ref")})
+    run_train(ref, RunDir(ref.out_dir), 0)
+
+    first = make_recipe(train={**common, "steps": 6}, output={"dir": str(tmp_path / "cut")})
+    run = RunDir(first.out_dir)
+    run_train(first, run, 0)
+    ckpt = run.checkpoints(0)
+    assert {p.name for p in ckpt.glob("step-*")} == {"step-3", "step-6"}
+    for f in (run.final(0), run.final(0, ema=False)):           # as if it stopped before exporting
+        shutil.rmtree(f)
+    (ckpt / "latest").write_text("step-3\n")
+
+    loaded, said = [], []
+    real = checkpoints.load
+    monkeypatch.setattr(checkpoints, "load", lambda folder, *a, **k: loaded.append(folder.name) or real(folder, *a,
+                                                                                                          **k))
+    monkeypatch.setattr(checkpoints.ui, "info", said.append)
+    rest = first.model_copy(update={"train": first.train.model_copy(update={"steps": 9})})
+    [res] = run_train(rest, run, 0)
+    assert res["steps"] == 9 and loaded == ["step-6"]
+    assert "range 0: resuming from step-6" in said and len(warnings) == 1 and "names step-3" in warnings[0]
+    assert [json.loads(x)["step"] for x in run.metrics(0).read_text().splitlines()] == list(range(1, 10))
+    assert (ckpt / "latest").read_text().strip() == "step-9"
+    for ema in (False, True):
+        wa, wb = _folder_weights(RunDir(ref.out_dir).final(0, ema)), _folder_weights(run.final(0, ema))
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # --- pruning after a fallback --------------------------------------------------------------------------------------
@@ -276,10 +316,7 @@ def test_run_train_resumes_from_an_intact_old_format_checkpoint(make_recipe, mon
 # --- end to end: training resumes from the newest intact checkpoint, bit-exactly ----------------------------------
 
 def _folder_weights(folder: Path) -> dict:
-    w = load_file(str(folder / "unet" / models.UNET_WEIGHTS))
-    if (folder / models.PROJECTION_FILE).is_file():
-        w.update({f"projections.{k}": v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
-    return w
+    return models.folder_state(folder)
 
 
 def test_training_falls_back_past_an_emptied_checkpoint_and_ends_bit_exact(make_recipe, tmp_path, warnings,

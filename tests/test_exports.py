@@ -9,16 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deme_cli.engine import models
+from deme_cli.engine import models, pipeline_folders
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
 from deme_cli.commands.train import run_train
 
 
 def _unet_and_projection(folder: Path) -> tuple[dict, dict]:
-    unet = load_file(str(folder / "unet" / models.UNET_WEIGHTS))
-    pf = folder / models.PROJECTION_FILE
-    return unet, (load_file(str(pf)) if pf.is_file() else {})
+    """The UNet and projection tensors a model folder holds (either layout), read from its files."""
+    return models.split_state(models.read_state(pipeline_folders.folder_files(folder)))
 
 
 def _assert_folder_holds(folder: Path, state: dict) -> None:
@@ -66,10 +65,15 @@ def _legacy_export(run: RunDir, i: int) -> None:
     import shutil
 
     final, raw = run.final(i), run.final(i, ema=False)
+    from safetensors.torch import save_file
+
     live = models.load_model_folder(raw)                     # the trainer's module at the end: raw weights
-    ema_unet, _ = _unet_and_projection(final)
-    shutil.rmtree(final / "unet")
+    ema_unet, ema_proj = _unet_and_projection(final)
+    shutil.rmtree(final / "unet")                            # deme 0.1.0's layout: no pipeline parts
+    shutil.rmtree(final / "scheduler")
+    (final / "model_index.json").unlink()
     live.unet.save_pretrained(final / "unet", safe_serialization=True, state_dict=ema_unet)
+    save_file(ema_proj, str(final / "projection.safetensors"))
     meta = json.loads((final / "deme.json").read_text())
     del meta["export_format"]
     (final / "deme.json").write_text(json.dumps(meta))

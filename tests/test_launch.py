@@ -189,7 +189,7 @@ def test_parallel_weight_search_equals_the_serial_one(make_recipe, tiny_ddpm, ti
 def test_the_slurm_merge_job_follows_merge_weights(make_recipe, tmp_path):
     """One meaning of merge.weights everywhere: the emitted merge job searches (and asks for a GPU) exactly when the
     recipe says "search"; its recipe file carries the same value to `deme merge`."""
-    import tomllib
+    from deme_cli.engine.recipe import tomllib
 
     from deme_cli.commands import launch
     from deme_cli.engine.runs import RunDir
@@ -244,6 +244,74 @@ def test_a_slurm_task_checkpoints_on_sigusr1_before_the_time_limit_and_requeues_
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     k = int((run.checkpoints(1) / "latest").read_text().strip().split("-")[1])
     assert k >= 2 and len(run.metrics(1).read_text().splitlines()) == k
+
+
+SAVE_HOOK = """
+import os, time
+from pathlib import Path
+from deme_cli.engine import checkpoints, interrupts
+
+_real = checkpoints.save
+
+
+def save(ckpt_dir, step, **kw):  # the last step's save waits, while it is being written, for the signal to arrive
+    if step == int(os.environ["TEST_SAVE_STEP"]):
+        Path(os.environ["TEST_SAVE_MARK"]).write_text("saving")
+        deadline = time.time() + 120
+        while not any(f.signum for f in interrupts._deferred) and time.time() < deadline:
+            time.sleep(0.05)
+    return _real(ckpt_dir, step, **kw)
+
+
+checkpoints.save = save
+"""
+
+
+def test_a_slurm_task_signalled_during_its_last_save_stops_and_requeues_then_finishes(make_recipe, tmp_path):
+    """SIGUSR1 reaches `deme train` while it writes the last step's checkpoint (a save that, for Stable Diffusion,
+    takes minutes): the task exits 138 once that is written and requeues itself; the requeued task exports the range
+    from that checkpoint without training and exits 0. A sitecustomize in the task's Python holds the save open until
+    the signal has arrived, so the signal always lands inside it."""
+    import signal
+    import time
+
+    from deme_cli.commands import launch
+
+    recipe = make_recipe(train={"steps": 3, "checkpoint_every": 100_000})
+    run = RunDir(recipe.out_dir)
+    emitted = launch.slurm_emit(recipe, run, write=True)
+    script = next(p for p in emitted["files"] if p.endswith("train.sbatch"))
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (fake / "scontrol").chmod(0o755)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SAVE_HOOK)
+    mark = tmp_path / "saving"
+    env = {**ENV, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_ARRAY_TASK_ID": "0", "SLURM_JOB_ID": "4242"}
+    hooked = {**env, "PYTHONPATH": os.pathsep.join([str(hook), env.get("PYTHONPATH", "")]),
+              "TEST_SAVE_STEP": "3", "TEST_SAVE_MARK": str(mark)}
+    proc = subprocess.Popen(["bash", script], env=hooked, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        while not mark.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert mark.exists(), proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGUSR1)          # SLURM signals the batch shell (B:)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 138, out[-2000:]
+    assert "range 0 stopped by SIGUSR1 after its last step (3 of 3)" in out and "Traceback" not in out
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert (run.checkpoints(0) / "latest").read_text().strip() == "step-3" and not run.final(0).exists()
+
+    again = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=300)   # requeued
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads((run.final(0) / "deme.json").read_text())["steps"] == 3
+    assert len(run.metrics(0).read_text().splitlines()) == 3                 # exported, not trained again
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
 
 
 def test_under_torchrun_a_signal_to_one_process_stops_every_process_at_the_same_step(make_recipe, tmp_path):

@@ -63,7 +63,7 @@ def test_the_pipeline_makes_the_images_deme_sample_writes(trained, spec):
         assert np.abs(read_pngs(run.samples("base")) - want).max() > 8
 
 
-def unet_out(unet, t: int, dtype=torch.float32) -> torch.Tensor:
+def unet_out(unet, t, dtype=torch.float32) -> torch.Tensor:
     x = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         return unet(x, torch.tensor(t)).sample
@@ -73,8 +73,10 @@ def test_the_pipeline_unet_is_the_engines_model_with_its_projections(trained, ti
     recipe_file, run = trained
     merged = load_pipeline(recipe_file, model="merged").unet
     engine = adapters.load_model(run.merged).eval()
+    assert type(merged).__name__ == "DemeUNet"                    # the class the folder ships (unet/deme_unet.py)
     assert torch.equal(unet_out(merged, 600), unet_out(engine, 600))
-    without = models.load_unet(run.merged).eval()                 # the same UNet weights, no projections
+    without = engine.unet                                         # the same UNet weights, no projections
+    engine.detach_projections()
     assert not torch.allclose(unet_out(merged, 600), unet_out(without, 600), atol=1e-4)
     assert not torch.allclose(unet_out(merged, 600), unet_out(models.load_unet(tiny_ddpm).eval(), 600), atol=1e-4)
 
@@ -83,8 +85,11 @@ def test_the_pipeline_unet_is_the_engines_model_with_its_projections(trained, ti
         want = unet_out(adapters.load_model(run.final(i)).eval(), t)
         assert torch.equal(unet_out(ens, t), want)
     assert ens.calls == [1, 1]
-    with pytest.raises(ValueError, match="one timestep per call"):
-        ens(torch.zeros((2, 3, 16, 16)), torch.tensor([100, 900]))
+    mixed = unet_out(ens, [100, 900])                             # rows with different t: each row by its range
+    r0, r1 = (adapters.load_model(run.final(i)).eval() for i in range(2))
+    assert torch.allclose(mixed[:1], unet_out(r0, 100)[:1], atol=1e-5)          # (a batch of 1: other kernels)
+    assert torch.allclose(mixed[1:], unet_out(r1, 900)[1:], atol=1e-5)
+    assert not torch.allclose(mixed[1:], unet_out(r0, 900)[1:], atol=1e-3)
 
 
 def test_a_run_directory_loads_and_pipe_to_casts_the_projections(trained):
@@ -93,7 +98,7 @@ def test_a_run_directory_loads_and_pipe_to_casts_the_projections(trained):
     pipe = load_pipeline(run.root, model="range:1")
     want = unet_out(pipe.unet, 700)
     pipe.to(torch.float64)             # the projections are a submodule of the UNet: cast with it, no dtype mismatch
-    assert pipe.unet.deme_projections.up[0].weight.dtype == torch.float64
+    assert pipe.unet.models[0].projections.up[0].weight.dtype == torch.float64
     assert torch.allclose(unet_out(pipe.unet, 700, torch.float64).float(), want, atol=1e-4)
     images = load_pipeline(run.root, model="base")(batch_size=1, num_inference_steps=2).images
     assert len(images) == 1 and images[0].size == (16, 16)
@@ -146,7 +151,7 @@ def test_stable_diffusion_gives_its_pipeline_and_images(tiny_sd, tmp_path):
     seeds and guidance; an ensemble UNet routes SD's calls (keyword arguments, return_dict=False) by t."""
     from diffusers import StableDiffusionPipeline
 
-    from deme_cli.engine.pipelines import ensemble_unet
+    from deme_cli.engine.deme_unet import DemeUNet
     from deme_cli.engine.ranges import Range
 
     d = {"name": "tiny-sd", "model": {"pretrained": str(tiny_sd["pipeline"])},
@@ -165,7 +170,7 @@ def test_stable_diffusion_gives_its_pipeline_and_images(tiny_sd, tmp_path):
     want = read_pngs(RunDir(recipe.out_dir).samples("base"))
     assert np.abs(np.round(np.asarray(got, np.float64) * 255) - want).max() <= 1
 
-    pipe.unet = ensemble_unet([pipe.unet, models.load_unet(tiny_sd["pipeline"]).eval()],
-                              [Range(0, 0, 500), Range(1, 500, 1000)])
+    pipe.unet = DemeUNet.from_models([pipe.unet, models.load_unet(tiny_sd["pipeline"]).eval()], None,
+                                     [(r.lo, r.hi) for r in (Range(0, 0, 500), Range(1, 500, 1000))])
     images = pipe("the cat", **{**kw, "negative_prompt": "a dog", "output_type": "pil"}).images
     assert len(images) == 1 and pipe.unet.calls[0] > 0 and pipe.unet.calls[1] > 0

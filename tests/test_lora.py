@@ -1,16 +1,17 @@
 """LoRA range models (deme.adapter = "lora"): what trains, what a range folder holds, and merges and samples of them
 checked against peft's own merge of the adapters and against merging the equivalent full models."""
 import json
+import os
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import merge_inputs, tiny_recipe_dict, trainer_for
+from conftest import held_bytes, merge_inputs, tiny_recipe_dict, trainer_for
 from deme_cli.commands import merge
 from deme_cli.commands.train import run_train
-from deme_cli.engine import adapters, models, task_vectors
+from deme_cli.engine import adapters, models, pipeline_folders, search_pool, task_vectors
 from deme_cli.engine.base import resolve_base
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.merge_methods import MERGE_METHODS, MergeSpec
@@ -38,6 +39,14 @@ def lora_run(tmp_path_factory, tiny_ddpm, tiny_images):
     return recipe, run
 
 
+def lora_file(folder):
+    return pipeline_folders.folder_files(folder).lora
+
+
+def projection_state(folder) -> dict:
+    return load_file(str(pipeline_folders.folder_files(folder).projection))
+
+
 def peft_merged(folder, base_folder, dtype=torch.float32) -> dict:
     """The UNet state of a LoRA range folder as peft computes it: the adapter injected into the base with peft's own
     loader, then every LoRA layer merged by peft (independent of adapters.delta)."""
@@ -45,9 +54,9 @@ def peft_merged(folder, base_folder, dtype=torch.float32) -> dict:
     from peft.tuners.lora import LoraLayer
 
     unet = models.load_unet(base_folder).to(dtype)
-    inject_adapter_in_model(LoraConfig.from_pretrained(str(folder / "lora")), unet)
-    lora = {k.removeprefix("base_model.model."): v.to(dtype)
-            for k, v in load_file(str(folder / "lora" / "adapter_model.safetensors")).items()}
+    a = models.read_meta(folder)["adapter"]
+    inject_adapter_in_model(LoraConfig(r=a["rank"], lora_alpha=a["alpha"], target_modules=a["target_modules"]), unet)
+    lora = {k.removeprefix("base_model.model."): v.to(dtype) for k, v in load_file(str(lora_file(folder))).items()}
     res = set_peft_model_state_dict(unet, lora)
     assert not res.unexpected_keys
     merged = 0
@@ -82,26 +91,30 @@ def test_only_adapters_and_projections_train_and_the_base_stays_frozen(make_reci
 
 
 def test_range_folder_holds_the_ema_adapters_and_projections_only(lora_run, tiny_ddpm):
+    """final/ and final-raw/ hold the checkpoint's trained tensors (adapters, projections) and nothing trained else;
+    the base UNet they sit on is a hard link to the base's files, so the folder adds a fraction of the base to disk."""
     recipe, run = lora_run
-    base_bytes = sum(p.stat().st_size for p in (tiny_ddpm / "unet").rglob("*") if p.is_file())
+    base_files = [p for p in (tiny_ddpm / "unet").rglob("*") if p.is_file()]
+    base_bytes = sum(p.stat().st_size for p in base_files)
     ck = run.checkpoints(0) / (run.checkpoints(0) / "latest").read_text().strip()
     for ema, ck_file in ((True, "ema.safetensors"), (False, "student.safetensors")):
         folder = run.final(0, ema=ema)
-        assert not (folder / "unet").exists() and adapters.is_lora_folder(folder)
+        assert adapters.is_lora_folder(folder)
         want = load_file(str(ck / ck_file))          # every trained tensor of the last checkpoint
-        lora = load_file(str(folder / "lora" / "adapter_model.safetensors"))
-        proj = load_file(str(folder / models.PROJECTION_FILE))
-        got = {**lora, **{"projections." + k: v for k, v in proj.items()}}
-        want = {(adapters.to_peft_key(k[len("unet."):]) if k.startswith("unet.") else k): v for k, v in want.items()}
+        got = {**load_file(str(lora_file(folder))),
+               **{"projections." + k: v for k, v in projection_state(folder).items()}}
+        want = {(pipeline_folders.clean_lora_key(k[len("unet."):]) if k.startswith("unet.") else k): v
+                for k, v in want.items()}
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
         meta = models.read_meta(folder)
         assert meta["adapter"] == {"kind": "lora", "rank": 4, "alpha": 8.0, "scale": 2.0,
                                    "target_modules": sorted(adapters.DEFAULT_TARGETS["UNet2DModel"])}
         assert meta["weights"] == ("ema" if ema else "raw")
-        cfg = json.loads((folder / "lora" / "adapter_config.json").read_text())
-        assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"]) == (4, 8.0, "LORA")
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        cfg = json.loads((folder / "unet" / "config.json").read_text())["deme"]["lora"]
+        assert (cfg["ranks"], cfg["scales"]) == ([4], [2.0])
+        own = [p for p in folder.rglob("*") if p.is_file() and not any(os.path.samefile(p, b) for b in base_files)]
+        size = sum(p.stat().st_size for p in own)      # a copy of the base's UNet would count here
         assert size < base_bytes / 4, (size, base_bytes)
 
 
@@ -113,8 +126,8 @@ def test_resume_is_bit_exact_with_adapters(tiny_ddpm, tiny_images, tmp_path):
     run_train(recipe("two", 2), RunDir(tmp_path / "two"), 0)
     run_train(recipe("two", 4), RunDir(tmp_path / "two"), 0)
     for ema in (True, False):
-        a = load_file(str(RunDir(tmp_path / "one").final(0, ema) / "lora" / "adapter_model.safetensors"))
-        b = load_file(str(RunDir(tmp_path / "two").final(0, ema) / "lora" / "adapter_model.safetensors"))
+        a = load_file(str(lora_file(RunDir(tmp_path / "one").final(0, ema))))
+        b = load_file(str(lora_file(RunDir(tmp_path / "two").final(0, ema))))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -149,32 +162,37 @@ def test_a_lora_range_model_loads_as_peft_merges_it(lora_run, tiny_ddpm):
     recipe, run = lora_run
     base = resolve_base(recipe.model, "cpu")
     for spec in ("range:0", "range:1", "ensemble"):
-        loaded = load_unets(base, run, spec, "cpu", ranges=recipe.ranges, use_ema=True, resolution=16)
-        members = loaded.denoiser.models if spec == "ensemble" else [loaded.denoiser.model]
-        indices = [0, 1] if spec == "ensemble" else [int(spec[-1])]
-        for i, model in zip(indices, members):
+        model = load_unets(base, run, spec, "cpu", ranges=recipe.ranges, use_ema=True, resolution=16).denoiser.model
+        for i in ([0, 1] if spec == "ensemble" else [int(spec[-1])]):
             want = peft_merged(run.final(i), tiny_ddpm)
-            got = model.unet.state_dict()
+            if spec == "ensemble":      # one base and two adapters: range model i is the base switched to i
+                model.activate(i)
+                got, projections = model.unet.state_dict(), model.projections[i]
+            else:
+                got, projections = model.unet.state_dict(), model.projections
             assert got.keys() == want.keys()
             assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6
-            proj = load_file(str(run.final(i) / models.PROJECTION_FILE))
-            assert all(torch.equal(model.projections.state_dict()[k], proj[k]) for k in proj)
+            proj = projection_state(run.final(i))
+            assert all(torch.equal(projections.state_dict()[k], proj[k]) for k in proj)
     theta = models.load_unet(tiny_ddpm).state_dict()
     moved = peft_merged(run.final(1), tiny_ddpm)
     assert any(not torch.equal(moved[k], theta[k]) for k in theta)
 
 
-def test_a_lora_range_folder_loads_with_peft_model_from_pretrained(lora_run, tiny_ddpm):
-    from peft import PeftModel
+def test_a_lora_range_folder_s_unet_is_the_range_model(lora_run, tiny_ddpm):
+    """unet/ of a LoRA range folder (DemeUNet: base/ + the adapter, switched in exactly) computes what deme samples
+    (the base with the deltas added), bit for bit; the base's own weights come back unchanged afterwards."""
+    from deme_cli.engine.deme_unet import DemeUNet
 
     recipe, run = lora_run
-    peft_model = PeftModel.from_pretrained(models.load_unet(tiny_ddpm), str(run.final(1) / "lora"))
-    loaded = {n for n, p in peft_model.named_parameters() if "lora_B" in n and p.abs().max() > 0}
-    assert len(loaded) == len(adapters.lora_modules(load_file(str(run.final(1) / "lora" /
-                                                                  "adapter_model.safetensors"))))
-    got = peft_model.merge_and_unload().state_dict()
-    want = adapters.load_lora_model(run.final(1)).unet.state_dict()
-    assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6
+    unet = DemeUNet.from_pretrained(run.final(1) / "unet")
+    want = adapters.load_lora_model(run.final(1)).eval()
+    x = torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t in (100, 900):
+            assert torch.equal(unet(x, torch.tensor(t)).sample, want(x, torch.tensor(t)).sample)
+    theta = models.load_unet(tiny_ddpm).state_dict()
+    assert all(torch.equal(unet.state_dict()[f"unet.{k}"], v) for k, v in theta.items())
 
 
 def test_a_lora_range_model_needs_its_own_base(lora_run, tiny_ddpm, tmp_path):
@@ -196,9 +214,7 @@ def test_a_lora_range_model_needs_its_own_base(lora_run, tiny_ddpm, tmp_path):
 # --- merging --------------------------------------------------------------------------------------------------------
 
 def _merged(run):
-    unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
-    proj = load_file(str(run.merged / models.PROJECTION_FILE))
-    return unet, proj
+    return models.split_state(models.folder_state(run.merged))
 
 
 def test_task_arithmetic_of_lora_ranges_matches_a_hand_computation(lora_run, tiny_ddpm, tmp_path):
@@ -216,7 +232,7 @@ def test_task_arithmetic_of_lora_ranges_matches_a_hand_computation(lora_run, tin
         want = theta[k] + sum(wi * (r[k] - theta[k]) for wi, r in zip(w, ranges))
         assert torch.allclose(unet[k].double(), want, atol=1e-6, rtol=0), k
     eye = models.identity_projection_state(models.load_unet(tiny_ddpm))
-    projs = [load_file(str(run.final(i) / models.PROJECTION_FILE)) for i in range(2)]
+    projs = [projection_state(run.final(i)) for i in range(2)]
     for k in eye:
         want = eye[k].double() + sum(wi * (p[k].double() - eye[k].double()) for wi, p in zip(w, projs))
         assert torch.allclose(proj[k].double(), want, atol=1e-7, rtol=0)
@@ -229,15 +245,14 @@ def _full_copy(run, root, tiny_ddpm):
         for ema in (True, False):
             src = run.final(i, ema)
             state = {"unet." + k: v for k, v in peft_merged(src, tiny_ddpm, torch.float64).items()}
-            state.update({"projections." + k: v.double()
-                          for k, v in load_file(str(src / models.PROJECTION_FILE)).items()})
+            state.update({"projections." + k: v.double() for k, v in projection_state(src).items()})
             model = models.wrap(models.load_unet(tiny_ddpm).double(), True)
             meta = {k: v for k, v in models.read_meta(src).items() if k not in ("adapter", "base_model")}
-            models.save_model_folder(RunDir(root).final(i, ema), model, meta, state=state)
+            models.save_model_folder(RunDir(root).final(i, ema), model, meta, state=state, base_folder=tiny_ddpm)
     shutil.copy(run.ranges_json, RunDir(root).ranges_json)
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", [m for m, v in MERGE_METHODS.items() if not v.routed])  # every task-vector method
 def test_merging_lora_ranges_equals_merging_the_equivalent_full_models(lora_run, tiny_ddpm, tmp_path, method):
     recipe, run = lora_run
     lora_root, full_root = tmp_path / "lora", tmp_path / "full"
@@ -267,6 +282,11 @@ def test_candidate_merger_reads_lora_ranges_like_the_streamed_merge(lora_run):
     spec = MergeSpec("task_arithmetic", 0.2, 0)
     merger = task_vectors.CandidateMerger(inputs, spec)
     model = task_vectors.new_candidate_model(inputs)
+    # the search's memory estimate counts what the merger holds: theta and, per LoRA range, only the adapted layers
+    full = 4 * sum(t.numel() for t in model.state_dict().values())
+    assert search_pool.cache_bytes(inputs) == held_bytes(merger) < full * (1 + inputs.n)
+    assert sum(len(taus) for group, _, _, taus in merger.entries if group == "unet") == \
+        sum(len(r.lora_pairs) for r in inputs.ranges) > 0
     merger.load_into(model, [0.5, 1.0])
     got, want = model.state_dict(), task_vectors.merged_state(inputs, [0.5, 1.0], spec)
     assert all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-7) for k in want)
@@ -289,6 +309,6 @@ def test_stable_diffusion_lora_adapts_the_attention_only_and_merges(tiny_sd, tmp
     meta = models.read_meta(RunDir(run).final(0))
     assert meta["adapter"]["target_modules"] == sorted(adapters.ATTENTION)
     theta = models.load_unet(tiny_sd["pipeline"]).state_dict()
-    merged = load_file(str(RunDir(run).merged / "unet" / models.UNET_WEIGHTS))
+    merged = models.split_state(models.folder_state(RunDir(run).merged))[0]
     changed = [k for k in theta if not torch.equal(merged[k], theta[k])]
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v") or ".to_out.0." in k for k in changed)

@@ -150,3 +150,20 @@ def test_models_from_another_base_are_refused(trained_run, tmp_path):
         with pytest.raises(UsageError, match="finetuned from (another|different) base model"):
             run_eval(moved, other, ["base", spec], force=True)
     run_eval(moved, other, ["range:0"], force=True)          # the untouched range is still scored
+
+
+def test_a_routed_merge_scores_the_ensembles_loss(trained_run, tmp_path):
+    """merged/ of `deme merge --method routed` is the ensemble: the same loss in every bin (rows of a batch with
+    different t go to their own range models)."""
+    import shutil
+
+    from deme_cli.commands.merge import run_merge
+
+    recipe, run = trained_run
+    root = tmp_path / "routed"
+    shutil.copytree(run.root, root)
+    routed = recipe.model_copy(update={"merge": recipe.merge.model_copy(update={"method": "routed"})})
+    run_merge(routed, RunDir(root), force=True)
+    res = run_eval(routed, RunDir(root), ["merged", "ensemble"], force=True)["results"]
+    assert res["merged"]["loss_by_t"]["loss"] == res["ensemble"]["loss_by_t"]["loss"]
+    assert res["merged"]["metrics"]["loss_ratio"] == res["ensemble"]["metrics"]["loss_ratio"] != 1.0

@@ -125,6 +125,23 @@ def test_consistency_term_is_not_weighted(weighting):
     assert float(with_two - without) == pytest.approx(2.0 * plain, rel=1e-4)
 
 
+def test_the_mean_weights_per_range_the_readme_quotes():
+    """The README says how a weighting shifts the consistency term's relative weight: the mean denoising weight over
+    what each of four uniform ranges trains on (p = 0.3 from all of [0, T), the rest from the range; Eq. 6), from
+    loss.py's own weights on DDPM's linear schedule, and the effective lambda of range 0."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    t, p = torch.arange(1000), 0.3
+    quoted = {("min_snr", 5.0): ("0.73/0.97/0.97/0.97", "1.4"), ("p2", 1.0): ("0.35/0.74/0.90/0.92", "2.9")}
+    for (name, gamma), (means, lam0) in quoted.items():
+        w = loss_weights(_scheduler(), t, name, snr_gamma=gamma, p2_gamma=gamma, p2_k=1.0).double()
+        per_range = [(1 - p) * w[lo:lo + 250].mean() + p * w.mean() for lo in range(0, 1000, 250)]
+        assert "/".join(f"{float(m):.2f}" for m in per_range) == means
+        assert f"{1 / float(per_range[0]):.1f}" == lam0
+        assert means in readme and f"{lam0} λ with {'Min-SNR-5' if name == 'min_snr' else 'P2'}" in readme
+
+
 def test_none_is_exactly_the_plain_mse():
     x0, noise, t = _batch(2)
     student, sched = _fake_unet(0.7, 0.1), _scheduler("v_prediction")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import hand_alphas_cumprod, merge_inputs, search_setup
+from conftest import hand_alphas_cumprod, held_bytes, merge_inputs, search_setup
 from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
-from deme_cli.engine import (merge_methods, models, search_objectives, search_pool, task_vectors,
+from deme_cli.engine import (merge_methods, models, pipeline_folders, search_objectives, search_pool, task_vectors,
                               weight_search)
 from deme_cli.engine import merge_inputs as inputs_module
 from deme_cli.engine.errors import UsageError
@@ -18,6 +18,7 @@ from deme_cli.engine.runs import RunDir
 from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
 
 N = 3
+TASK_METHODS = [m for m, v in MERGE_METHODS.items() if not v.routed]    # "routed" combines no task vectors
 
 
 def _spec(method: str, **settings) -> merge_methods.MergeSpec:
@@ -47,7 +48,7 @@ def write_ranges(root, pipe, n=N, projection=(True,) * N, scale=0.02, base_hash=
             m = _perturbed(base, seed + 10 * i + ema, scale, projection[i])
             meta = {"range": {"index": i, "lo": 1000 * i // n, "hi": 1000 * (i + 1) // n}, "base_hash": h,
                     "recipe": "tiny", "weights": "ema" if ema else "raw"}
-            models.save_model_folder(run.final(i, ema=ema), m, meta)
+            models.save_model_folder(run.final(i, ema=ema), m, meta, base_folder=pipe)
     return run
 
 
@@ -92,7 +93,7 @@ def test_zero_weights_give_theta_exactly(setup, tiny_ddpm):
     assert any(k.startswith("projections.") for k in want)
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_one_hot_weight_gives_that_range_exactly(setup, method):
     recipe, run = setup(merge={"method": method, "density": 1.0})
     inputs = merge_inputs(recipe, run)
@@ -229,16 +230,14 @@ def test_dare_density_one_is_task_arithmetic_and_seeded(setup):
 
 # --- streaming ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_streamed_folder_equals_in_memory_merge(setup, method):
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
     w = [0.1, 0.2, 0.5]
     merge.run_merge(recipe, run, weights=w)
     inputs = merge_inputs(recipe, run)
     mem = task_vectors.merged_state(inputs, w, merge_methods.MergeSpec.from_section(recipe.merge))
-    unet = load_file(str(run.merged / "unet" / models.UNET_WEIGHTS))
-    proj = load_file(str(run.merged / models.PROJECTION_FILE))
-    disk = {**{"unet." + k: v for k, v in unet.items()}, **{"projections." + k: v for k, v in proj.items()}}
+    disk = _hand_file_state(run.merged)
     assert disk.keys() == mem.keys()
     assert all(torch.equal(disk[k], mem[k]) for k in mem)
     # the folder loads back as a model, and computes what the in-memory merge computes
@@ -281,7 +280,7 @@ def test_ties_streamed_consensus_equals_the_stacked_formula():
     assert merge_methods.disjoint_mean(lambda: []) is None
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))
+@pytest.mark.parametrize("method", TASK_METHODS)
 def test_merge_streams_theta_and_gives_the_merge_of_the_loaded_base(setup, tiny_ddpm, method, monkeypatch):
     """theta is read from the base's safetensors file tensor by tensor (the base UNet is never loaded), with the hash
     `train` computes on the loaded UNet; every merged tensor equals the merge with theta loaded whole (the way every
@@ -306,6 +305,29 @@ def test_merge_streams_theta_and_gives_the_merge_of_the_loaded_base(setup, tiny_
             scaled = [wi * merge_methods.sparsify(spec, k, i, r[k].double() - t.double())   # TIES: no seed
                       for i, (wi, r) in enumerate(zip(w, ranges))]
             assert torch.equal(got[k], (t.double() + _ties_by_stack(scaled)).to(t.dtype)), k
+
+
+@pytest.mark.parametrize("method", ["ties", "routed"])
+def test_merged_folder_is_written_without_loading_theta(setup, tiny_ddpm, method, monkeypatch):
+    """`deme merge` writes merged/ (a weighted merge or the routed model) with theta's UNet class and config read from
+    its config.json, never loading the base UNet; the folder's config is the base's, every entry."""
+    from deme_cli.engine import base as base_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base UNet was loaded")
+
+    monkeypatch.setattr(base_module.Base, "load_unet", no_load)
+    monkeypatch.setattr(models, "load_unet", no_load)
+    recipe, run = setup(merge={"method": method})
+    merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.5])
+    base_cfg = json.loads((tiny_ddpm / "unet" / "config.json").read_text())
+    got = json.loads((run.merged / "unet" / "config.json").read_text())
+    if got["_class_name"] == "DemeUNet":
+        assert got["unet_class"] == base_cfg["_class_name"]
+    else:
+        assert got["_class_name"] == base_cfg["_class_name"]
+    stock = {k: v for k, v in base_cfg.items() if not k.startswith("_")}
+    assert {k: got[k] for k in stock} == stock
 
 
 def test_theta_is_loaded_whole_when_its_file_is_not_what_diffusers_loads(tiny_ddpm, tmp_path):
@@ -573,7 +595,7 @@ def test_search_with_kid_objective(setup, tiny_images, tmp_path):
         merge.run_merge(recipe, run, search=True)
 
 
-@pytest.mark.parametrize("method", list(MERGE_METHODS))   # every registered method
+@pytest.mark.parametrize("method", TASK_METHODS)   # every registered task-vector method
 def test_candidate_merger_matches_streamed_merge(setup, method):
     """The search's in-memory merges equal the streamed float64 merge up to float32 rounding."""
     recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 1})
@@ -581,7 +603,7 @@ def test_candidate_merger_matches_streamed_merge(setup, method):
     spec = merge_methods.MergeSpec.from_section(recipe.merge)
     merger = task_vectors.CandidateMerger(inputs, spec)
     model = task_vectors.new_candidate_model(inputs)
-    assert task_vectors.CandidateMerger.nbytes(inputs) == \
+    assert search_pool.cache_bytes(inputs) == held_bytes(merger) == \
         4 * sum(t.numel() for t in model.state_dict().values()) * (1 + N)
     for w in ([0.1, 0.2, 0.5], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]):
         merger.load_into(model, w)
@@ -673,11 +695,14 @@ def test_sample_objectives_default_to_1000_images_and_the_eval_sampler(setup, mo
 # --- by hand: the search's fallback merger and its loss objective ------------------------------------------------
 
 def _hand_file_state(folder):
-    """A model folder's weights read with safetensors only, keyed like DemeModel.state_dict(); no projection file:
-    identity projections are filled in by _hand_merge."""
-    sd = {"unet." + k: v for k, v in load_file(str(folder / "unet" / models.UNET_WEIGHTS)).items()}
-    if (folder / models.PROJECTION_FILE).is_file():
-        sd.update({"projections." + k: v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
+    """A model folder's weights read with safetensors only, keyed like DemeModel.state_dict(): a stock unet/
+    (diffusion_pytorch_model.safetensors, one file or shards) or a DemeUNet's unet/model-0/ (unet.safetensors,
+    projection.safetensors); no projection file: identity projections are filled in by _hand_merge."""
+    own = folder / "unet" / "model-0"
+    files = [own / "unet.safetensors"] if own.is_dir() else sorted((folder / "unet").glob("*.safetensors"))
+    sd = {"unet." + k: v for f in files for k, v in load_file(str(f)).items()}
+    if (own / "projection.safetensors").is_file():
+        sd.update({"projections." + k: v for k, v in load_file(str(own / "projection.safetensors")).items()})
     return sd
 
 
@@ -715,6 +740,8 @@ def test_search_mergers_load_the_hand_merge_into_the_candidate(make_recipe, mixe
     merger = search_pool.make_merger(inputs, merge_methods.MergeSpec.from_section(recipe.merge), torch.device("cpu"))
     fallback = free == 1
     assert isinstance(merger, task_vectors.StreamingMerger if fallback else task_vectors.CandidateMerger)
+    if not fallback:        # the estimate is what it holds: range 1 has no projections, so no projection taus
+        assert search_pool.cache_bytes(inputs) == held_bytes(merger)
     assert ("merged from disk instead" in " ".join(capsys.readouterr().err.split())) == fallback
     model = task_vectors.new_candidate_model(inputs)
     folders = [run.final(i) for i in range(N)]
@@ -773,10 +800,18 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     recipe, run = setup()
     folders = [run.final(i) for i in range(N)]
     w = [0.4, 0.7, -0.2]
-    want = _hand_merge(tiny_ddpm, folders, w)
+    # range 1 as a stock diffusers UNet folder (no projections: their task vector is 0), then sharded
     unet_dir = run.final(1) / "unet"
+    sd = load_file(str(unet_dir / "model-0" / "unet.safetensors"))
+    cfg = {k: v for k, v in json.loads((unet_dir / "config.json").read_text()).items()
+           if k not in ("deme", "unet_class")}
+    shutil.rmtree(unet_dir)
+    unet_dir.mkdir()
+    (unet_dir / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet2DModel"}))
     single = unet_dir / models.UNET_WEIGHTS
-    sd = load_file(str(single))
+    save_file(sd, str(single))
+    want = _hand_merge(tiny_ddpm, folders, w)
+    assert _hand_file_state(run.final(1)).keys() == {"unet." + k for k in sd}
     keys = sorted(sd)
     shards = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2],
               "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
@@ -785,9 +820,69 @@ def test_sharded_range_model_streams_into_the_hand_merge(setup, tiny_ddpm):
     (unet_dir / (models.UNET_WEIGHTS + ".index.json")).write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}))
     single.unlink()
-    assert inputs_module.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
+    assert pipeline_folders.unet_weight_files(unet_dir) == sorted(unet_dir / n for n in shards)
     merge.run_merge(recipe, run, weights=w)
     got = _hand_file_state(run.merged)
     assert got.keys() == want.keys()
     for k in want:
         assert torch.allclose(got[k].double(), want[k], rtol=0, atol=1e-6), k
+
+
+# --- the candidate space: per-range strengths up to 1.5, with every merge method ---------------------------------
+
+def test_default_candidates_reach_full_strength_and_beyond():
+    from deme_cli.engine.recipe import MergeSection
+
+    assert MergeSection().candidates == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+class FullStrengthObjective(PlantedObjective):
+    """Minimal exactly at a planted merge (TARGET, set per test)."""
+
+
+# coordinate descent: range 0 off, range 1 at half strength, range 2 beyond full strength. Greedy keeps each range
+# at its best solo weight or off, and TIES averages the agreeing ranges instead of summing them, so a range's solo
+# optimum is not its optimum in company: greedy's planted merge is one range beyond full strength, the others off.
+TARGETS = {"coordinate": [0.0, 0.5, 1.5], "greedy": [0.0, 0.0, 1.5]}
+
+
+@pytest.mark.parametrize("method", TASK_METHODS)   # every method that combines task vectors (routed has no weights)
+@pytest.mark.parametrize("strategy", ["coordinate", "greedy"])
+def test_searches_reach_any_per_range_weight_with_every_method(setup, monkeypatch, strategy, method):
+    """With the default candidates, coordinate descent (from 1/N each) and greedy find a planted merge that keeps a
+    range off and another at 1.5, for task arithmetic, TIES and DARE alike (the objective is the distance to that
+    merge made with the recipe's method); the log and merge-search.png hold every candidate scored."""
+    from PIL import Image
+
+    monkeypatch.setattr(FullStrengthObjective, "TARGET", TARGETS[strategy])
+    monkeypatch.setitem(search_objectives.OBJECTIVES, "loss", FullStrengthObjective)
+    recipe, run = setup(merge={"search": strategy, "method": method, "density": 0.5})
+    res = merge.run_merge(recipe, run, search=True)
+    log = res["search"]
+    assert res["weights"] == TARGETS[strategy] == log["best"]["weights"], log["candidates"]
+    assert log["method"] == method and log["candidate_values"] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    assert len(log["candidates"]) == log["evaluations"] == len({tuple(c["weights"]) for c in log["candidates"]})
+    on_disk = json.loads((run.merged / "merge.json").read_text())["search"]
+    assert on_disk["candidates"] == log["candidates"]
+    assert Image.open(run.merged / "merge-search.png").size[0] >= 600
+
+
+def test_search_plot_draws_every_candidate_and_its_weights():
+    """The in-order search plot: one point per candidate at its score, and a column of weights per candidate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from deme_cli.engine import plots
+
+    cands = [{"weights": [0.0, 0.0, 0.0], "score": 1.0}, {"weights": [0.25, 0.0, 1.5], "score": 0.8},
+             {"weights": [1.0, 1.0, 0.0], "score": 1.3}, {"weights": [0.0, 0.5, 1.5], "score": 0.7}]
+    log = {"strategy": "coordinate", "objective": "loss_by_t", "candidates": cands,
+           "best": {"weights": [0.0, 0.5, 1.5], "score": 0.7}}
+    fig = plots._in_order(plt, log)
+    ax, heat = fig.axes[0], fig.axes[1]
+    points = ax.lines[0]
+    assert list(points.get_xdata()) == [1, 2, 3, 4] and list(points.get_ydata()) == [1.0, 0.8, 1.3, 0.7]
+    assert np.array_equal(heat.images[0].get_array(), np.array([c["weights"] for c in cands]).T)
+    plt.close(fig)

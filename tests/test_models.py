@@ -83,21 +83,31 @@ def test_projection_params_and_skips_not_projected():
 
 
 def test_model_folder_roundtrip(tmp_path, tiny_ddpm):
+    """A folder with projections: a pipeline folder whose unet/ is a DemeUNet (the stock class refuses it); without
+    projections: a stock pipeline folder. Both load back as the model that was saved."""
+    from diffusers import DiffusionPipeline, UNet2DModel
+
     model = models.load_base(str(tiny_ddpm), projection=True)
     with torch.no_grad():
         model.projections.up[0].weight.add_(0.1)
-    models.save_model_folder(tmp_path / "m", model, {"recipe": "t", "base_hash": models.unet_hash(model.unet)})
-    assert json.loads((tmp_path / "m" / "unet" / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    models.save_model_folder(tmp_path / "m", model, {"recipe": "t", "base_hash": models.unet_hash(model.unet)},
+                             base_folder=tiny_ddpm)
+    assert json.loads((tmp_path / "m" / "unet" / "config.json").read_text())["_class_name"] == "DemeUNet"
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["unet"] == ["deme_unet", "DemeUNet"]
+    with pytest.raises(OSError, match="diffusion_pytorch_model"):
+        UNet2DModel.from_pretrained(tmp_path / "m" / "unet")
     back = models.load_model_folder(tmp_path / "m")
     assert models.state_hash(back.state_dict()) == models.state_hash(model.state_dict())
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 900])
     with torch.no_grad():
         assert torch.equal(back(x, t).sample, model(x, t).sample)
-    # a folder without projections loads as a plain model
+    # a folder without projections is a stock pipeline folder and loads as a plain model
     plain = models.load_base(str(tiny_ddpm))
-    models.save_model_folder(tmp_path / "p", plain, {"recipe": "t"})
-    assert not (tmp_path / "p" / models.PROJECTION_FILE).exists()
+    models.save_model_folder(tmp_path / "p", plain, {"recipe": "t"}, base_folder=tiny_ddpm)
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["unet"] == ["diffusers", "UNet2DModel"]
     assert models.load_model_folder(tmp_path / "p").projections is None
+    stock = DiffusionPipeline.from_pretrained(tmp_path / "p").unet
+    assert all(torch.equal(a, b) for a, b in zip(stock.state_dict().values(), plain.unet.state_dict().values()))
 
 
 def test_state_hash_changes_with_weights(tiny_ddpm):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deme_cli.engine.errors import UsageError
-from deme_cli.engine.ranges import range_owning, sample_timesteps, split, uniform_split
+from deme_cli.engine.ranges import sample_timesteps, split, uniform_split
 
 
 def test_uniform_split_covers_T():
@@ -18,9 +18,16 @@ def test_uniform_split_covers_T():
             split("uniform", 1000, bad)
 
 
-def test_range_owning():
+def test_the_routed_model_routes_t_to_the_range_owning_it(tiny_ddpm):
+    """Eq. 7's rule ([lo, hi), low t first) as the routed model (deme_unet.DemeUNet, the ensemble) applies it."""
+    from deme_cli.engine.deme_unet import DemeUNet
+    from deme_cli.engine.models import load_unet
+
     rs, _ = uniform_split(1000, 4)
-    assert [range_owning(t, rs).index for t in (0, 249, 250, 999)] == [0, 0, 1, 3]
+    routed = DemeUNet.from_models([load_unet(tiny_ddpm) for _ in rs], None, [(r.lo, r.hi) for r in rs])
+    assert [routed.owners(t, 1)[0][0] for t in (0, 249, 250, 999)] == [0, 0, 1, 3]
+    with pytest.raises(ValueError, match="outside every range"):
+        routed.owners(1000, 1)
 
 
 def _in_range_fraction(per_sample, p, lo=250, hi=500, T=1000, draws=4000, batch=16):

@@ -93,7 +93,7 @@ def test_a_run_resumed_from_its_resolved_recipe_records_the_same_inputs(tmp_path
 def test_resolved_toml_records_the_value_used_for_every_key(tmp_path):
     """Keys whose default follows from other keys are written with the value the stages use; keys left unset are
     listed as comments, so every key of every section appears in the file."""
-    import tomllib
+    from deme_cli.engine.recipe import tomllib
 
     from deme_cli.engine.recipe import Recipe, default_shapes
 

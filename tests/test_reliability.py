@@ -100,14 +100,145 @@ def test_outside_a_loop_a_signal_ends_the_command_at_once():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert e.value.exit_code == 143
-    with interrupts.handle_signals(), interrupts.deferred() as flag:
+    with interrupts.handle_signals(), pytest.raises(Interrupted), interrupts.deferred() as flag:
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
         assert flag.signum == signal.SIGUSR1                       # deferred: only recorded
-        with pytest.raises(Interrupted):                           # a second Ctrl-C does not wait
+        with pytest.raises(Interrupted) as twice:                  # a second Ctrl-C does not wait
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)
+        assert "interrupted twice" in str(twice.value)
+
+
+def test_a_deferred_region_that_ends_with_its_flag_set_stops_the_command():
+    """The loop ended before it looked at the flag again (the signal came during its last step): the end of the
+    region raises, so nothing after it starts; and no `except Exception` on the way can swallow the stop."""
+    after = []
+    with interrupts.handle_signals(), pytest.raises(Interrupted) as e:
+        with interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)                                # the last step goes on to its end
+        after.append("next stage")
+    assert e.value.exit_code == 138 and after == [] and "SIGUSR1" in str(e.value)
+    assert not isinstance(e.value, Exception)
+    with interrupts.handle_signals(), interrupts.deferred() as flag:   # no signal: nothing raised
+        pass
+    assert flag.signum is None
+
+
+def _signal_in_save(monkeypatch, at_step: int, signum: int = signal.SIGTERM) -> list:
+    """Send `signum` to this process inside the checkpoint save of step `at_step` (once), before its files are
+    written: the signal arrives while the checkpoint is being written."""
+    from deme_cli.engine import checkpoints
+
+    real, sent = checkpoints.save, []
+
+    def save(ckpt_dir, step, **kw):
+        if step == at_step and not sent:
+            sent.append((ckpt_dir.parent.name, step))
+            os.kill(os.getpid(), signum)
+        return real(ckpt_dir, step, **kw)
+    monkeypatch.setattr(checkpoints, "save", save)
+    return sent
+
+
+def _lora_recipe(make_recipe, out: Path):
+    return make_recipe(train={"steps": 3, "checkpoint_every": 100, "lr": 1e-2}, output={"dir": str(out)},
+                       deme={"adapter": "lora", "lora_rank": 4, "lora_alpha": 8.0})
+
+
+def test_a_signal_during_a_ranges_final_checkpoint_stops_before_the_export_and_the_next_range(make_recipe, tmp_path,
+                                                                                               monkeypatch):
+    """The issue's reproduction: 2 LoRA ranges x 3 steps, SIGTERM inside range 0's final save. Training stops once
+    that checkpoint is written (exit 143); range 0 is not exported and range 1 does not start. The re-run exports
+    range 0 from the checkpoint without training it again (the same weights as an uninterrupted run) and trains
+    range 1."""
+    from deme_cli.engine import checkpoints
+
+    ref = _lora_recipe(make_recipe, tmp_path / "ref")
+    run_train(ref, RunDir(ref.out_dir), 0)
+
+    recipe = _lora_recipe(make_recipe, tmp_path / "cut")
+    run = RunDir(recipe.out_dir)
+    sent = _signal_in_save(monkeypatch, 3)
+    with interrupts.handle_signals(), pytest.raises(Interrupted) as e:
+        run_train(recipe, run)                                       # --all
+    assert sent == [("0", 3)] and e.value.exit_code == 143
+    assert "range 0 stopped by SIGTERM after its last step (3 of 3)" in str(e.value)
+    assert "step-3" in str(e.value)
+    ckpt = run.checkpoints(0)
+    assert (ckpt / "latest").read_text().strip() == "step-3" and checkpoints.verify(ckpt / "step-3") is None
+    assert not run.final(0).exists() and not run.final(0, ema=False).exists()
+    assert not run.metrics(1).exists() and not run.checkpoints(1).exists()          # range 1 never started
+
+    monkeypatch.undo()
+    loaded, real_load = [], checkpoints.load
+    monkeypatch.setattr(checkpoints, "load", lambda f, *a, **k: loaded.append(f.name) or real_load(f, *a, **k))
+    res = run_train(recipe, run)
+    assert [r["steps"] for r in res] == [3, 3] and loaded == ["step-3"]
+    assert [x["step"] for x in _strict_json_lines(run.metrics(0))] == [1, 2, 3]      # range 0 was not trained again
+    for ema in (True, False):
+        a, b = _weights(RunDir(ref.out_dir).final(0, ema)), _weights(run.final(0, ema))
+        assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert run.final(1).is_dir()
+
+
+def test_a_signal_during_a_ranges_export_lets_it_finish_and_starts_no_next_range(make_recipe, monkeypatch):
+    recipe = make_recipe(train={"steps": 2, "checkpoint_every": 100})
+    run = RunDir(recipe.out_dir)
+    real, calls = RangeTrainer.export, []
+
+    def export(self, folder, *a, **k):
+        calls.append(folder.name)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)            # while final-raw/ is written
+        return real(self, folder, *a, **k)
+    monkeypatch.setattr(RangeTrainer, "export", export)
+    with interrupts.handle_signals(), pytest.raises(Interrupted) as e:
+        run_train(recipe, run)
+    assert e.value.exit_code == 130 and calls == ["final-raw", "final"]
+    assert "range 0 finished" in str(e.value) and "stopped by SIGINT" in str(e.value)
+    for ema in (True, False):                                 # both written completely
+        meta = json.loads((run.final(0, ema) / "deme.json").read_text())
+        assert meta["steps"] == 2 and _weights(run.final(0, ema))
+    assert not run.metrics(1).exists() and not run.checkpoints(1).exists()
+
+    monkeypatch.undo()
+    res = run_train(recipe, run)
+    assert [r["skipped"] for r in res] == [True, False] and run.final(1).is_dir()
+
+
+def test_deme_run_stopped_during_the_last_ranges_final_checkpoint_does_not_merge(make_recipe, tiny_images, tmp_path,
+                                                                                monkeypatch):
+    """SIGUSR1 (SLURM's warning) while the last range writes its final checkpoint: `deme run` exits 138 and the merge
+    stage does not start; the next `deme run` finishes the run."""
+    recipe = make_recipe(train={"steps": 2, "checkpoint_every": 100}, merge={"weights": [0.5, 0.5]},
+                         sample={"num_images": 2, "batch_size": 2, "steps": 2},
+                         eval={"reference": str(tiny_images), "metrics": ["loss"]}, run={"models": ["merged"]})
+    f = tmp_path / "r.toml"
+    f.write_text(recipe.to_toml())
+    run = RunDir(recipe.out_dir)
+    from deme_cli.engine import checkpoints
+
+    real, sent = checkpoints.save, []
+
+    def save(ckpt_dir, step, **kw):
+        if ckpt_dir == run.checkpoints(1) and step == 2:
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(ckpt_dir, step, **kw)
+    monkeypatch.setattr(checkpoints, "save", save)
+    r = CliRunner().invoke(app, ["run", str(f)])
+    assert r.exit_code == 138 and sent == [2], r.output
+    assert "Traceback" not in r.output and "range 1 stopped by SIGUSR1 after its last step" in r.output
+    assert not run.merged.exists() and not run.samples("merged").exists()
+    assert run.final(0).is_dir() and not run.final(1).exists()
+
+    monkeypatch.undo()
+    r = CliRunner().invoke(app, ["run", str(f)])
+    assert r.exit_code == 0, r.output
+    assert run.final(1).is_dir() and run.merged.is_dir() and run.eval_json("merged").is_file()
 
 
 # --- non-finite losses ---------------------------------------------------------------------------------------------
@@ -374,6 +505,28 @@ def test_sampling_stops_after_a_batch_on_sigterm_and_a_rerun_makes_the_rest(make
     assert res["complete"] and res["generated"] == 2 and saved[2:] == ["000002.png", "000003.png"]
 
 
+def test_sampling_stopped_during_its_last_batch_exits_with_every_image_saved(make_recipe, monkeypatch):
+    from deme_cli.commands import sample as sample_mod
+    from deme_cli.commands.sample import run_sample
+
+    recipe = make_recipe(sample={"num_images": 4, "batch_size": 2, "steps": 2})
+    run = RunDir(recipe.out_dir)
+    real, saved = sample_mod.save_png, []
+
+    def save(path, img, size):
+        if len(saved) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)           # while the last batch is written
+        real(path, img, size)
+        saved.append(path.name)
+    monkeypatch.setattr(sample_mod, "save_png", save)
+    with interrupts.handle_signals(), pytest.raises(Interrupted, match="4 of 4 images") as e:
+        run_sample(recipe, run, "base")
+    assert e.value.exit_code == 143 and len(saved) == 4
+    assert not json.loads(run.samples("base").joinpath("samples.json").read_text())["complete"]
+    res = run_sample(recipe, run, "base")
+    assert res["complete"] and res["generated"] == 0 and len(saved) == 4
+
+
 def test_merge_and_sample_folders_have_one_writer(make_recipe):
     from deme_cli.commands.merge import MERGE_LOCK, run_merge
     from deme_cli.commands.sample import run_sample
@@ -432,6 +585,53 @@ def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_
     calls.clear()
     fresh = merge_cmd.run_merge(recipe, run, force=True)             # the same search from scratch
     assert len(calls) == n and fresh["search"]["candidates"] == resumed["search"]["candidates"]
+
+
+def test_a_merge_search_stopped_during_its_last_candidate_writes_no_merged_model(make_recipe, heldout_images,
+                                                                                  tmp_path, monkeypatch):
+    """SIGTERM while the search scores its last candidate: the score is journalled and the command stops (exit 143)
+    before the merged model is written; the re-run scores nothing and writes the same merge as an uninterrupted one."""
+    import shutil
+
+    from deme_cli.commands import merge as merge_cmd
+    from deme_cli.engine import search_pool
+    import deme_cli.engine.weight_search as ws
+
+    def recipe_in(out):
+        return make_recipe(train={"steps": 1}, output={"dir": str(out)},
+                           merge={"weights": "search", "objective": "loss", "search": "scaled", "scales": [0.5, 1.0],
+                                  "search_num_images": 4, "search_reference": str(heldout_images)})
+    ref = recipe_in(tmp_path / "ref")
+    run_train(ref, RunDir(ref.out_dir))
+    shutil.copytree(ref.out_dir, tmp_path / "cut")                    # the same range models, not merged yet
+    whole = merge_cmd.run_merge(ref, RunDir(ref.out_dir))
+    n = whole["search"]["evaluations"]
+
+    recipe = recipe_in(tmp_path / "cut")
+    run = RunDir(recipe.out_dir)
+    real, calls = search_pool.candidate_evaluator, []
+
+    def counting(*a, signal_at=None, **k):
+        objective, merger, evaluate = real(*a, **k)
+
+        def ev(w):
+            calls.append(tuple(w))
+            if len(calls) == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)       # while the last candidate is scored
+            return evaluate(w)
+        return objective, merger, ev
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, signal_at=n, **k))
+    with interrupts.handle_signals(), pytest.raises(Interrupted, match=f"after {n} scored merges") as e:
+        merge_cmd.run_merge(recipe, run)
+    assert e.value.exit_code == 143 and len(calls) == n
+    assert len((run.root / merge_cmd.SEARCH_JOURNAL).read_text().splitlines()) == 1 + n
+    assert not run.merged.exists()
+
+    calls.clear()
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, **k))
+    again = merge_cmd.run_merge(recipe, run)
+    assert calls == [] and again["search"]["candidates"] == whole["search"]["candidates"]
+    assert again["weights"] == whole["weights"] and run.merged.is_dir()
 
 
 def test_a_signal_to_the_whole_process_group_spares_the_data_workers(make_recipe, monkeypatch):

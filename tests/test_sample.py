@@ -84,16 +84,22 @@ class _Const:
 
 
 def test_ensemble_routes_each_step_to_the_range_owning_t(tiny_ddpm):
-    from deme_cli.engine.models import scheduler_config
+    """The routed model (deme_unet.DemeUNet, what the ensemble is) sends each call to the range model whose [lo, hi)
+    holds t: three UNets whose forward is replaced by a constant that records the timesteps it sees."""
+    from deme_cli.engine.deme_unet import DemeUNet
+    from deme_cli.engine.models import load_unet, scheduler_config
     from deme_cli.engine.ranges import Range
-    from deme_cli.engine.denoise import EnsembleDenoiser, UNetDenoiser, generate
+    from deme_cli.engine.denoise import UNetDenoiser, generate
 
     ranges = [Range(0, 0, 250), Range(1, 250, 600), Range(2, 600, 1000)]
     fakes = [_Const(0.1), _Const(0.2), _Const(0.3)]
-    ens = EnsembleDenoiser(fakes, ranges)
-    assert [ens.route(t) for t in (0, 249, 250, 599, 600, 999)] == [0, 0, 1, 1, 2, 2]
+    unets = [load_unet(tiny_ddpm) for _ in fakes]
+    for unet, fake in zip(unets, fakes):
+        unet.forward = lambda x, t, return_dict=True, fake=fake: fake(x, t)
+    ens = DemeUNet.from_models(unets, None, [(r.lo, r.hi) for r in ranges])
+    assert [ens.owners(t, 1)[0][0] for t in (0, 249, 250, 599, 600, 999)] == [0, 0, 1, 1, 2, 2]
     cfg = scheduler_config(tiny_ddpm)
-    out = generate(ens, "ddim", 10, [0, 1, 2], scheduler_config=cfg, batch_size=2)   # t = 900, 800, ..., 0
+    out = generate(UNetDenoiser(ens), "ddim", 10, [0, 1, 2], scheduler_config=cfg, batch_size=2)   # t = 900, ..., 0
     for fake, r in zip(fakes, ranges):
         assert fake.seen and all(r.lo <= t < r.hi for t in fake.seen)
     assert sorted(set(fakes[0].seen)) == [0, 100, 200]
@@ -221,15 +227,33 @@ def _projection_keys(config) -> dict:
     return keys
 
 
-def _hand_model(folder):
-    """A model folder loaded without deme: diffusers' UNet2DModel, projection.safetensors applied by forward hooks
-    written here (einsum over channels; down blocks: the hidden states only, not the skip tuple)."""
-    import torch
+def _hand_unet(folder):
+    """A model folder's UNet without its projections, loaded without deme: diffusers' UNet2DModel with the weights of
+    unet/ (deme's older layout: a stock UNet folder) or unet/model-0/unet.safetensors (a DemeUNet folder)."""
+    import json
+
     from diffusers import UNet2DModel
     from safetensors.torch import load_file
 
-    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
-    W = {k: v[:, :, 0, 0] for k, v in load_file(str(folder / "projection.safetensors")).items()}
+    own = folder / "unet" / "model-0"
+    if not own.is_dir():
+        return UNet2DModel.from_pretrained(folder / "unet").eval()
+    cfg = {k: v for k, v in json.loads((folder / "unet" / "config.json").read_text()).items()
+           if k not in ("deme", "unet_class") and not k.startswith("_")}
+    unet = UNet2DModel.from_config(cfg)
+    unet.load_state_dict(load_file(str(own / "unet.safetensors")))
+    return unet.eval()
+
+
+def _hand_model(folder):
+    """A model folder loaded without deme: _hand_unet, its projections (projection.safetensors) applied by forward
+    hooks written here (einsum over channels; down blocks: the hidden states only, not the skip tuple)."""
+    import torch
+    from safetensors.torch import load_file
+
+    unet = _hand_unet(folder)
+    own = folder / "unet" / "model-0" / "projection.safetensors"
+    W = {k: v[:, :, 0, 0] for k, v in load_file(str(own if own.is_file() else folder / "projection.safetensors")).items()}
     assert set(W) == set(_projection_keys(unet.config))
 
     def proj(w):
@@ -275,8 +299,9 @@ def _assert_other_images(got: np.ndarray, other: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def ensemble_run(tmp_path_factory, tiny_ddpm, tiny_images):
-    """A run directory written by hand after the contract (DESIGN.md section 3): ranges.json with uneven ranges and
-    ranges/<i>/final/ (unet/, projection.safetensors, deme.json) holding randomly perturbed UNets and projections."""
+    """A run directory written by hand: ranges.json with uneven ranges and ranges/<i>/final/ in deme's older layout
+    (unet/, projection.safetensors, deme.json; deme still reads it) holding randomly perturbed UNets and
+    projections."""
     import json
 
     import torch
@@ -339,10 +364,10 @@ def test_ensemble_samples_equal_a_hand_loop_routing_each_step_by_range(ensemble_
 
 
 def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_hand(ensemble_run, tiny_ddpm):
-    """`deme sample --model merged`: the images equal diffusers' DDIMPipeline on merged/unet with merged/'s
-    projection.safetensors applied by hand; without the projections most pixels change."""
+    """`deme sample --model merged`: the images equal diffusers' DDIMPipeline on merged/'s UNet weights with its
+    projections applied by hand; without the projections most pixels change."""
     import torch
-    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+    from diffusers import DDIMPipeline, DDPMScheduler
 
     from deme_cli.commands.merge import run_merge
     from deme_cli.commands.sample import run_sample
@@ -361,7 +386,7 @@ def test_merged_samples_equal_diffusers_ddim_with_the_projections_applied_by_han
 
     _assert_same_images(got, pipeline_images(_hand_model(run.merged)))
     # the projections matter in this model: diffusers' UNet alone gives other images
-    _assert_other_images(got, pipeline_images(UNet2DModel.from_pretrained(run.merged / "unet").eval()))
+    _assert_other_images(got, pipeline_images(_hand_unet(run.merged)))
 
 
 # --- resume: the images made after an interruption are the images of an uninterrupted run --------------------------

@@ -62,21 +62,22 @@ def test_sd_split_train_merge_sample_eval(tmp_path, tiny_sd):
     assert [r["steps"] for r in trained] == [2, 2]
     for i in (0, 1):
         meta = json.loads((run / "ranges" / str(i) / "final" / "deme.json").read_text())
-        assert meta["range"]["index"] == i and (run / "ranges" / str(i) / "final" / "projection.safetensors").is_file()
+        own = run / "ranges" / str(i) / "final" / "unet" / "model-0"       # a DemeUNet: the UNet and its projections
+        assert meta["range"]["index"] == i and (own / "projection.safetensors").is_file()
     # the SD UNet's final/ is the EMA state of the last checkpoint in every tensor (the export bug's other model kind)
     from safetensors.torch import load_file
     ckpt = run / "ranges" / "1" / "checkpoints" / "step-2"
     ema, raw = load_file(str(ckpt / "ema.safetensors")), load_file(str(ckpt / "student.safetensors"))
     final = run / "ranges" / "1" / "final"
-    got = {f"unet.{k}": v for k, v in load_file(str(final / "unet" / "diffusion_pytorch_model.safetensors")).items()}
-    got.update({f"projections.{k}": v for k, v in load_file(str(final / "projection.safetensors")).items()})
+    got = {f"unet.{k}": v for k, v in load_file(str(final / "unet" / "model-0" / "unet.safetensors")).items()}
+    got.update({f"projections.{k}": v for k, v in load_file(str(final / "unet" / "model-0" / "projection.safetensors")).items()})
     assert set(got) == set(ema) and all(got[k].equal(ema[k]) for k in ema)
     assert sum(not ema[k].equal(raw[k]) for k in ema) > len(ema) // 2
     caches = list((run / "cache").iterdir())
     assert len(caches) == 1 and (caches[0] / "cache.json").is_file()     # one cache, shared by both ranges
 
     assert deme("merge", recipe)[0] == 0
-    assert (run / "merged" / "projection.safetensors").is_file()
+    assert (run / "merged" / "unet" / "model-0" / "projection.safetensors").is_file()
 
     prompts = ["the cat", "the dog", "a cat", "a dog"]
     for m in ("base", "merged", "ensemble"):

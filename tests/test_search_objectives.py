@@ -133,3 +133,120 @@ def test_sample_objectives_equal_deme_eval_of_the_same_images(mode, make_recipe,
         r = run_eval(ev, ev_run, ["merged"])["results"]["merged"]
         assert r["mode"] == mode and r["kid_seed"] == 5
         assert score == pytest.approx(r["metrics"][metric], rel=1e-9, abs=1e-12)
+
+
+# --- the loss by timestep (merge.objective = "loss_by_t" and its variants) --------------------------------------
+
+def _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, **merge):
+    import shutil
+
+    root = tmp_path / "run"
+    if not root.exists():
+        shutil.copytree(ranges_dir, root)
+    recipe = make_recipe(ranges={"n": N}, merge={"search": "grid", "candidates": [0.0, 1.0], "search_num_images": 12,
+                                                 "search_reference": str(heldout_images), **merge})
+    return recipe, RunDir(root)
+
+
+def _hand_ratios(recipe, model, theta, folder):
+    """Per-bin loss ratios of `model` to `theta` by the documented rule, without deme's held-out code (the hand
+    computation of the eval's loss by timestep: every image of the folder, eval.loss_bins = 10, eval.loss_seed)."""
+    from test_loss_by_t import _binned, _hand_losses
+
+    a, b = _binned(*_hand_losses(recipe, model, folder)), _binned(*_hand_losses(recipe, theta, folder))
+    return [x / y for x, y in zip(a, b)]
+
+
+def test_loss_by_t_objective_is_the_eval_loss_by_timestep_as_a_ratio_to_theta(make_recipe, ranges_dir, tmp_path,
+                                                                            heldout_images, tiny_ddpm):
+    """The search's loss_by_t scores theta exactly 1 and each candidate the mean of its per-bin loss ratios to theta,
+    computed here by hand; the per-bin ratios equal what `deme eval` reports (metric "loss") for the same merge written
+    to merged/ and the held-out folder as eval.reference. The guarded and weighted variants score the same ratios by
+    their rules."""
+    from deme_cli.commands import merge
+    from deme_cli.commands.eval import run_eval
+
+    recipe, run = _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, objective="loss_by_t")
+    log = merge.run_merge(recipe, run, search=True)["search"]
+    assert log["objective"] == "loss_by_t" and log["evaluations"] == 4 == len(log["candidates"])
+    assert log["bins"] == [[b * 100, (b + 1) * 100] for b in range(10)] and sum(log["images_per_bin"]) == 12
+    scores = {tuple(c["weights"]): c["score"] for c in log["candidates"]}
+    assert scores[(0.0, 0.0)] == 1.0
+    theta = models.load_base(str(tiny_ddpm)).eval()
+    hand = {(1.0, 0.0): _hand_ratios(recipe, models.load_model_folder(run.final(0)).eval(), theta, heldout_images),
+            (0.0, 1.0): _hand_ratios(recipe, models.load_model_folder(run.final(1)).eval(), theta, heldout_images)}
+    for w, ratios in hand.items():
+        assert scores[w] == pytest.approx(sum(ratios) / 10, rel=1e-5), w
+        assert ratios != pytest.approx([1.0] * 10, rel=1e-4)      # the range models do differ from theta
+
+    # the same ratios from `deme eval` of the merge written with those weights
+    inputs = merge_inputs(recipe, run)
+    with inputs.open():
+        objective, merger, _ = search_pool.candidate_evaluator(search_setup(recipe), run, inputs,
+                                                               merge_methods.MergeSpec.from_section(recipe.merge))
+        from deme_cli.engine.task_vectors import new_candidate_model
+        cand = new_candidate_model(inputs).eval()
+        merger.load_into(cand, [0.5, 1.0])
+        ratios = objective.bin_ratios(cand)
+    ev = recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"reference": str(heldout_images),
+                                                                          "metrics": ["loss"]})})
+    merge.run_merge(ev, run, weights=[0.5, 1.0], force=True)
+    rec = run_eval(ev, run, ["merged"])["results"]["merged"]["loss_by_t"]
+    assert ratios == pytest.approx(rec["ratio"], rel=1e-5)
+
+    # the variants: the same per-bin ratios, scored by their rules
+    tol = (max(ratios) - 1.0) / 2 if max(ratios) > 1 else 0.0
+    for objective_name, extra, want in [
+            ("loss_by_t_guarded", {"bin_tolerance": 1e9}, sum(ratios) / 10),
+            ("loss_by_t_guarded", {"bin_tolerance": tol}, max(ratios) if max(ratios) > 1 + tol else sum(ratios) / 10),
+            ("loss_by_t_weighted", {"bin_weights": [3.0] + [0.0] * 8 + [1.0]}, (3 * ratios[0] + ratios[9]) / 4)]:
+        r, _ = _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, objective=objective_name, **extra)
+        inputs = merge_inputs(r, run)
+        with inputs.open():
+            _, _, evaluate = search_pool.candidate_evaluator(search_setup(r), run, inputs,
+                                                             merge_methods.MergeSpec.from_section(r.merge))
+            assert evaluate([0.0, 0.0]) == 1.0
+            assert evaluate([0.5, 1.0]) == pytest.approx(want, rel=1e-5), (objective_name, extra)
+
+
+def test_guarded_score_ranks_a_low_noise_loss_below_theta():
+    """The benchmark's warning as a rule: (0, 0, 0.5, 1) lost 0.1-0.2% at t < 500 and gained 4% at t >= 900 (mean of
+    the ratios 0.9945, the best) yet had the worst FID; the guarded score ranks it below theta (1) and below a merge
+    within the tolerance everywhere, which keeps its plain mean."""
+    from deme_cli.engine.recipe import MergeSection
+    from deme_cli.engine.search_objectives import BIN_SCORES
+
+    strong_high_t = [1.0015, 1.002, 1.001, 1.001, 1.0005, 0.999, 0.998, 0.99, 0.97, 0.96]
+    uniform = [0.9999, 0.9998, 0.9993, 0.9991, 0.9994, 0.9996, 0.9995, 0.9988, 0.9948, 0.9900]
+    m = MergeSection(bin_tolerance=0.0005)
+    plain, guarded = BIN_SCORES["loss_by_t"].score, BIN_SCORES["loss_by_t_guarded"].score
+    assert plain(strong_high_t, m) < plain(uniform, m) < 1.0          # the plain mean prefers the bad merge
+    assert guarded(strong_high_t, m) == 1.002 > 1.0 > guarded(uniform, m) == pytest.approx(sum(uniform) / 10)
+    assert guarded([1.0] * 10, m) == 1.0
+    assert guarded(strong_high_t, MergeSection(bin_tolerance=0.01)) == pytest.approx(sum(strong_high_t) / 10)
+
+
+def test_loss_by_t_settings_are_checked_and_fingerprinted(make_recipe, ranges_dir, tmp_path, heldout_images):
+    """loss_by_t_weighted without merge.bin_weights, or with the wrong number of them, is refused in one sentence
+    before anything is written; the search's settings (merge.json fingerprint) hold the bins, their seed and the
+    variant's own key, and only that one."""
+    from deme_cli.commands import merge
+    from deme_cli.engine.errors import UsageError
+    from deme_cli.engine.weight_search import search_settings
+
+    recipe, run = _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, objective="loss_by_t_weighted")
+    with pytest.raises(UsageError, match="needs merge.bin_weights"):
+        merge.run_merge(recipe, run, search=True)
+    recipe, run = _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, objective="loss_by_t_weighted",
+                               bin_weights=[1.0, 2.0])
+    with pytest.raises(UsageError, match="merge.bin_weights has 2 weights but eval.loss_bins = 10"):
+        merge.run_merge(recipe, run, search=True)
+    assert not run.merged.exists()
+
+    def settings(objective, **m):
+        r, _ = _loss_recipe(make_recipe, ranges_dir, tmp_path, heldout_images, objective=objective, **m)
+        return search_settings(search_setup(r), N, [0.5, 0.5])
+    g = settings("loss_by_t_guarded", bin_tolerance=0.001)
+    assert g["loss_bins"] == 10 and g["loss_seed"] == 0 and g["bin_tolerance"] == 0.001 and "bin_weights" not in g
+    assert settings("loss_by_t_guarded", bin_tolerance=0.002) != g
+    assert settings("loss_by_t", bin_tolerance=0.001) == settings("loss_by_t", bin_tolerance=0.002)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from conftest import trainer_for, hand_alphas_cumprod
 from deme_cli.engine import models
@@ -41,10 +40,7 @@ def _state_hash(module) -> str:
 
 
 def _folder_weights(folder: Path) -> dict:
-    w = load_file(str(folder / "unet" / models.UNET_WEIGHTS))
-    if (folder / models.PROJECTION_FILE).is_file():
-        w.update({f"projections.{k}": v for k, v in load_file(str(folder / models.PROJECTION_FILE)).items()})
-    return w
+    return models.folder_state(folder)
 
 
 def _metric_lines(run: RunDir, i: int = 0) -> list[dict]:
@@ -259,7 +255,7 @@ def test_cifar10_recipe_trains_two_steps_on_cpu(tmp_path):
     assert (res["range"], res["lo"], res["hi"], res["steps"]) == (3, 750, 1000, 2)
     meta = json.loads((out / "ranges" / "3" / "final" / "deme.json").read_text())
     assert meta["steps"] == 2 and meta["recipe"] == "cifar10" and meta["projection"]
-    proj = load_file(str(out / "ranges" / "3" / "final" / models.PROJECTION_FILE))
+    proj = models.split_state(models.folder_state(out / "ranges" / "3" / "final"))[1]
     assert [proj[f"down.{i}.weight"].shape[0] for i in range(4)] == [128, 256, 256, 256]
 
 

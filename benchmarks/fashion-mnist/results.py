@@ -11,6 +11,14 @@ loss-by-t.png next to the table; the merge weights; the exact `deme run` command
 (command.json, written by run.py). A block between <!-- notes:begin --> and <!-- notes:end --> in an existing table
 (the reading of the numbers, written by hand) is kept when the table is rebuilt. A benchmark folder made with
 --smoke (benchmark.json "smoke": true) is never written to RESULTS.md: its table goes to <out>/RESULTS-smoke.md.
+
+A benchmark folder made with `run.py --suite keep-the-gain` (issue 26) is written as a section of the file instead,
+between <!-- keep-the-gain:begin --> and <!-- keep-the-gain:end --> (the first time: under the title, with the rest
+of the file below it as history, unchanged): the main rows at 2,000 steps and the rows at 4x the budget, each with
+paired differences per seed and the loss by timestep (keep-the-gain-loss-by-t.png), whether the gain over N = 1
+grows with the budget, and objectives.py's table (<out>/objectives/objectives.md). A <!-- keep-the-gain-notes:begin
+--> ... <!-- keep-the-gain-notes:end --> block inside the section is kept when it is rebuilt, and rebuilding the
+earlier table keeps the section.
 """
 from __future__ import annotations
 
@@ -129,15 +137,18 @@ def collect(out: Path) -> list[dict]:
     return found
 
 
-def rows(found: list[dict]) -> list[dict]:
-    """The table's rows: one per (recipe, model), its seeds in order, in ROWS order (others after)."""
-    order = {(r, m): (i, label) for i, (r, m, label) in enumerate(ROWS)}
+def rows(found: list[dict], order_rows: list = ROWS, others: bool = True) -> list[dict]:
+    """The table's rows: one per (recipe, model), its seeds in order, in `order_rows` order (others after, unless
+    not `others`)."""
+    order = {(r, m): (i, label) for i, (r, m, label) in enumerate(order_rows)}
     grouped: dict = {}
     for e in found:
         grouped.setdefault((e["recipe"], e["model"]), []).append(e)
     out = []
     for key, es in grouped.items():
-        i, label = order.get(key, (len(ROWS), f"{key[0]}: {key[1]}"))
+        if key not in order and not others:
+            continue
+        i, label = order.get(key, (len(order_rows), f"{key[0]}: {key[1]}"))
         out.append({"order": i, "label": label, "recipe": key[0], "model": key[1],
                     "seeds": sorted(es, key=lambda e: e["seed"])})
     return sorted(out, key=lambda r: (r["order"], r["label"]))
@@ -176,14 +187,24 @@ def render(out: Path, found: list[dict], bench: dict) -> str:
     ref = next((e["reference"] for e in found if e["reference"]), {})
     if ref:
         lines += [f"Reference for FID/KID: {json.dumps(ref, default=str)[:300]}", ""]
-    s_cols = " | ".join(f"seed {s}" for s in seeds)
     lines += [f"FID, KID (x 1000, with the standard deviation of its subset estimates) and the held-out loss relative "
               f"to the base (mean over {_bins(found)} timestep bins of the loss ratio; 1 = the base) for each seed "
               f"of the whole finetuning ({', '.join(map(str, seeds))}), and their mean ± spread (half the "
               f"difference of the seeds).", ""]
-    lines += [f"| row | FID {s_cols} | FID mean | KID x1000 {s_cols} | KID mean | loss / base {s_cols} | "
-              f"loss mean | images | merge weights |",
-              "|---|" + "---|" * (3 * len(seeds) + 3) + "---|---|"]
+    lines += _metric_table(table, seeds)
+    lines += _paired_table(table, seeds)
+    lines += _loss_table(table)
+    lines += _searches(table)
+    lines += _provenance(found)
+    return "\n".join(lines) + "\n"
+
+
+def _metric_table(table: list[dict], seeds: list) -> list[str]:
+    """| row | FID per seed | mean | KID per seed | mean | loss / base per seed | mean | images | merge weights |"""
+    s_cols = " | ".join(f"seed {s}" for s in seeds)
+    lines = [f"| row | FID {s_cols} | FID mean | KID x1000 {s_cols} | KID mean | loss / base {s_cols} | "
+             f"loss mean | images | merge weights |",
+             "|---|" + "---|" * (3 * len(seeds) + 3) + "---|---|"]
     for r in table:
         by = {e["seed"]: e for e in r["seeds"]}
         fid = [by[s]["fid"] if s in by else None for s in seeds]
@@ -198,14 +219,20 @@ def render(out: Path, found: list[dict], bench: dict) -> str:
         lines.append(f"| {r['label']} | " + " | ".join(_fmt(x, 2) for x in fid) + f" | {_ms(fid, 2)} | "
                      + " | ".join(kid_cells) + f" | {_ms(kid, 2, 1000)} | " + " | ".join(_fmt(x, 4) for x in loss)
                      + f" | {_ms(loss, 4)} | {images} | {w} |")
-    lines += _paired_table(table, seeds)
-    lines += _loss_table(table)
+    return lines
+
+
+def _searches(table: list[dict]) -> list[str]:
     searches = [e for r in table for e in r["seeds"] if e["search"]]
-    if searches:
-        lines += ["", "Weight searches: " + "; ".join(f"`{e['run']}` {e['search']}" for e in searches)
-                  + " (every candidate and its score: `<run dir>/merged/merge.json`, plotted in "
-                  "`merged/merge-search.png`)."]
-    lines += ["", "Samplers: " + "; ".join(sorted({e["sampler"] for e in found if e["images"]})) + ". Hardware: "
+    if not searches:
+        return []
+    return ["", "Weight searches: " + "; ".join(f"`{e['run']}` {e['search']}" for e in searches)
+            + " (every candidate and its score: `<run dir>/merged/merge.json`, plotted in `merged/merge-search.png`)."]
+
+
+def _provenance(found: list[dict]) -> list[str]:
+    """Samplers, hardware, and each run dir's exact `deme run` with its seconds per stage."""
+    lines = ["", "Samplers: " + "; ".join(sorted({e["sampler"] for e in found if e["images"]})) + ". Hardware: "
               + "; ".join(sorted({e["hardware"] for e in found if e["hardware"]})), ""]
     lines += ["Commands (each run dir's exact `deme run`, from the repository root) and time per stage:", ""]
     seen = set()
@@ -216,7 +243,7 @@ def render(out: Path, found: list[dict], bench: dict) -> str:
         stages = ", ".join(f"{k} {v:.0f}" for k, v in e["stages"].items() if v is not None)
         lines += [f"- `{e['run']}`: `{e['command'] or '?'}`",
                   f"  - seconds per stage, summed over {e['calls']} call(s): {stages or '?'}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def paired(table: list[dict], seeds: list, ref_label: str, key: str) -> dict:
@@ -236,18 +263,21 @@ def paired(table: list[dict], seeds: list, ref_label: str, key: str) -> dict:
     return out
 
 
-def _paired_table(table: list[dict], seeds: list) -> list[str]:
-    cols = [("(a)", "fid", 1.0, 2), ("(b)", "fid", 1.0, 2), ("(a)", "kid", 1000.0, 2), ("(b)", "kid", 1000.0, 2)]
+def _paired_table(table: list[dict], seeds: list, refs: tuple = (("(a)", "(a)"), ("(b)", "(b)")),
+                  what: str = "(a) the base, or minus (b) N = 1") -> list[str]:
+    """Paired differences of FID and KID to each reference row (label prefix, column name) of `refs`."""
+    (ra, na), (rb, nb) = refs
+    cols = [(ra, "fid", 1.0, 2), (rb, "fid", 1.0, 2), (ra, "kid", 1000.0, 2), (rb, "kid", 1000.0, 2)]
     diffs = [paired(table, seeds, ref, key) for ref, key, _, _ in cols]
     labels = [r["label"] for r in table if any(r["label"] in d for d in diffs)]
     if not labels:
         return []
     s_cols = ", ".join(f"seed {s}" for s in seeds)
-    lines = ["", f"Paired differences (< 0: better): each row minus (a) the base, or minus (b) N = 1, on the same "
+    lines = ["", f"Paired differences (< 0: better): each row minus {what}, on the same "
                  f"seed, whose models start from the same sampling noise; per seed ({s_cols}), then mean ± spread. "
                  f"A difference is beyond the seed spread when its mean is larger than its spread and both seeds "
                  f"agree in sign.", "",
-             "| row | FID - (a) | FID - (b) | KID x1000 - (a) | KID x1000 - (b) |", "|---|---|---|---|---|"]
+             f"| row | FID - {na} | FID - {nb} | KID x1000 - {na} | KID x1000 - {nb} |", "|---|---|---|---|---|"]
     for label in labels:
         cells = []
         for (ref, key, scale, digits), d in zip(cols, diffs):
@@ -275,13 +305,13 @@ def mean_curves(table: list[dict]) -> dict:
     return curves
 
 
-def _loss_table(table: list[dict]) -> list[str]:
+def _loss_table(table: list[dict], png: str = LOSS_PNG) -> list[str]:
     curves = mean_curves(table)
     if not curves:
         return []
     bins = next(iter(curves.values()))[0]
     lines = ["", f"Held-out loss by timestep bin, relative to the base (mean over seeds; < 1: better than the base), "
-             f"drawn in `{LOSS_PNG}`:", "",
+             f"drawn in `{png}`:", "",
              "| row | " + " | ".join(f"[{lo}, {hi})" for lo, hi in bins) + " |", "|---|" + "---|" * len(bins)]
     for label, (_, ratio) in curves.items():
         lines.append(f"| {label} | " + " | ".join(f"{x:.4f}" for x in ratio) + " |")
@@ -314,6 +344,134 @@ def plot(table: list[dict], path: Path) -> Path | None:
     return path
 
 
+# --- issue 26 (run.py --suite keep-the-gain): a section of RESULTS.md; the tables above it stay as history ---------
+
+SECTION_BEGIN, SECTION_END = "<!-- keep-the-gain:begin -->", "<!-- keep-the-gain:end -->"
+SECTION = re.compile(re.escape(SECTION_BEGIN) + ".*?" + re.escape(SECTION_END), re.S)
+SECTION_NOTES = re.compile(r"<!-- keep-the-gain-notes:begin -->.*?<!-- keep-the-gain-notes:end -->", re.S)
+HISTORY = "## Earlier: 1,000 samples per model, 2,000 steps (issue 12), kept as it was"
+SECTION_PNG = "keep-the-gain-loss-by-t.png"
+RANGES = ["t in [0, 250)", "t in [250, 500)", "t in [500, 750)", "t in [750, 1000)"]
+# (recipe, model, label): the main rows at 2,000 total finetuning steps, then at 4x the budget
+KTG_ROWS = [
+    ("n1-all-timesteps", "base", "(a) base: pretrained, not finetuned"),
+    ("n1-all-timesteps", "range:0", "(b) N = 1 on all timesteps, 2,000 steps"),
+    ("deme", "ensemble", "(c) DeMe N = 4 x 500 steps, ensemble (= the routed model)"),
+    ("deme", "merged", "(d) DeMe N = 4 x 500 steps, merged, uniform weights"),
+    ("deme-chosen", "merged", "(f) DeMe N = 4 x 500 steps, merged, weights searched by item 1's objective"),
+    ("deme-lora", "ensemble", "(g) DeMe LoRA N = 4 x 500 steps, ensemble (= the routed model)"),
+    *[("deme", f"range:{i}", f"DeMe range model {i} alone, {r}") for i, r in enumerate(RANGES)],
+    *[("deme-lora", f"range:{i}", f"DeMe LoRA range model {i} alone, {r}") for i, r in enumerate(RANGES)],
+]
+KTG_4X_ROWS = [
+    ("n1-all-timesteps", "base", "(a) base: pretrained, not finetuned"),
+    ("n1-all-timesteps-4x", "range:0", "(b4) N = 1 on all timesteps, 8,000 steps"),
+    ("deme-4x", "ensemble", "(c4) DeMe N = 4 x 2,000 steps, ensemble (= the routed model)"),
+    ("deme-4x", "merged", "(d4) DeMe N = 4 x 2,000 steps, merged, uniform weights"),
+    ("deme-4x-chosen", "merged", "(f4) DeMe N = 4 x 2,000 steps, merged, weights searched by item 1's objective"),
+    *[("deme-4x", f"range:{i}", f"DeMe 4x range model {i} alone, {r}") for i, r in enumerate(RANGES)],
+]
+
+
+def _growth_table(main: list[dict], four: list[dict], seeds: list) -> list[str]:
+    """The ensemble's lead over N = 1, and the single models', at 2,000 and at 8,000 total steps (paired, per seed:
+    mean ± spread)."""
+    pairs = [("(c)", "(c4)", "ensemble"), ("(d)", "(d4)", "uniform merge"), ("(f)", "(f4)", "merge of item 1's "
+                                                                                          "objective")]
+    cells = {}
+    for key, scale, digits in (("fid", 1.0, 2), ("kid", 1000.0, 2), ("loss_ratio", 1.0, 4)):
+        d2, d8 = paired(main, seeds, "(b)", key), paired(four, seeds, "(b4)", key)
+        for a, b, _ in pairs:
+            for label, d, tag in [(x, d2, a) for x in d2 if x.startswith(a + " ")] + \
+                                 [(x, d8, b) for x in d8 if x.startswith(b + " ")]:
+                cells[(tag, key)] = _ms(d[label], digits, scale)
+    if not cells:
+        return []
+    lines = ["", "Does the gain grow with the budget? Each model minus N = 1 at the same budget, paired per seed "
+                 "(mean ± spread over seeds; < 0: better than N = 1):", "",
+             "| model | FID - N = 1, 2,000 steps | 8,000 steps | KID x1000 - N = 1, 2,000 steps | 8,000 steps | "
+             "loss / base - N = 1's, 2,000 steps | 8,000 steps |", "|---|---|---|---|---|---|---|"]
+    for a, b, name in pairs:
+        row = [cells.get((t, k), "-") for k in ("fid", "kid", "loss_ratio") for t in (a, b)]
+        lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return lines
+
+
+def render_section(out: Path, found: list[dict], bench: dict) -> str:
+    """The keep-the-gain section (between SECTION_BEGIN and SECTION_END; its own notes block is kept by write)."""
+    main, four = rows(found, KTG_ROWS, others=False), rows(found, KTG_4X_ROWS, others=False)
+    seeds = sorted({e["seed"] for e in found})
+    images = sorted({e["images"] for e in found if e["images"]})
+    ref = next((e["reference"].get("num_images") for e in found if e["reference"]), None)
+    lines = [SECTION_BEGIN, "## Keep the gain: 5,000 samples per model, and 4x the budget (issue 26)", "",
+             f"Produced by `{bench.get('command', '?')}` (started {bench.get('started', '?')}, scale "
+             f"{bench.get('scale', '?')}); benchmark folder `{out}`. "
+             f"{'/'.join(f'{n:,}' for n in images) or '?'} samples per model; FID and KID (x 1000, with the standard "
+             f"deviation of its subset estimates) against all {f'{ref:,}' if ref else '?'} test images; the held-out "
+             f"loss by timestep on "
+             f"the same images, as a ratio to the base (mean over {_bins(found)} bins); seeds "
+             f"{', '.join(map(str, seeds))} of the whole finetuning and their mean ± spread. Row (f)'s weights were "
+             f"searched on `holdout-2k/` (held-out training images), never on the test set.", "",
+             "### At 2,000 total finetuning steps", ""]
+    lines += _metric_table(main, seeds) + _paired_table(main, seeds) + _loss_table(main, SECTION_PNG)
+    if four:
+        lines += ["", "### At 4x the budget: 8,000 total finetuning steps (N = 1 x 8,000; DeMe N = 4 x 2,000)", ""]
+        lines += _metric_table(four, seeds)
+        lines += _paired_table(four, seeds, (("(a)", "(a)"), ("(b4)", "(b4)")), "(a) the base, or minus (b4) N = 1 "
+                               "at 8,000 steps")
+        lines += _loss_table(four, SECTION_PNG) + _growth_table(main, four, seeds)
+    study = Path(out) / "objectives" / "objectives.md"
+    if study.is_file():
+        lines += ["", "### Which search objective ranks merges like FID (item 1): Spearman rank correlation and cost",
+                  "", study.read_text().rstrip()]
+    lines += _searches(main + four)
+    lines += _provenance(found) + [SECTION_END]
+    return "\n".join(lines) + "\n"
+
+
+def plot_section(found: list[dict], path: Path) -> Path | None:
+    """The keep-the-gain rows' loss by timestep: 2,000 steps left, 8,000 right (mean over seeds)."""
+    panels = [("2,000 total steps", mean_curves(rows(found, KTG_ROWS, others=False))),
+              ("8,000 total steps (4x)", mean_curves(rows(found, KTG_4X_ROWS, others=False)))]
+    if not any(c for _, c in panels):
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, layout="constrained", sharey=True)
+    for ax, (title, curves) in zip(axes, panels):
+        ax.axhline(1.0, color="k", lw=1, ls="--")
+        for label, (bins, ratio) in curves.items():
+            if not label.startswith("(a)"):
+                ax.plot([(lo + hi) / 2 for lo, hi in bins], ratio, "o-" if label.startswith("(") else ":",
+                        ms=3, label=label)
+        ax.set_xlabel("timestep t (bin centre)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("held-out loss / base model's loss (mean over seeds)")
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def place_section(text: str, section: str) -> str:
+    """`text` with `section` in place of its keep-the-gain block (its notes block kept), or, the first time, right
+    under the title, with the rest of the file below a heading that marks it as history."""
+    old = SECTION.search(text)
+    notes = SECTION_NOTES.search(old.group(0)) if old else None
+    if notes:
+        head, _, rest = section.partition("\n\n")
+        section = f"{head}\n\n{notes.group(0)}\n\n{rest}"
+    if old:
+        return text[:old.start()] + section.rstrip("\n") + text[old.end():]
+    title, _, rest = text.partition("\n\n")
+    if not title.startswith("# "):
+        return section + ("\n" + text if text else "")
+    return f"{title}\n\n{section.rstrip()}\n\n{HISTORY}\n\n{rest}" if rest else f"{title}\n\n{section}"
+
+
 NOTES = re.compile(r"<!-- notes:begin -->.*?<!-- notes:end -->", re.S)
 
 
@@ -335,13 +493,24 @@ def write(out: Path, dest: Path | None = None) -> Path:
     if smoke and Path(dest).resolve() == RESULTS_MD.resolve():
         raise SystemExit(f"{out} holds a smoke run: its table never goes to {RESULTS_MD}")
     found = collect(out)
-    text = render(out, found, bench)
     dest = Path(dest)
-    plot(rows(found), dest.parent / (LOSS_PNG if dest.name == "RESULTS.md" else f"{dest.stem}-{LOSS_PNG}"))
-    notes = _notes(dest)
-    if notes:                     # the hand-written reading of the numbers stays, right under the title
-        head, _, rest = text.partition("\n\n")
-        text = f"{head}\n\n{notes}\n\n{rest}"
+    old = dest.read_text() if dest.is_file() else ""
+    if bench.get("suite") == "keep-the-gain":     # a section of the file; the rest of it stays as it is
+        plot_section(found, dest.parent / (SECTION_PNG if dest.name == "RESULTS.md" else f"{dest.stem}-{SECTION_PNG}"))
+        section = render_section(out, found, bench)
+        text = place_section(old or "# Fashion-MNIST reproduction benchmark: results" + (
+            " (SMOKE TEST: tiny sizes, the numbers mean nothing)" if smoke else ""), section)
+    else:
+        text = render(out, found, bench)
+        plot(rows(found), dest.parent / (LOSS_PNG if dest.name == "RESULTS.md" else f"{dest.stem}-{LOSS_PNG}"))
+        notes = _notes(dest)
+        if notes:                 # the hand-written reading of the numbers stays, right under the title
+            head, _, rest = text.partition("\n\n")
+            text = f"{head}\n\n{notes}\n\n{rest}"
+        kept = SECTION.search(old)
+        if kept:                  # and so does a keep-the-gain section, above it
+            head, _, rest = text.partition("\n\n")
+            text = f"{head}\n\n{kept.group(0)}\n\n{rest}"
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, dest)

@@ -3,6 +3,7 @@ recipe of benchmarks/fashion-mnist/recipes/ through `deme run`, for each seed of
 
     python benchmarks/fashion-mnist/run.py                  # the full benchmark -> runs/fmnist-bench, RESULTS.md
     python benchmarks/fashion-mnist/run.py --smoke          # the same pipeline shrunk to minutes -> runs/fmnist-bench-smoke
+    python benchmarks/fashion-mnist/run.py --suite keep-the-gain --jobs 2 --threads 1 --nice 19   # issue 26's rows
 
 Run it from the repository root. It is resumable: run the same command again after an interruption and every stage
 that already finished is skipped (`deme run` keeps finished ranges, merges, samples and evals; the data folders are
@@ -22,6 +23,12 @@ Steps:
    DDIM-100; the search: 1,000 DDIM-100 samples per candidate, 5 scales).
 4. results.py: the table, with the mean and spread over seeds and the loss-by-timestep plot of all rows
    (benchmarks/fashion-mnist/RESULTS.md; with --smoke <out>/RESULTS-smoke.md, never RESULTS.md).
+
+--suite keep-the-gain (issue 26; --scale cpu-5k on a CPU: 5,000 samples per model, DDIM-50): n1-all-timesteps, deme,
+deme-lora (its ensemble, the routed model, sampled), n1-all-timesteps-4x and deme-4x (8,000 total finetuning steps);
+then objectives.py (item 1's study, resumable; skipped when its summary is complete) and rows (f), deme-chosen and
+deme-4x-chosen: the range models of deme / deme-4x, merged with weights searched by the study's choice of objective
+(--chosen-objective overrides it). Its table is a section of RESULTS.md; the rest of the file stays as it is.
 """
 from __future__ import annotations
 
@@ -45,14 +52,35 @@ import results  # noqa: E402
 RECIPES = ["n1-all-timesteps", "deme", "deme-searched", "ablation-sampling", "ablation-consistency", "n1-projection",
            "n1-min-snr", "deme-lora"]
 MAIN_RECIPES = ["n1-all-timesteps", "deme", "deme-searched"]     # rows (a)-(e); the others are Table 3's ablations
-DERIVED = {"deme-searched": "deme"}     # recipe -> the recipe whose range models it merges (copied, not retrained)
+# --suite keep-the-gain (issue 26): rows (a)-(d), (f) and the LoRA ensemble at --scale cpu-5k, and 4x the budget
+KEEP_THE_GAIN = ["n1-all-timesteps", "deme", "deme-lora", "deme-chosen", "n1-all-timesteps-4x", "deme-4x",
+                 "deme-4x-chosen"]
+SUITES = {"table": RECIPES, "keep-the-gain": KEEP_THE_GAIN}
+# the suite's run.models where they differ from the recipe's (not a training key: the trained ranges are kept):
+# the LoRA ranges as the routed ensemble, and no second sampling of the base (n1-all-timesteps' has the same seeds)
+SUITE_MODELS = {"keep-the-gain": {"deme-lora": ["ensemble"], "n1-all-timesteps-4x": ["range:0"]}}
+# a run dir that runs another recipe's file with its own --set values (no second copy of the recipe)
+VARIANTS = {
+    # (f): the merge whose weights item 1's objective (objectives.py: its choice, or --chosen-objective) searched on
+    # holdout-2k, coordinate descent over merge.candidates from the uniform average
+    "deme-chosen": ("deme", ['name="deme-chosen"', 'merge.weights="search"', 'merge.search="coordinate"',
+                             'run.models=["merged"]']),
+    "deme-4x-chosen": ("deme-4x", ['name="deme-4x-chosen"', 'merge.weights="search"', 'merge.search="coordinate"',
+                                   'run.models=["merged"]']),
+}
+CHOSEN = {"deme-chosen", "deme-4x-chosen"}     # their search needs objectives.py's choice of objective
+DERIVED = {"deme-searched": "deme",     # recipe -> the recipe whose range models it merges (copied, not retrained)
+           "deme-chosen": "deme", "deme-4x-chosen": "deme-4x"}
 # recipe -> models scored by the loss by timestep only (no samples, so no FID/KID): after its `deme run`, one
 # `deme eval --models <run.models + these> --set eval.metrics=["loss"]` adds them to eval/ and to loss-by-t.png
-LOSS_ONLY = {"deme": ["range:0", "range:1", "range:2", "range:3"],
+# (a merged model only where run.models makes one)
+RANGE_MODELS = ["range:0", "range:1", "range:2", "range:3"]
+LOSS_ONLY = {"deme": RANGE_MODELS, "deme-4x": RANGE_MODELS,
              "ablation-sampling": ["ensemble"], "ablation-consistency": ["ensemble"],
-             "deme-lora": ["ensemble", "range:0", "range:1", "range:2", "range:3"]}
+             "deme-lora": ["ensemble"] + RANGE_MODELS}
 BASELINES = ["n1-min-snr", "deme-lora"]     # issue 17's rows: their table is RESULTS-baselines.md (run.py --only)
 TOTAL_STEPS = 2000          # finetuning steps per recipe, shared by its ranges (equal for every row)
+BUDGET_4X = {"n1-all-timesteps-4x", "deme-4x"}    # 4x TOTAL_STEPS (issue 26, item 4): N = 1 x 8,000, N = 4 x 2,000
 SEARCH_IMAGES = 2000        # holdout-2k: the first images of holdout/, the weight search's reference
 
 FULL = dict(train=55000, holdout=5000, test=10000)
@@ -68,6 +96,9 @@ SCALES = {                  # --scale: what changes between a CPU and a GPU run 
     "gpu": [],
     "cpu": ["sample.num_images=1000", "sample.steps=50", "sample.batch_size=100",
             "merge.search_num_images=250", "merge.scales=[0.5, 1.0, 1.5]"],
+    # issue 26: 5,000 samples per model on the CPU (DDIM-50); the same samples' seeds as "cpu", 4,000 more each
+    "cpu-5k": ["sample.num_images=5000", "sample.steps=50", "sample.batch_size=100",
+               "merge.search_num_images=250", "merge.scales=[0.5, 1.0, 1.5]"],
 }
 
 
@@ -200,86 +231,200 @@ def run_dir_of(out: Path, name: str, seed: int) -> Path:
     return out / (name if seed == 0 else f"{name}-seed{seed}")
 
 
+def recipe_file(name: str) -> Path:
+    """The recipe a run dir's `deme run` reads (a variant's: the recipe it varies)."""
+    return HERE / "recipes" / f"{VARIANTS.get(name, (name,))[0]}.toml"
+
+
+def budget(name: str) -> int:
+    """The recipe's total finetuning steps, over all its ranges."""
+    base = VARIANTS.get(name, (name,))[0]
+    return 4 * TOTAL_STEPS if base in BUDGET_4X else TOTAL_STEPS
+
+
+def deme_sets(name: str, seed: int, *, out: Path, base: str, scale: str, smoke: bool, suite: str = "table",
+              extra: list[str] = ()) -> list[str]:
+    """Every `--set` of run dir (name, seed)'s `deme run`: the data and base paths, the seed, the scale's sizes,
+    the suite's run.models, the variant's own values, smoke sizes, then `extra`. The training values are the
+    recipe's: only paths and seeds are set for them (a run dir trained by `deme train` with the same paths resumes)."""
+    data = out / "data"
+    cfg = tomllib.loads(recipe_file(name).read_text())
+    n = int(cfg["ranges"]["n"])
+    sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
+            f"merge.search_reference={json.dumps(str(data / 'holdout-2k'))}",
+            f"eval.reference={json.dumps(str(data / 'test'))}"]
+    if seed != 0:
+        sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
+    sets += SCALES[scale]
+    models = SUITE_MODELS.get(suite, {}).get(name)
+    if models:
+        sets.append(f"run.models={json.dumps(models)}")
+    sets += VARIANTS.get(name, (name, []))[1]
+    if smoke:
+        sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS * budget(name) // TOTAL_STEPS // n}"]
+    else:
+        assert n * int(cfg["train"]["steps"]) == budget(name), f"{name}: total finetuning steps != {budget(name)}"
+    return sets + list(extra)
+
+
+def chosen_sets(out: Path, chosen: str | None) -> list[str] | None:
+    """The --set values of the search objective item 1's study chose (<out>/objectives/objectives.json, written by
+    objectives.py): its "choice", or the objective named by --chosen-objective; None while the study is not done."""
+    import objectives
+
+    summary = objectives.read_summary(out)
+    if summary is None:
+        return None
+    name = chosen or summary.get("choice")
+    if name not in summary.get("objectives", {}):
+        raise SystemExit(f"--chosen-objective {name!r} is not one of the study's objectives "
+                         f"({', '.join(summary.get('objectives', {}))})")
+    return list(summary["objectives"][name]["sets"])
+
+
+def effective_models(name: str, suite: str) -> list[str]:
+    """run.models of run dir `name` in `suite`: the suite's or variant's value, else the recipe's."""
+    for s in VARIANTS.get(name, (name, []))[1]:
+        if s.startswith("run.models="):
+            return json.loads(s.split("=", 1)[1])
+    return SUITE_MODELS.get(suite, {}).get(name) or tomllib.loads(recipe_file(name).read_text())["run"]["models"]
+
+
+def loss_only_models(name: str, suite: str) -> list[str]:
+    """The models `deme eval` scores by the loss by timestep after the run: run.models and LOSS_ONLY's (a merged
+    model only where run.models makes one), or [] when there are none to add."""
+    models = effective_models(name, suite)
+    extra = [m for m in LOSS_ONLY.get(name, []) if m not in models and (m != "merged" or "merged" in models)]
+    return models + extra if extra else []
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes (300/64/100 images, 4 steps per range, 16 "
                    "samples, DDIM-4, a 4-merge search); writes <out>/RESULTS-smoke.md, never RESULTS.md")
-    p.add_argument("--scale", choices=["auto", "cpu", "gpu"], default="auto", help="gpu: 5,000 samples per model, "
-                   "DDIM-100; cpu: 1,000 samples, DDIM-50, a smaller weight search; auto: gpu when CUDA is available")
+    p.add_argument("--suite", choices=sorted(SUITES), default="table", help="table: every recipe of the main "
+                   "table and Table 3 (RESULTS.md's first table); keep-the-gain (issue 26): rows (a)-(d), (f) and "
+                   "the LoRA ensemble, and 4x the budget, with objectives.py's study before row (f) (a section of "
+                   "RESULTS.md)")
+    p.add_argument("--scale", choices=["auto", *SCALES], default="auto", help="gpu: 5,000 samples per model, "
+                   "DDIM-100; cpu: 1,000 samples, DDIM-50, a smaller weight search; cpu-5k: 5,000 samples, DDIM-50; "
+                   "auto: gpu when CUDA is available, else cpu (cpu-5k for --suite keep-the-gain)")
     p.add_argument("--out", type=Path, default=None, help="benchmark folder (default runs/fmnist-bench, or "
                    "runs/fmnist-bench-smoke with --smoke)")
     p.add_argument("--pretrain-steps", type=int, default=0, help="pretrain a base from scratch for this many steps "
                    "(pretrain.py; CUDA when available) instead of using assets/fmnist-ddpm; 0: use the asset")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds of the whole finetuning (seed s also "
                    "samples from sample.seed = s * 1,000,000)")
-    p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: all)")
+    p.add_argument("--only", default=None, help="comma-separated recipe names to run (default: the suite's)")
     p.add_argument("--threads", type=int, default=None, help="OMP/MKL threads of each child process")
     p.add_argument("--jobs", type=int, default=1, help="run dirs processed side by side (each a `deme run` process, "
                    "its log in <run dir>/deme-run.log); on a 2-core CPU, --jobs 2 --threads 1")
+    p.add_argument("--nice", type=int, default=0, help="add this to the niceness of this script and every child "
+                   "(19: run only when the CPU is otherwise idle)")
     p.add_argument("--parallel", action="store_true", help="every run dir at once (--jobs = their number): for a "
                    "GPU that one tiny model leaves idle")
+    p.add_argument("--chosen-objective", default=None, help="row (f)'s search objective: one of objectives.py's "
+                   "objective names (e.g. loss_by_t_guarded, kid@1000); default: the study's choice")
     p.add_argument("--set", dest="sets", action="append", default=[], help="extra `deme run --set` for every recipe")
     p.add_argument("--dest", type=Path, default=None, help="the table's Markdown file (default: RESULTS.md, or "
                    "RESULTS-baselines.md when --only names baseline recipes only; smoke runs: <out>/RESULTS-smoke.md)")
     args = p.parse_args(argv)
 
+    if args.nice:
+        os.nice(args.nice)                          # inherited by every child process
     out = args.out or Path("runs/fmnist-bench-smoke" if args.smoke else "runs/fmnist-bench")
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    only = set(args.only.split(",")) if args.only else set(RECIPES)
-    unknown = only - set(RECIPES)
+    suite = SUITES[args.suite]
+    only = set(args.only.split(",")) if args.only else set(suite)
+    unknown = only - set(suite)
     if unknown:
-        p.error(f"--only: unknown recipe(s) {sorted(unknown)}; known: {', '.join(RECIPES)}")
+        p.error(f"--only: unknown recipe(s) {sorted(unknown)}; the suite {args.suite} has: {', '.join(suite)}")
     scale = args.scale
     if scale == "auto":
         import torch
-        scale = "gpu" if torch.cuda.is_available() else "cpu"
+        scale = "gpu" if torch.cuda.is_available() else "cpu-5k" if args.suite == "keep-the-gain" else "cpu"
 
     t0 = time.time()
     (out / "benchmark.json").write_text(json.dumps(
-        {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke, "scale": scale, "seeds": seeds,
-         "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": results.hardware(args.threads)}, indent=2) + "\n")
+        {"command": shlex.join(["python", *sys.argv]), "smoke": args.smoke, "scale": scale, "suite": args.suite,
+         "seeds": seeds, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "hardware": results.hardware(args.threads)},
+        indent=2) + "\n")
     data = make_data(out, SMOKE if args.smoke else FULL, env)
-    search_ref = search_subset(data, 32 if args.smoke else SEARCH_IMAGES)
+    search_subset(data, 32 if args.smoke else SEARCH_IMAGES)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
-    chains: dict[tuple, list] = {}       # (seed, the recipe that trains) -> its jobs, in order
-    for name, seed in [(name, seed) for seed in seeds for name in RECIPES if name in only]:
-        recipe = HERE / "recipes" / f"{name}.toml"
-        cfg = tomllib.loads(recipe.read_text())
-        n = int(cfg["ranges"]["n"])
-        run_dir = run_dir_of(out, name, seed)
-        sets = [f"model.pretrained={json.dumps(base)}", f"data.path={json.dumps(str(data / 'train'))}",
-                f"merge.search_reference={json.dumps(str(search_ref))}",
-                f"eval.reference={json.dumps(str(data / 'test'))}"]
-        if seed != 0:
-            sets += [f"seed={seed}", f"sample.seed={seed * 1_000_000}"]
-        sets += SCALES[scale]
-        if args.smoke:
-            sets += SMOKE_SETS + [f"train.steps={SMOKE_TOTAL_STEPS // n}"]
-        else:
-            assert n * int(cfg["train"]["steps"]) == TOTAL_STEPS, f"{recipe}: total finetuning steps != {TOTAL_STEPS}"
-        sets += args.sets
-        rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
-        cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
-        for s in sets:
-            cmd += ["--set", s]
-        src = DERIVED.get(name)
-        key = (seed, src or name)
-        chains.setdefault(key, []).append((name, seed, run_dir, cmd, recipe, sets,
-                                           run_dir_of(out, src, seed) if src else None))
+    def chains_of(names: list[str], extra: list[str]) -> list[list]:
+        """The jobs of these recipes, every seed, grouped into chains: (seed, the recipe that trains) -> in order."""
+        chains: dict[tuple, list] = {}
+        for name, seed in [(name, seed) for seed in seeds for name in suite if name in names]:
+            recipe = recipe_file(name)
+            run_dir = run_dir_of(out, name, seed)
+            sets = deme_sets(name, seed, out=out, base=base, scale=scale, smoke=args.smoke, suite=args.suite,
+                             extra=extra + args.sets)
+            rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
+            cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
+            for s in sets:
+                cmd += ["--set", s]
+            src = DERIVED.get(name)
+            chains.setdefault((seed, src or name), []).append(
+                (name, seed, run_dir, cmd, recipe, sets, run_dir_of(out, src, seed) if src else None))
+        return list(chains.values())
 
-    jobs = [job for chain in chains.values() for job in chain]
+    first = chains_of(sorted(only - CHOSEN), [])
+    jobs = [job for chain in first for job in chain]
     if jobs and not args.smoke:
         # the test set's features once, before the runs start, so that no two runs compute them side by side
         precompute_reference(out, jobs[0][4], jobs[0][5])
-    for name, seed, run_dir, *_ in jobs:
-        seed_reference_cache(out, run_dir)
     failed: list[str] = []
+    run_chains(first, out, env, args, failed)
+    if only & CHOSEN:
+        # row (f): item 1's study (objectives.py, resumable) chooses the objective that searches its weights
+        rc = 0 if objectives_done(out, seeds) else subprocess.call(objectives_cmd(out, args, seeds), env=env)
+        extra = chosen_sets(out, args.chosen_objective) if rc == 0 else None
+        if extra is None:
+            failed.append(f"row (f): objectives.py did not finish (exit {rc}), so no objective was chosen; see "
+                          f"{out / 'objectives'}")
+        else:
+            log(f"row (f): search objective {' '.join(extra)}")
+            run_chains(chains_of(sorted(only & CHOSEN), extra), out, env, args, failed)
+    if failed:
+        log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
+        return 1
+    dest = args.dest
+    if dest is None and not args.smoke and only <= set(BASELINES):
+        dest = results.BASELINES_MD
+    dest = results.write(out, dest)
+    log(f"done in {time.time() - t0:.0f} s; table: {dest}")
+    return 0
+
+
+def objectives_cmd(out: Path, args, seeds: list[int]) -> list[str]:
+    """objectives.py for this benchmark folder, with run.py's own --jobs, --threads and --smoke."""
+    cmd = [sys.executable, str(HERE / "objectives.py"), "--out", str(out), "--seeds", ",".join(map(str, seeds)),
+           "--jobs", str(max(1, args.jobs))]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    return cmd + (["--smoke"] if args.smoke else [])
+
+
+def objectives_done(out: Path, seeds: list[int]) -> bool:
+    import objectives
+
+    summary = objectives.read_summary(out)
+    return summary is not None and sorted(summary.get("seeds", [])) == sorted(seeds) and summary.get("complete")
+
+
+def run_chains(chains: list[list], out: Path, env: dict, args, failed: list[str]) -> None:
+    """Run each chain's jobs in order, --jobs chains side by side; a failed job ends its chain (listed in
+    `failed`)."""
+    for chain in chains:
+        for name, seed, run_dir, *_ in chain:
+            seed_reference_cache(out, run_dir)
     lock = threading.Lock()
 
     def run_chain(chain: list) -> None:
@@ -297,8 +442,8 @@ def main(argv=None) -> int:
             with open(run_dir / "deme-run.log", "a") as logf:
                 log("$ " + shlex.join(cmd) + f"  > {logf.name}")
                 rc = subprocess.call(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
-            if rc == 0 and name in LOSS_ONLY:
-                models = tomllib.loads(recipe.read_text())["run"]["models"] + LOSS_ONLY[name]
+            models = loss_only_models(name, args.suite)
+            if rc == 0 and models:
                 eval_cmd = [("eval" if i == cmd.index("run") else c) for i, c in enumerate(cmd)]
                 eval_cmd += ["--models", ",".join(models), "--set", 'eval.metrics=["loss"]']
                 with open(run_dir / "deme-run.log", "a") as logf:
@@ -311,10 +456,11 @@ def main(argv=None) -> int:
                 return
 
     width = len(chains) if args.parallel else max(1, args.jobs)
-    # the main rows (a)-(e) before the ablation rows, so that on a CPU the rows that settle the question finish first
-    # and an interrupted run is missing ablation seeds, not main ones; within each, the chains that still train and
-    # the longer chains first (they set the wall time when run side by side), then by seed
-    queue = sorted(chains.values(), key=lambda c: (c[0][0] not in MAIN_RECIPES, is_trained(c[0][2]), -len(c), c[0][1]))
+    # the main rows before the others, so that on a CPU the rows that settle the question finish first and an
+    # interrupted run is missing ablation seeds, not main ones; within each, the chains that still train and the
+    # longer chains first (they set the wall time when run side by side), then by seed
+    queue = sorted(chains, key=lambda c: (c[0][0] not in MAIN_RECIPES + KEEP_THE_GAIN[:3], is_trained(c[0][2]),
+                                          -len(c), c[0][1]))
     threads = []
     for _ in range(min(width, len(queue))):
         def worker():
@@ -329,15 +475,6 @@ def main(argv=None) -> int:
         threads.append(th)
     for th in threads:
         th.join()
-    if failed:
-        log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
-        return 1
-    dest = args.dest
-    if dest is None and not args.smoke and only <= set(BASELINES):
-        dest = results.BASELINES_MD
-    dest = results.write(out, dest)
-    log(f"done in {time.time() - t0:.0f} s; table: {dest}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..engine import model_card
+from ..engine import freshness, model_card
 from ..engine.base import Base, resolve_base
 from ..engine.clip import clip_score, load_clip
 from ..engine.errors import UsageError
@@ -51,13 +51,17 @@ def _plan(e: EvalSection, requested: int, run: RunDir, models: Sequence[str], al
         if not have:
             raise UsageError(f"no samples for model '{m}' in '{folder}'; run 'deme sample RECIPE --model {m}' first")
         idx = sorted(k for k in have if k < requested)
+        meta = read_record(folder / SAMPLES_JSON, f"run 'deme sample RECIPE --model {m} --force' to make the samples "
+                                                  f"again") if (folder / SAMPLES_JSON).is_file() else {}
+        if len(idx) < requested and not allow_fewer and meta.get("complete") is False:
+            raise UsageError(f"the samples of '{m}' are incomplete ({len(idx)} of {requested} images: a 'deme "
+                             f"sample' was stopped); run 'deme sample RECIPE --model {m}' to finish them, or pass "
+                             f"--allow-fewer")
         if len(idx) < requested and not allow_fewer:
             raise UsageError(f"'{folder}' holds {len(idx)} of the {requested} images to score; run 'deme sample' "
                              f"with sample.num_images = {requested}, or pass --allow-fewer")
         if not idx:
             raise UsageError(f"'{folder}' holds no images numbered below {requested}")
-        meta = read_record(folder / SAMPLES_JSON, f"run 'deme sample RECIPE --model {m} --force' to make the samples "
-                                                  f"again") if (folder / SAMPLES_JSON).is_file() else {}
         if "clip" in e.metrics:
             prompts = meta.get("prompts")
             if not prompts or len(prompts) <= idx[-1]:
@@ -75,9 +79,6 @@ def _old_result(path: Path) -> dict:
         return {}
 
 
-_PER_CALL = ("time_s", "images_per_s", "created", "generated", "skipped")  # samples.json keys of one sample call
-
-
 def _fingerprint(job: _Job, e: EvalSection, seed: int, reference: Optional[str],
                  extractor_id: Optional[str]) -> Optional[str]:
     """Inputs that determine an eval result; None when they cannot be pinned down (then it is always recomputed)."""
@@ -87,14 +88,13 @@ def _fingerprint(job: _Job, e: EvalSection, seed: int, reference: Optional[str],
     if reference and Path(reference).expanduser().exists():
         p = Path(reference).expanduser()
         ref_id = _file_key(p) if p.is_file() else [_file_key(Path(f)) for f in image_files(p)]
-    # samples.json is rewritten by every `deme sample` call; its per-call bookkeeping (how many images this call made
-    # or kept, how long it took, the ensemble's calls per range) says nothing about the images, so it is left out:
-    # otherwise re-running `deme run` re-scores every model once after its samples were made
-    samples = {k: v for k, v in job.samples.items() if k not in _PER_CALL}
-    if isinstance(samples.get("model_info"), dict):
-        samples["model_info"] = {k: v for k, v in samples["model_info"].items() if k != "calls_per_range"}
-    blob = {"samples": samples,
-            "files": [_file_key(Path(f)) for f in job.files], "reference": ref_id, "extractor": extractor_id,
+    # samples.json is rewritten by every `deme sample` call; its per-call bookkeeping says nothing about the images, so
+    # it is left out (freshness.samples_key): otherwise re-running `deme run` re-scores every model once
+    blob = {"samples": freshness.samples_key(job.samples, job.files),
+            # each image by its name, size and mtime, not its absolute path: a run moved elsewhere (times kept) is not
+            # scored again
+            "files": [[Path(f).name, Path(f).stat().st_size, Path(f).stat().st_mtime_ns] for f in job.files],
+            "reference": ref_id, "extractor": extractor_id,
             "mode": e.mode, "metrics": [m for m in e.metrics if m in SAMPLE_METRICS],
             "clip": e.clip_model,
             "seed": seed}
@@ -152,17 +152,26 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
     clip = None
     old = {m: _old_result(run.eval_json(m)) for m in models}
     fps = {job.model: _fingerprint(job, e, seed, e.reference if need_ref else None, ext_id) for job in jobs}
-    for job in jobs:        # the images to score can be read, before any network or reference is loaded
-        if force or fps[job.model] is None or old[job.model].get("fingerprint") != fps[job.model]:
+    folders = {m: freshness.model_folders(run, m, base.folder, merge.use_ema, ranges.n) for m in models}
+    made = {job.model: _made_by(job, run, folders[job.model], old[job.model].get("model_files")) for job in jobs}
+    same = {job.model: not force and fps[job.model] is not None and old[job.model].get("fingerprint") == fps[job.model]
+            for job in jobs}
+    todo = [job for job in jobs if not (same[job.model] and _recorded(old[job.model], made[job.model]))]
+    _check_made_by_now(base, run, todo, spec_settings(ranges, merge, data))    # refuses before anything is written
+    for job in todo:        # the images to score can be read, before any network or reference is loaded
+        if not same[job.model]:
             check_readable(job.files)
 
     ref = None
     results, scored = {m: dict(old[m]) for m in models}, []     # scored: the models computed now, not reused
+    recorded = []           # reused results that now also record what they scored (written, not scored)
     for job in jobs:
         fp = fps[job.model]
-        prev = old[job.model]
-        if not force and fp is not None and prev.get("fingerprint") == fp:
+        if same[job.model]:
             ui.info(f"eval {job.model}: up to date ({run.eval_json(job.model)}); --force recomputes it")
+            if any(old[job.model].get(k) != v for k, v in made[job.model].items()):   # new, or files' times moved
+                results[job.model].update(made[job.model])
+                recorded.append(job.model)
             continue
         if extractor is None:
             extractor = load_extractor(e.feature_extractor, e.mode, device) if need_ref \
@@ -199,7 +208,7 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
                         + (("guidance_scale", "negative_prompt", "prompt_source") if "prompts" in s else ())},
             "model_hash": (s.get("settings") or {}).get("model_hash"), "kid_seed": seed, "notes": notes,
             "time_s": round(time.time() - t0, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "fingerprint": fp,
+            "fingerprint": fp, **made[job.model],
         })
         for n in notes:
             ui.warn(n)
@@ -221,11 +230,49 @@ def evaluate(base: Base,                           # the base: the loss ratio's 
         if r.get("loss_by_t"):
             metrics["loss_ratio"] = r["loss_by_t"]["ratio_mean"]
         r["metrics"] = metrics
-        if m in scored:
+        if m in scored or m in recorded:
             write_json(run.eval_json(m), r)
     model_card.update(run, base, models)                 # the results in the cards of merged/ and range folders
-    return {"reference": e.reference, "mode": e.mode, "results": results, "scored": scored,
-            **({"loss_plot": loss_plot} if loss_plot else {})}
+    shown = {m: freshness.current(run, {**results[m], "model": m}) for m in models}   # only what is current
+    return {"reference": e.reference, "mode": e.mode, "results": {m: r for m, (r, _) in shown.items()},
+            "stale": {m: {part: {"why": v.why, "command": v.command} for part, v in st.items()}
+                      for m, (_, st) in shown.items() if st},
+            "scored": scored, **({"loss_plot": loss_plot} if loss_plot else {})}
+
+
+def _made_by(job: _Job, run: RunDir, folders: list[Path], previous: Optional[dict]) -> dict:
+    """What a result of the samples scores records about them (freshness.py): the samples' identity and the files of
+    the model folders they were made from (none for images deme did not make: no model hash ties them to a model)."""
+    made_by_deme = (job.samples.get("settings") or {}).get("model_hash") is not None
+    return {"samples_key": freshness.samples_key(job.samples, job.files),
+            "model_files": freshness.signature(folders, run.root, previous) if made_by_deme else {}}
+
+
+def _recorded(prev: dict, made: dict) -> bool:
+    """The earlier result records these samples and these model files (same content)."""
+    def content(sig: dict) -> dict:
+        return {k: {f: v[2] for f, v in files.items()} for k, files in (sig or {}).items()}
+
+    return prev.get("samples_key") == made["samples_key"] and \
+        content(prev.get("model_files")) == content(made["model_files"])
+
+
+def _check_made_by_now(base: Base, run: RunDir, jobs: Sequence[_Job], specs: dict) -> None:
+    """Refuse (UsageError) samples that another model made than the one on disk now (merged or trained again since):
+    their scores would be shown as this model's. Loads each model once for its hash."""
+    import torch
+
+    from ..engine.model_specs import load_unets
+
+    for job in jobs:
+        made_by = (job.samples.get("settings") or {}).get("model_hash")
+        if made_by is None:                 # images deme did not make (no samples.json): nothing to compare
+            continue
+        now = load_unets(base, run, job.model, torch.device("cpu"), **specs).identity.get("hash")
+        if now != made_by:
+            raise UsageError(f"the samples in '{job.folder}' were made by another {job.model} model than the one on "
+                             f"disk now (it was merged or trained again since); run 'deme sample RECIPE --model "
+                             f"{job.model} --force' to sample it again")
 
 
 def _version(dist: str) -> Optional[str]:

@@ -139,14 +139,15 @@ def train_local(recipe, run, gpus: str = "auto", per_range: int = 1, force: bool
 
     slots = device_slots(gpus, per_range, check=True)
     # ranges.json exists before any job starts: no job computes it
-    ranges = load_ranges(resolve_base(recipe.model, recipe.train.device), recipe.ranges, run)
+    base = resolve_base(recipe.model, recipe.train.device)
+    ranges = load_ranges(base, recipe.ranges, run)
     recipe_file = write_launch_recipe(recipe, run)
     jobs, kept = [], {}
     inputs = range_inputs(**stage_kwargs(range_inputs, recipe))
     for r in ranges:
         meta = None if force else finished_meta(recipe.train, run, r, inputs)   # refused when made otherwise
         if meta is not None:
-            reexport_if_stale(run, r)
+            reexport_if_stale(run, r, base)
             kept[r.index] = meta
             continue
         jobs.append(Job(f"range {r.index}", _range_args(recipe_file, r.index, force), run.range_dir(r.index) /

@@ -19,8 +19,12 @@ the merged tensors are written as they are computed (`safetensors_stream`), in f
 gives back that range's weights exactly. Peak memory: about one model plus a few tensors, not N + 1 models
 (benchmarks/merge_memory.py measures it).
 
-Output: `<run>/merged/` in the format of a range's `final/` (unet/ with the base UNet's config.json, projection
-.safetensors, deme.json) plus merge.json (method, weights, density/seed where used, the range models and their
+merge.method = "routed" (`--method routed`) combines no task vectors: merged/ keeps the N range models as one model
+that routes each call to the range model owning t (the timestep-wise ensemble, Eq. 7; engine/routed.py); weights do
+not apply (a search is refused, a weight list ignored with a note).
+
+Output: `<run>/merged/`, a diffusers pipeline folder like a range's `final/` (engine/pipeline_folders.py), plus
+merge.json (method, weights, density/seed where used, the range models and their
 identities, the search log) and, once it is in place, README.md (a model card: engine/model_card.py). merged/ is written
 to a temporary folder and renamed, so an existing merged/ is only replaced by a complete new one. Re-running with the
 same settings and unchanged range models skips the merge (merge.json's "fingerprint"); the same settings on retrained
@@ -40,10 +44,15 @@ from typing import Optional
 from ..engine import locks, model_card, provenance, ui
 from ..engine.base import Base, resolve_base
 from ..engine.merge_methods import MergeSpec, get_method
-from ..engine.models import META_FILE, UNET_WEIGHTS
+from ..engine.models import META_FILE
+from ..engine.pipeline_folders import is_model_folder
 from ..engine.recipe import (DataSection, EvalSection, MergeSection, RangesSection, SampleSection, TrainSection,
                              stage_kwargs)
+from ..engine.exports import upgrade
+from ..engine.ranges import Range
+from ..engine.routed import check_weights, write_routed_folder
 from ..engine.runs import RunDir, read_json
+from ..engine.splitting import load_ranges
 from ..engine.task_vectors import MERGE_JSON, load_inputs, resolve_weights, write_merged_folder
 
 
@@ -57,7 +66,7 @@ def _fingerprint(settings: dict) -> str:
 
 def _previous(run: RunDir) -> Optional[dict]:
     f = run.merged / MERGE_JSON
-    if not (f.is_file() and (run.merged / "unet" / UNET_WEIGHTS).is_file() and (run.merged / META_FILE).is_file()):
+    if not (f.is_file() and is_model_folder(run.merged) and (run.merged / META_FILE).is_file()):
         return None
     try:
         return read_json(f)
@@ -100,8 +109,12 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
 
     n = ranges.n
     spec = MergeSpec.from_section(merge)
-    get_method(spec.method)
+    routed = get_method(spec.method).routed
     search = merge.weights == "search"
+    check_weights(merge)
+    if routed and isinstance(merge.weights, list):
+        ui.info("merge.weights is ignored by merge.method = \"routed\": each denoising step uses the one range "
+                "model that owns t")
     start = resolve_weights(start if search and start is not None else merge.weights, n,
                             "--weights" if start is not None else "merge.weights")
     setup = SearchSetup.from_sections(base, merge=merge, sample=sample, eval=eval, data=data, train=train, seed=seed)
@@ -112,6 +125,8 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
         from ..engine.weight_search import check_search, search_settings
         check_search(setup, n)
         settings["search"] = search_settings(setup, n, start)
+    elif routed:
+        settings["routing"] = [[r.lo, r.hi] for r in load_ranges(base, ranges, run)]
     else:
         settings["weights"] = start
     fingerprint = _fingerprint(settings)
@@ -120,6 +135,9 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
         prev = _previous(run)
         if prev is not None and not force:
             if prev.get("fingerprint") == fingerprint:
+                if main and upgrade(run.merged, base.folder):
+                    ui.info(f"rewrote {run.merged} as a diffusers pipeline folder (the same weights; deme's older "
+                            f"folder layout)")
                 ui.info(f"{run.merged} already holds this merge (same settings, same range models); --force merges "
                         f"again")
                 return {**prev, "skipped": True, "merged": str(run.merged)}
@@ -127,7 +145,7 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
             provenance.refuse_changed(f"'{run.merged}'", _recorded_choice(prev),
                                       provenance.flatten(_chosen(settings), "merge."))
         t0 = time.time()
-        log, final = None, start
+        log, final = None, (None if routed else start)
         journal = None
         if search:
             from ..engine.weight_search import Journal, search_weights
@@ -163,6 +181,8 @@ def _write(base: Base, run: RunDir, inputs, spec, final: list[float], log: Optio
     """Write merged/ with the weights `final` (and the search `log`); returns merge.json."""
     method = get_method(spec.method)
     record = {**spec.describe(), "weights": final, "use_ema": use_ema,
+              **({"routing": settings["routing"], "adapter": "lora" if inputs.ranges[0].is_lora else "full"}
+                 if method.routed else {}),
               "base": {"pretrained": base.pretrained, "base_hash": inputs.base_hash},
               "ranges": settings["ranges"], "projection": inputs.has_projections, "search": log,
               "recipe": name, "fingerprint": fingerprint, "settings": _chosen(settings), "summary": method.summary}
@@ -170,6 +190,10 @@ def _write(base: Base, run: RunDir, inputs, spec, final: list[float], log: Optio
             "weights": final, "use_ema": use_ema, "projection": inputs.has_projections,
             "ranges": [{"index": r.index, **({k: r.meta["range"][k] for k in ("lo", "hi")} if r.meta.get("range")
                                              else {})} for r in inputs.ranges]}
-    write_merged_folder(inputs, final, spec, run.merged, meta, record)
+    if method.routed:
+        owned = [Range(i, lo, hi) for i, (lo, hi) in enumerate(settings["routing"])]
+        write_routed_folder(inputs, owned, run.merged, {**meta, "routing": settings["routing"]}, record)
+    else:
+        write_merged_folder(inputs, final, spec, run.merged, meta, record)
     model_card.update(run, base, ["merged"])            # merged/README.md
     return record

@@ -127,6 +127,10 @@ def check_needs(recipe, base, run: RunDir, models: list[str], force: bool = Fals
         base.device          # train.device: "cuda" on a machine without CUDA is refused here
         check_training_needs(base, run, data=recipe.data, ranges=recipe.ranges, train=recipe.train, deme=recipe.deme,
                              force=force)
+        if "merged" in models:
+            from ..engine.routed import check_weights
+
+            check_weights(recipe.merge)
         if "merged" in models and recipe.merge.weights == "search":
             from ..engine.search_objectives import SearchSetup
             from ..engine.weight_search import check_search
@@ -150,6 +154,14 @@ def _report(recipe, run: RunDir, recipe_arg: str) -> Optional[dict]:
                 f"`deme report {recipe_arg}` tries again")
         return None
     return {"html": r["html"], "markdown": r["markdown"]}
+
+
+def _take_away(run: RunDir, recipe_arg: str) -> Optional[dict]:
+    """Which model to take away, from the run's current eval numbers (engine/take_away.py; the report's first
+    table)."""
+    from ..engine.report_data import collect
+
+    return collect(run, recipe_arg)["take_away"]
 
 
 def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Callable] = None,
@@ -189,8 +201,9 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
                        "work_seconds": record["stages"][stage.name]["seconds"]})
         write_json(record_file, record)  # after the stage: an interrupted stage is simply redone (and resumes)
 
-    results = (eval_result or {}).get("results", {})
-    return {"run": str(run.root), "stages": stages, "report": _report(recipe, run, recipe_arg),
+    results = (eval_result or {}).get("results", {})      # current numbers only (evaluate passes them through
+    return {"run": str(run.root), "stages": stages, "report": _report(recipe, run, recipe_arg),   # freshness)
+            "stale": (eval_result or {}).get("stale", {}), "take_away": _take_away(run, recipe_arg),
             "models": {m: {"metrics": results.get(m, {}).get("metrics", {}),
                            "num_images": results.get(m, {}).get("num_images"),
                            **({"loss_by_t": results[m]["loss_by_t"]} if results.get(m, {}).get("loss_by_t") else {})}

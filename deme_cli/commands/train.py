@@ -14,7 +14,9 @@ line per optimizer step; also sent to train.log_with's tracker, whose files go t
 false), final-raw/ (raw weights), recipe.resolved.toml. Re-running continues from the newest intact checkpoint; a
 finished range is skipped unless forced, and refused when it was made from other recipe values (its deme.json
 records them: provenance.py). One process at a time trains a range (locks.py). SIGTERM, SIGINT and SIGUSR1 stop at
-the next step boundary after a checkpoint (interrupts.py); a NaN or infinite loss, grad norm or weight stops training
+the next step boundary after a checkpoint (interrupts.py); one that comes during the last step or its checkpoint stops
+before the export (the re-run only exports), one during the export stops once it is written, and no next range
+starts; a NaN or infinite loss, grad norm or weight stops training
 with exit 1, keeping the last good checkpoint.
 
 The stage is `train_ranges(base, run, data=..., ranges=..., train=..., deme=..., seed=..., name=...)`; `run_train`
@@ -164,16 +166,25 @@ def finished_meta(train: TrainSection, run: RunDir, r: Range, inputs: dict) -> O
     return meta
 
 
-def reexport_if_stale(run: RunDir, r: Range) -> bool:
+def reexport_if_stale(run: RunDir, r: Range, base: Base) -> bool:
     """Re-export a finished range's final/ that was exported before the EMA fix (exports.py) from its last
-    checkpoint, saying so in one line; True when it did. UsageError when no checkpoint is left to do it from."""
+    checkpoint, or rewrite final/ and final-raw/ of the older folder layout as pipeline folders
+    (exports.upgrade), saying so in one line; True when it did. UsageError when no checkpoint is left to
+    re-export from."""
     # under accelerate launch only the main process rewrites the folder; the others see it finished
-    if not exports.is_stale(run.final(r.index)) or int(os.environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return False
-    ck = exports.reexport(run, r.index)
-    ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA weights "
-            f"from checkpoints/{ck.name} without training")
-    return True
+    if exports.is_stale(run.final(r.index)):
+        ck = exports.reexport(run, r.index, base.folder)
+        ui.info(f"range {r.index}: final/ held the raw weights (exported before the EMA fix); re-exported the EMA "
+                f"weights from checkpoints/{ck.name} without training")
+        return True
+    upgraded = [f.name for f in (run.final(r.index), run.final(r.index, ema=False))
+                if f.is_dir() and exports.upgrade(f, base.folder)]
+    if upgraded:
+        ui.info(f"range {r.index}: rewrote {' and '.join(upgraded)} as diffusers pipeline folders (the same weights; "
+                f"deme's older folder layout), without training")
+    return bool(upgraded)
 
 
 def range_inputs(*, data: DataSection, ranges: RangesSection, train: TrainSection, deme: DemeSection,
@@ -236,7 +247,7 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
         metrics.unlink(missing_ok=True)
     meta = finished_meta(train, run, r, inputs)
     if meta is not None:
-        if not reexport_if_stale(run, r):
+        if not reexport_if_stale(run, r, base):
             ui.info(f"range {r.index} is already trained for {tr.steps} steps ({run.final(r.index)}); "
                     f"use --force to train it again")
         return _summary(r, tr.steps, meta.get("loss"), run.final(r.index), skipped=True)
@@ -264,35 +275,54 @@ def _train_range(base: Base, run: RunDir, r: Range, inputs: dict, *, data: DataS
         previews = None if not (main and tr.preview_every) else Previews(
             base, trainer, train=tr, sample=preview_sample or SampleSection(), seed=seed, resolution=data.resolution,
             folder=rdir / PREVIEW_DIR)
-        with tracking.started(trainer.acc, name, f"range-{r.index}", {**inputs, "range.lo": r.lo, "range.hi": r.hi},
-                              trainer.step):
-            _fit(trainer, r, tr, ckpt_dir, metrics, main, previews)
+        # A signal from here on stops the range at its next safe point (interrupts.py), never lost: after a step
+        # (with a checkpoint), after the last step's checkpoint (before the export), or after the export.
+        with interrupts.deferred() as stop:
+            with tracking.started(trainer.acc, name, f"range-{r.index}",
+                                  {**inputs, "range.lo": r.lo, "range.hi": r.hi}, trainer.step):
+                _fit(trainer, r, tr, ckpt_dir, metrics, main, stop, previews)
+            if trainer.any_process(stop.signum is not None):   # it came during the last step or its checkpoint:
+                # the export (for Stable Diffusion, GBs) is left to the re-run, which resumes there and only exports
+                raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
+                    f"range {r.index} stopped by {_signal_name(stop)} after its last step ({trainer.step} of "
+                    f"{tr.steps}); checkpoint written to {ckpt_dir / checkpoints.step_dirname(trainer.step)}; re-run "
+                    f"the same command to write final/ from it"))
 
-        # Save the final models: EMA (or raw) in final/, raw in final-raw/.
-        loss = _recent_loss(metrics) if main else None
-        if main:
-            raw, ema = trainer.final_states()
-            meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
-                    "recipe": name, "ema": ema is not None, "projection": deme.projection,
-                    "deme": deme.model_dump(), "loss": loss, "inputs": inputs, "environment": environment.describe()}
-            trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
-            trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
-                           ema if ema is not None else raw, base.folder)
-            model_card.update(run, base, [f"range:{r.index}"])     # README.md of final/ and final-raw/
-    trainer.acc.wait_for_everyone()
+            # Save the final models: EMA (or raw) in final/, raw in final-raw/.
+            loss = _recent_loss(metrics) if main else None
+            if main:
+                raw, ema = trainer.final_states()
+                meta = {"range": r.as_dict(), "T": base.T, "steps": trainer.step, "base_hash": trainer.base_hash,
+                        "recipe": name, "ema": ema is not None, "projection": deme.projection,
+                        "deme": deme.model_dump(), "loss": loss, "inputs": inputs,
+                        "environment": environment.describe()}
+                trainer.export(run.final(r.index, ema=False), {**meta, "weights": "raw"}, raw, base.folder)
+                trainer.export(run.final(r.index), {**meta, "weights": "ema" if ema is not None else "raw"},
+                               ema if ema is not None else raw, base.folder)
+                model_card.update(run, base, [f"range:{r.index}"])     # README.md of final/ and final-raw/
+            trainer.acc.wait_for_everyone()
+            if trainer.any_process(stop.signum is not None):   # it came during the export: that is finished
+                raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
+                    f"range {r.index} finished ({run.final(r.index)} written) and stopped by {_signal_name(stop)} "
+                    f"before anything after it; re-run the same command to continue"))
     return _summary(r, trainer.step, loss, run.final(r.index), skipped=False)
 
 
+def _signal_name(stop: interrupts.StopFlag) -> str:
+    return stop.name or "a signal to another process"
+
+
 def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metrics: Path, main: bool,
-         previews: Optional[Previews] = None) -> None:
+         stop: interrupts.StopFlag, previews: Optional[Previews] = None) -> None:
     """Train to tr.steps, logging every step (metrics.jsonl, with the seconds since this process started training:
     elapsed_s; and the tracker), previewing every tr.preview_every (the
-    main process; the others wait) and checkpointing every tr.checkpoint_every. A signal (interrupts.py)
-    stops at the next step boundary, after a checkpoint of that step; a NaN or infinite loss or grad norm, or weights
-    that overflowed, stop without writing one (the last good one is kept)."""
+    main process; the others wait) and checkpointing every tr.checkpoint_every. A signal (`stop`, set inside
+    interrupts.deferred) stops at the next step boundary, after a checkpoint of that step; one that comes after the
+    last step's boundary is the caller's to act on. A NaN or infinite loss or grad norm, or weights that overflowed,
+    stop without writing a checkpoint (the last good one is kept)."""
     desc = f"range {r.index} [{r.lo}, {r.hi})"
     with (ui.progress(desc, total=tr.steps, start=trainer.step, unit="step", every=tr.log_every) if main
-          else nullcontext()) as bar, interrupts.deferred() as stop, \
+          else nullcontext()) as bar, \
             (open(metrics, "a") if main else nullcontext()) as log:
         def record(pending) -> None:
             line = {**pending(), "elapsed_s": round(time.time() - t0, 3)}
@@ -331,6 +361,6 @@ def _fit(trainer: RangeTrainer, r: Range, tr: TrainSection, ckpt_dir: Path, metr
                 if stopping:
                     saved = ckpt_dir / checkpoints.step_dirname(trainer.step)
                     raise interrupts.Interrupted(stop.signum or signal.SIGTERM, (
-                        f"range {r.index} stopped by {stop.name or 'a signal to another process'} at step "
+                        f"range {r.index} stopped by {_signal_name(stop)} at step "
                         f"{trainer.step} of {tr.steps}; checkpoint written to {saved}; re-run the same command to "
                         f"resume from it"))

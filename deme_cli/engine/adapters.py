@@ -11,25 +11,25 @@ That delta is the range's task vector on W (tau_i = theta_i - theta of Eq. 8); e
 `deme merge` merges those deltas by any method into a full UNet (task_vectors.py), and a range model is sampled as
 the base with its deltas added (`load_lora_model`).
 
-A LoRA range folder (`ranges/<i>/final/`, `final-raw/`) holds, instead of `unet/`:
-    lora/adapter_model.safetensors   the adapter weights in peft's format (base_model.model.<module>.lora_A.weight, ...)
-    lora/adapter_config.json         peft's LoraConfig (rank, alpha, target modules): with the safetensors file, what
-                                     peft.PeftModel.from_pretrained(unet, "lora/") loads
-    projection.safetensors, deme.json   as in a full folder; deme.json's "adapter" says kind, rank, alpha, scale,
-                                     target modules, and "base_model" names the base's folder
+A LoRA range folder (`ranges/<i>/final/`, `final-raw/`) is a pipeline folder (pipeline_folders.py) whose unet/ is a
+DemeUNet: unet/base/ (hard links to the base UNet's files), unet/model-0/lora.safetensors (<module>.lora_A.weight,
+<module>.lora_B.weight) and, with projections, unet/model-0/projection.safetensors; so
+`DiffusionPipeline.from_pretrained(final, trust_remote_code=True)` gives the range model. Stable Diffusion range
+models also hold pytorch_lora_weights.safetensors, diffusers' own LoRA file (`pipe.load_lora_weights(final)` on the
+base pipeline; with projections that is not the whole range model). deme.json's "adapter" says kind, rank, alpha,
+scale, target modules, and "base_model" names the base's folder. Folders of the older layout hold lora/ (peft's
+adapter_model.safetensors, base_model.model.<module>.lora_A.weight, ...) and projection.safetensors instead; deme
+reads them too.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from .errors import UsageError
 
 ADAPTERS = ("full", "lora")
-LORA_DIR = "lora"
-LORA_WEIGHTS = "adapter_model.safetensors"
-LORA_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"
 # Target modules when deme.lora_targets is unset, by UNet class. Stable Diffusion: the attention projections, as
 # diffusers' LoRA training scripts do. Pixel UNets (DDPM): those, and the ResNet blocks' two 3x3 convolutions, which
@@ -105,85 +105,52 @@ def meta(config) -> dict:
 
 # --- folders -----------------------------------------------------------------------------------------------------
 
-PEFT_PREFIX = "base_model.model."   # what peft.PeftModel's save_pretrained puts before a module name
-
-
-def to_peft_key(key: str) -> str:
-    """'x.conv1.lora_A.default.weight' (a UNet parameter name) -> 'base_model.model.x.conv1.lora_A.weight' (the keys
-    of peft's adapter_model.safetensors: PeftModel.from_pretrained(unet, folder) loads them)."""
-    return PEFT_PREFIX + key.replace(f".lora_A.{ADAPTER_NAME}.", ".lora_A.").replace(f".lora_B.{ADAPTER_NAME}.",
-                                                                                       ".lora_B.")
-
-
-def write_lora(folder: Path, lora_sd: dict, adapter: dict, base_model: str) -> None:
-    """lora/adapter_model.safetensors (peft's keys) and lora/adapter_config.json in `folder`."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    d = Path(folder) / LORA_DIR
-    d.mkdir(parents=True, exist_ok=True)
-    save_file({to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in lora_sd.items()},
-              str(d / LORA_WEIGHTS), metadata={"format": "pt"})
-    config = LoraConfig(r=adapter["rank"], lora_alpha=adapter["alpha"], target_modules=adapter["target_modules"],
-                        base_model_name_or_path=base_model)
-    config.save_pretrained(str(d))
-
-
-def is_lora_folder(folder: Path) -> bool:
-    return (Path(folder) / LORA_DIR / LORA_WEIGHTS).is_file()
-
-
 def lora_modules(shapes: dict) -> dict[str, tuple]:
-    """{UNet module: (A key, B key)} of a peft-format adapter's tensor names (`shapes`: name -> shape; with or without
-    peft's "base_model.model." prefix), checked complete."""
-    out = {}
-    for k in shapes:
-        if k.endswith(".lora_A.weight"):
-            b = k[: -len(".lora_A.weight")] + ".lora_B.weight"
-            mod = k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k
-            mod = mod[: -len(".lora_A.weight")]
-            if b not in shapes:
-                raise UsageError(f"the adapter has '{k}' but no '{b}'; retrain the range")
-            out[mod] = (k, b)
-    if len(out) * 2 != len(shapes):
-        odd = sorted(set(shapes) - {x for pair in out.values() for x in pair})
-        raise UsageError(f"the adapter holds tensors that are not LoRA pairs (e.g. '{odd[0]}'); retrain the range")
-    return out
+    """{UNet module: (A key, B key)} of an adapter's tensor names (`shapes`: name -> shape; peft's keys with or without
+    the "base_model.model." prefix, or a DemeUNet's), checked complete (deme_unet.lora_keys)."""
+    from .deme_unet import lora_keys
+
+    try:
+        return lora_keys(list(shapes))
+    except ValueError as e:
+        raise UsageError(f"{e}; retrain the range") from None
 
 
 def delta_shape(a_shape: tuple, b_shape: tuple) -> tuple:
     """The shape of B @ A's weight delta: (out, in) for a Linear, (out, in, k, k) for a Conv2d."""
-    return (b_shape[0],) + tuple(a_shape[1:])
+    from .deme_unet import delta_shape as shape
+
+    return shape(a_shape, b_shape)
 
 
 def delta(a, b, scale: float):
-    """scale * B @ A as a tensor shaped like the adapted weight, in float64 (A: r x in[ x k x k], B: out x r[ x 1 x 1];
-    groups = 1, as peft's LoRA requires)."""
-    import torch
+    """scale * B @ A as a tensor shaped like the adapted weight, in float64 (deme_unet.lora_delta: the code that
+    ships, so that a range model computes the same weights in deme and in a DemeUNet)."""
+    from .deme_unet import lora_delta
 
-    a64, b64 = a.to(torch.float64), b.to(torch.float64)
-    r = a64.shape[0]
-    return (b64.reshape(b64.shape[0], r) @ a64.reshape(r, -1)).reshape(delta_shape(a.shape, b.shape)) * scale
+    return lora_delta(a, b, scale)
 
 
 def read_adapter(folder: Path) -> tuple[dict, dict]:
-    """(deme.json's "adapter", {tensor name: tensor}) of a LoRA range folder."""
+    """(deme.json's "adapter", {tensor name: tensor}) of a LoRA range folder (either layout)."""
     from safetensors.torch import load_file
 
     from .models import read_meta
+    from .pipeline_folders import folder_files
 
     m = read_meta(folder)
-    f = Path(folder) / LORA_DIR / LORA_WEIGHTS
     try:
-        return m["adapter"], load_file(str(f))
+        return m["adapter"], load_file(str(folder_files(folder).lora))
     except Exception as e:  # OSError, a missing key, or safetensors' own error type on a damaged file
         raise UsageError(f"could not read the LoRA adapter in '{folder}' ({type(e).__name__}); retrain the range "
                          f"with --force") from None
 
 
 def apply_deltas(unet, adapter: dict, tensors: dict) -> None:
-    """Add scale * B @ A to each adapted weight of a plain (un-injected) UNet, in place."""
+    """Add scale * B @ A to each adapted weight of a plain (un-injected) UNet, in place (deme_unet.with_delta)."""
     import torch
+
+    from .deme_unet import with_delta
 
     params = dict(unet.named_parameters())
     scale = float(adapter["scale"])
@@ -194,15 +161,14 @@ def apply_deltas(unet, adapter: dict, tensors: dict) -> None:
             if w is None or tuple(w.shape) != tuple(d.shape):
                 raise UsageError(f"the adapter's layer '{mod}' does not fit the base UNet; the range was trained from "
                                  f"another base: retrain it")
-            w.copy_((w.to(torch.float64) + d).to(w.dtype))
+            w.copy_(with_delta(w, d))
 
 
-def load_lora_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
-    """A LoRA range folder as a full DemeModel: the base UNet (`base_folder`, default deme.json's "base_model") with
-    the adapter's deltas added, and the projections. The base must be the one the range was trained from."""
-    from .models import load_unet, read_meta, unet_hash, with_projections
+def base_for(folder: Path, base_folder: Optional[Path] = None):
+    """The base UNet of LoRA range model `folder` (`base_folder`, default deme.json's "base_model"), checked to be
+    the one it was trained from (deme.json's base_hash)."""
+    from .models import load_unet, read_meta, unet_hash
 
-    folder = Path(folder)
     m = read_meta(folder)
     src = Path(base_folder) if base_folder is not None else Path(m.get("base_model", ""))
     if not str(src) or not src.exists():
@@ -212,50 +178,95 @@ def load_lora_model(folder: Path, base_folder: Optional[Path] = None, dtype=None
     if m.get("base_hash") and unet_hash(unet) != m["base_hash"]:
         raise UsageError(f"the LoRA range model '{folder}' was trained from another base model than '{src}' "
                          f"(base_hash {m['base_hash']}); point model.pretrained at its base or retrain it")
+    return unet
+
+
+def read_projections(folder: Path, like) -> Optional[Any]:
+    """The projections of a one-model folder (either layout) as a module on `like`'s device and dtype, or None."""
+    from .models import load_tensors, make_projections
+    from .pipeline_folders import folder_files
+
+    f = folder_files(folder).projection
+    if f is None:
+        return None
+    proj = make_projections(like)
+    proj.load_state_dict(load_tensors(f, device=str(like.device)))
+    return proj
+
+
+def load_lora_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
+    """A LoRA range folder as a full DemeModel: the base UNet (`base_folder`, default deme.json's "base_model") with
+    the adapter's deltas added, and the projections. The base must be the one the range was trained from."""
+    from .models import DemeModel
+
+    folder = Path(folder)
+    unet = base_for(folder, base_folder)
     adapter, tensors = read_adapter(folder)
     apply_deltas(unet, adapter, tensors)
     if dtype is not None:
         unet = unet.to(dtype)
-    return with_projections(unet, folder)
+    return DemeModel(unet, read_projections(folder, unet))
 
 
-
-def save_lora_folder(folder: Path, model, meta: dict, state: dict) -> None:
+def save_lora_folder(folder: Path, model, meta: dict, state: dict, base_folder: Optional[Path] = None) -> None:
     """Write a LoRA range folder atomically (models.save_model_folder's contract): `state` holds exactly the student's
-    trained tensors (unet.*lora_A/B*, projections.*); meta must say "adapter" and "base_model"."""
+    trained tensors (unet.*lora_A/B*, projections.*); meta must say "adapter" and "base_model" (the base pipeline
+    folder, whose UNet unet/base/ links to and whose other parts the pipeline folder gets)."""
     import shutil
 
-    from safetensors.torch import save_file
-
-    from .models import EXPORT_FORMAT, META_FILE, PROJECTION_FILE, swap_in
+    from . import pipeline_folders as pf
+    from .models import EXPORT_FORMAT, META_FILE, split_state, swap_in, unet_folder
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    lora_sd = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-    proj_sd = {k[len("projections."):]: v for k, v in state.items() if k.startswith("projections.")}
+    lora_sd, proj_sd = split_state(state)
     expected = {n[len("unet."):] for n, p in model.named_parameters() if p.requires_grad and n.startswith("unet.")}
     if set(lora_sd) != expected:
         raise ValueError(f"the state to save does not hold the student's adapters ({len(expected ^ set(lora_sd))} "
                          f"tensor names differ)")
-    write_lora(tmp, lora_sd, meta["adapter"], meta["base_model"])
-    if proj_sd:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in proj_sd.items()}, str(tmp / PROJECTION_FILE))
+    lora_sd = {pf.clean_lora_key(k): v for k, v in lora_sd.items()}
+    base = Path(base_folder if base_folder is not None else meta["base_model"])
+    unet = model.unet
+    cls = type(unet).__name__
+    pf.write_lora_unet(tmp, unet_folder(base), cls, dict(unet.config), lora_sd, float(meta["adapter"]["scale"]),
+                       proj_sd)
+    if cls == "UNet2DConditionModel":
+        pf.write_sd_lora(tmp, lora_sd, meta["adapter"])
+    pf.write_pipeline_parts(tmp, base)
     (tmp / META_FILE).write_text(json.dumps({**meta, "export_format": EXPORT_FORMAT}, indent=2) + "\n")
     swap_in(tmp, folder)
 
 
-def load_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
-    """Any model folder (a full one, or a LoRA range folder on its base) as a DemeModel."""
-    from .models import load_model_folder
+def is_lora_folder(folder: Path) -> bool:
+    """Whether `folder` holds one LoRA range model (either layout)."""
+    from .pipeline_folders import folder_files
 
-    if is_lora_folder(folder):
+    try:
+        f = folder_files(folder)
+    except UsageError:
+        return False
+    return f.lora is not None
+
+
+def load_model(folder: Path, base_folder: Optional[Path] = None, dtype=None):
+    """Any model folder as a module that deme samples: a DemeModel (a full folder, or a LoRA range folder on its
+    base), or a DemeUNet (a routed folder: deme merge --method routed)."""
+    from .models import load_model_folder
+    from .pipeline_folders import folder_files
+
+    f = folder_files(folder)
+    if f.routed:
+        from .deme_unet import DemeUNet
+
+        try:
+            model = DemeUNet.from_pretrained(Path(folder) / "unet")
+        except Exception as e:  # a missing or damaged file: OSError, ValueError, safetensors' own error type
+            raise UsageError(f"could not load the routed model in '{folder}' ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); merge it again with --force") from None
+        return model if dtype is None else model.to(dtype)
+    if f.lora is not None:
         return load_lora_model(folder, base_folder, dtype)
     return load_model_folder(folder, dtype)
-
-
-def is_model_folder(folder: Path) -> bool:
-    """Whether `folder` holds a model's weights (unet/ or a LoRA adapter)."""
-    return (Path(folder) / "unet").is_dir() or is_lora_folder(folder)

@@ -11,18 +11,20 @@ ranges/<i>/checkpoints/step-<k>/
 ranges/<i>/checkpoints/latest    one line: the folder name of the newest complete checkpoint
 ```
 A checkpoint is written to `.step-<k>.tmp` and renamed; `latest` is replaced (atomically) only after that, and old
-checkpoints are deleted last, so a process killed at any moment leaves `latest` pointing at a complete checkpoint.
+checkpoints are deleted last, so a process killed at any moment leaves `latest` pointing at a complete checkpoint,
+though maybe not the newest (killed between the rename and the pointer's update): resume does not trust `latest` for
+that, it takes the newest intact folder.
 
 Verification and fallback: a complete folder can still be damaged afterwards (a machine crash before the data
 reached the disk, a copy cut short, a file emptied by hand). `verify(folder)` compares every file with the manifest
 (sizes first, then sha256) and says what is wrong; a folder written before manifests existed is checked by parsing
 state.json and each .safetensors header and opening optimizer.pt's zip directory (nothing is unpickled).
-`resume_point` (old name: `latest`) tries the folder `latest` names, then every other step-<k> folder newest first,
-and returns the first intact one, warning once per process (on the main one only) for each damaged one it skips; a
-`latest` naming a missing folder is skipped the same way. No step folders: None; step folders but none intact: a
-UsageError (start the range over with --force). An intact verdict is remembered per process while the files' sizes,
-mtimes and inodes stay the same (train.py asks twice before training). `load` turns any read failure that gets past
-verification into a UsageError naming the folder.
+`resume_point` (old name: `latest`) tries every step-<k> folder newest first, whatever `latest` names, and returns
+the first intact one, warning once per process (on the main one only) for each damaged one it skips, and when
+`latest` names another folder (an older one, or one that is missing). No step folders: None; step folders but none
+intact: a UsageError (start the range over with --force). An intact verdict is remembered per process while the
+files' sizes, mtimes and inodes stay the same (train.py asks twice before training). `load` turns any read failure
+that gets past verification into a UsageError naming the folder.
 
 Pruning after a save keeps the `keep` newest folders up to the one just written and deletes every step folder newer
 than it: those are what a resume fell back from (damaged) or skipped past, and training rewrites those steps anyway.
@@ -171,38 +173,41 @@ def _warn_once(key: tuple[str, str], msg: str) -> None:
 
 
 def resume_point(ckpt_dir: Path) -> Optional[Path]:
-    """The intact checkpoint to resume from: the one `latest` names, else the newest intact step-<k> folder, warning
-    once for each damaged one skipped. None when there are no step folders; UsageError when none is intact."""
+    """The intact checkpoint to resume from: the newest intact step-<k> folder, whatever `latest` says, warning once
+    for each damaged one skipped and when `latest` names another folder. None when there are no step folders;
+    UsageError when none is intact."""
     ckpt_dir = Path(ckpt_dir)
     folders = [p for _, p in reversed(list_checkpoints(ckpt_dir))]       # newest first
-    ptr, bad_ptr = ckpt_dir / LATEST, None
-    if ptr.is_file():
-        name = ptr.read_text(errors="replace").strip()
-        named = ckpt_dir / name
-        if name and Path(name).name == name and named in folders:
-            folders = [named] + [p for p in folders if p != named]
-        else:
-            bad_ptr = name
+    ptr = ckpt_dir / LATEST
+    named = ptr.read_text(errors="replace").strip() if ptr.is_file() else None
     if not folders:
-        if bad_ptr is not None:
-            _warn_once((str(ptr), bad_ptr), f"'{ptr}' names '{bad_ptr}', which is missing or not a step-<k> "
-                                            f"folder, and no checkpoint is left; training starts from step 0")
+        if named is not None:
+            _warn_once((str(ptr), named), f"'{ptr}' names '{named}', which is missing or not a step-<k> folder, and "
+                                          f"no checkpoint is left; training starts from step 0")
         return None
     damaged = []
     for folder in folders:
         reason = verify(folder)
         if reason is None:
-            if bad_ptr is not None:
-                _warn_once((str(ptr), bad_ptr), f"'{ptr}' names '{bad_ptr}', which is missing or not a step-<k> "
-                                                f"folder; resuming from {folder.name}")
             for d, why in damaged:
                 _warn_once((str(d), why), f"checkpoint '{d}' is damaged ({why}); resuming from {folder.name}")
+            if named is not None and named != folder.name and not any(d.name == named for d, _ in damaged):
+                _warn_once((str(ptr), named), _pointer_note(ptr, named, folder))
             return folder
         damaged.append((folder, reason))
     first, why = damaged[0]
     more = f", as are the other {len(damaged) - 1}" if len(damaged) > 1 else ""
     raise UsageError(f"no intact checkpoint is left in '{ckpt_dir}': {first.name} is damaged ({why}){more}; start "
                      f"the range over with --force")
+
+
+def _pointer_note(ptr: Path, named: str, chosen: Path) -> str:
+    """Why resume does not take the folder `latest` names."""
+    there = ptr.parent / named
+    if named and Path(named).name == named and _step_of(there) is not None:
+        return (f"'{ptr}' names {named}, but {chosen.name} is newer and intact (stopped between writing it and "
+                f"updating '{LATEST}'); resuming from {chosen.name}")
+    return f"'{ptr}' names '{named}', which is missing or not a step-<k> folder; resuming from {chosen.name}"
 
 
 def latest(ckpt_dir: Path) -> Optional[Path]:

@@ -11,8 +11,9 @@ the other images. The denoising loop is our own (not a diffusers pipeline) and t
 
 so a text-to-image denoiser (prompts, guidance, VAE decode) plugs into the same loop (the model kinds of kinds.py).
 
-The "ensemble" (the paper's "before merge", Eq. 7) routes each denoising step to the range model whose [lo, hi)
-holds t; all samples of a batch share t and one scheduler, so multistep solvers see one history.
+The "ensemble" (the paper's "before merge", Eq. 7) is a routed model (routed.py, deme_unet.DemeUNet) that sends each
+denoising call to the range model whose [lo, hi) holds t; all samples of a batch share t and one scheduler, so
+multistep solvers see one history.
 
 Batch invariance on the CPU: the noise is per image by construction; the arithmetic is made batch-size independent
 by (1) padding every model call to the full batch size (the last, partial batch is filled with copies of its last
@@ -148,6 +149,12 @@ class UNetDenoiser:
     def modules(self) -> list:
         return [self.model]
 
+    @property
+    def calls(self) -> Optional[list]:
+        """Calls per range model of a routed model (the ensemble), else None."""
+        calls = getattr(self.model, "calls", None)
+        return list(calls) if calls is not None else None
+
     def condition(self, conds: Optional[Sequence[Any]]) -> Any:
         return None
 
@@ -169,40 +176,6 @@ class UNetDenoiser:
     def compile(self) -> None:
         import torch
         self.model = torch.compile(self.model, backend=compile_backend())
-
-
-class EnsembleDenoiser(UNetDenoiser):
-    """The timestep-wise ensemble (paper Eq. 7): the range model whose [lo, hi) holds t predicts epsilon at t."""
-
-    def __init__(self, models: Sequence[Any], ranges: Sequence[Any], size: Optional[int] = None):
-        from .ranges import range_owning
-
-        if len(models) != len(ranges):
-            raise ValueError(f"{len(models)} models for {len(ranges)} ranges")
-        super().__init__(models[0], size)
-        self.models, self.ranges, self._owning = list(models), list(ranges), range_owning
-        self.calls = [0] * len(models)          # model evaluations per range (for samples.json and tests)
-
-    @property
-    def modules(self) -> list:
-        return self.models
-
-    def route(self, t: int) -> int:
-        return self._owning(int(t), self.ranges).index
-
-    def __call__(self, x, t, ctx):
-        i = self.route(int(t))
-        self.calls[i] += 1
-        return self.models[i](x if self.dtype is None else x.to(self.dtype), t, **(ctx or {})).sample
-
-    def cast(self, dtype) -> None:
-        from .models import model_copy
-
-        self.models, self.dtype = [model_copy(m, dtype) for m in self.models], dtype
-
-    def compile(self) -> None:
-        import torch
-        self.models = [torch.compile(m, backend=compile_backend()) for m in self.models]
 
 
 # --- the denoising loop ------------------------------------------------------------------------------------------
@@ -266,7 +239,7 @@ def generate(denoiser, scheduler_name: str, steps: int, seeds: Sequence[int], *,
              device=None, compile: bool = False, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
     """Generate len(seeds) images in memory: image j starts from torch.Generator(seeds[j]); returns uint8 (N, H, W, C).
 
-    `denoiser`: a UNetDenoiser / EnsembleDenoiser (or any object with the denoiser interface); `conds`: one condition
+    `denoiser`: a UNetDenoiser (or any object with the denoiser interface); `conds`: one condition
     per image (prompts, for text-to-image denoisers); `progress(n)` is called after every batch of n images.
     """
     out: list[Optional[np.ndarray]] = [None] * len(seeds)

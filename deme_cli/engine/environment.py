@@ -8,7 +8,8 @@ import sys
 from importlib import metadata
 from typing import Optional
 
-PACKAGES = ("deme", "torch", "diffusers", "accelerate", "clean-fid")   # distribution names whose versions count
+DIST = "deme"                  # this package's distribution name (pyproject.toml)
+PACKAGES = (DIST, "torch", "diffusers", "accelerate", "clean-fid")   # distribution names whose versions count
 
 
 def _version(dist: str) -> Optional[str]:
@@ -16,6 +17,12 @@ def _version(dist: str) -> Optional[str]:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def deme_version() -> str:
+    """deme's version: the installed distribution's metadata, written from pyproject.toml's `version` (the one
+    source); "unknown" when the package runs from a checkout that was never installed."""
+    return _version(DIST) or "unknown"
 
 
 def cpu_name() -> str:

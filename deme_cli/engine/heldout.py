@@ -115,28 +115,8 @@ Predict = Callable[[Any, Any, dict], Any]          # (x_t, t, unet kwargs) -> th
 
 
 def model_predict(model) -> Predict:
-    """A UNet or DemeModel as a Predict."""
+    """A UNet, DemeModel or routed DemeUNet (each row to the range model owning its t) as a Predict."""
     return lambda x_t, t, kwargs: model(x_t, t, **kwargs).sample
-
-
-def routed_predict(models: Sequence[Any], ranges: Sequence[Any]) -> Predict:
-    """The timestep-wise ensemble (Eq. 7) as a Predict: each row goes to the model whose range holds its t."""
-    import torch
-
-    def predict(x_t, t, kwargs):
-        out = None
-        for m, r in zip(models, ranges):
-            rows = ((t >= r.lo) & (t < r.hi)).nonzero().flatten()
-            if len(rows) == 0:
-                continue
-            sub = {k: v[rows] if torch.is_tensor(v) and v.shape[:1] == t.shape else v for k, v in kwargs.items()}
-            y = m(x_t[rows], t[rows], **sub).sample
-            out = torch.empty((len(t),) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device) if out is None else out
-            out[rows] = y
-        if out is None or sum(int(((t >= r.lo) & (t < r.hi)).sum()) for r in ranges) != len(t):
-            raise ValueError("the ranges do not cover every timestep of the batch")
-        return out
-    return predict
 
 
 def per_image_losses(predict: Predict, held: HeldOut):
@@ -152,6 +132,29 @@ def per_image_losses(predict: Predict, held: HeldOut):
             err = (predict(x_t, t, kwargs).float() - target.float()).pow(2)
             out.append(err.flatten(1).mean(1))
     return torch.cat(out).double().cpu()      # one device-to-host copy per call
+
+
+def load_binned(base, data, folder: str, unet, device, *, bins: int, seed: int, num_images: Optional[int],
+                batch_size: int, what: str, images_key: str, cache_dir: Optional[Path] = None):
+    """The held-out set of the loss by timestep: image k with one noise draw and a timestep uniform in bin k mod `bins`
+    (both seeded by `seed`). Returns (held, edges: the bins' [lo, hi), counts: images per bin); every bin must hold an
+    image (UsageError naming `what`, the folder's recipe key, and `images_key`, the key that sets how many are
+    scored)."""
+    held = load_heldout(base, data, folder, unet, device, num_images=num_images, seed=seed,
+                        timesteps=lambda n, T: binned_timesteps(n, T, bins, seed),
+                        timesteps_rule=f"image k: uniform in bin k mod {bins} (seed {seed})",
+                        batch_size=batch_size, what=what, cache_dir=cache_dir)
+    edges = equal_bins(int(held.scheduler.config.num_train_timesteps), bins)
+    counts = [int(((held.t >= lo) & (held.t < hi)).sum()) for lo, hi in edges]
+    if min(counts) == 0:
+        raise UsageError(f"{what} gives {held.n} images, fewer than eval.loss_bins = {bins}; score more images "
+                         f"({images_key}) or use fewer bins")
+    return held, edges, counts
+
+
+def bin_losses(predict: Predict, held: HeldOut, edges: Sequence[tuple[int, int]]) -> list[float]:
+    """A model's mean held-out loss in each bin of `edges` (the loss by timestep)."""
+    return binned_means(per_image_losses(predict, held), held.t, edges)
 
 
 def binned_means(losses, t, edges: Sequence[tuple[int, int]]) -> list[float]:

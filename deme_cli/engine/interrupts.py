@@ -5,6 +5,11 @@ with `Interrupted` (one line, exit code 128 + the signal's number: 143 for SIGTE
 A loop that can stop at a safe point (a training step, a batch of images, a scored merge) opens `deferred()`: inside
 it a signal only sets the flag, the loop reads `flag.signum` at its next boundary, saves what it has and raises
 `Interrupted` with a message that says what was kept. A second Ctrl-C inside a deferred region stops at once.
+
+A stop is never lost: a signal that arrives after the loop's last check (during its last step, its final checkpoint,
+its last scored merge) still ends the command, with `Interrupted` raised when the region ends, so nothing after it
+starts (no next range, no next stage of `deme run`). `Interrupted` is a BaseException, as KeyboardInterrupt is, so
+that no `except Exception` on the way (a warning that lets a run finish, a library's retry) turns it into success.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "S
                             getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A command stopped by a signal; the message says what was kept and how to continue (the CLI prints it)."""
 
     def __init__(self, signum: int, message: str = ""):
@@ -80,10 +85,15 @@ def handle_signals() -> Iterator[None]:
 
 @contextmanager
 def deferred() -> Iterator[StopFlag]:
-    """Inside: a signal sets the returned flag instead of interrupting (when `handle_signals` is installed)."""
+    """Inside: a signal sets the returned flag instead of interrupting (when `handle_signals` is installed). A flag
+    still set when the region ends (the loop ended before it looked again) raises Interrupted there: the work of the
+    region is done and saved, and nothing after it starts."""
     flag = StopFlag()
     _deferred.append(flag)
     try:
         yield flag
     finally:
         _deferred.remove(flag)
+    if flag.signum:             # reached only when the region ended without an exception
+        raise Interrupted(flag.signum, f"stopped by {flag.name} after the work in progress was saved; re-run the "
+                                       f"same command to continue where it stopped")

@@ -6,7 +6,9 @@ where f_theta is the frozen pretrained teacher on the same x_t and t, and the ta
 prediction type (epsilon, v or x0: `TARGETS`).
 
 train.loss_weighting may weight the denoising term (the first one) per sample by its timestep's signal-to-noise ratio
-SNR(t) = abar_t / (1 - abar_t); the consistency term is never weighted. A weighting is defined by its weight w_eps on
+SNR(t) = abar_t / (1 - abar_t); the consistency term is never weighted, so a weighting raises the consistency term's
+relative weight to lambda / w(t) (about 1.4 lambda in the lowest of four uniform ranges with Min-SNR-5, 2.9 lambda
+with P2: README, "Loss weighting baselines"). A weighting is defined by its weight w_eps on
 the epsilon-space error (`LOSS_WEIGHTINGS`) and converted to the prediction type trained (`EPS_PER_TARGET_LOSS`).
 """
 from __future__ import annotations

@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
+from . import freshness
 from .errors import UsageError
 from .runs import RunDir
 
@@ -48,8 +49,7 @@ def _predict(base, run: RunDir, spec: str, device, base_hash: str, specs: dict):
     """(Predict, identity hash) of a model spec, without the sampler's wrappers (text-to-image conditions).
 
     A model finetuned from another base than model.pretrained is refused: its ratio to this base would mislead."""
-    from .denoise import EnsembleDenoiser
-    from .heldout import model_predict, routed_predict
+    from .heldout import model_predict
     from .model_specs import load_unets
 
     loaded = load_unets(base, run, spec, device, **specs)
@@ -60,9 +60,8 @@ def _predict(base, run: RunDir, spec: str, device, base_hash: str, specs: dict):
         raise UsageError(f"model '{spec}' was finetuned from another base model (base_hash "
                          f"{', '.join(sorted(made_from))}) than model.pretrained = '{base.pretrained}' "
                          f"(base_hash {base_hash}); point model.pretrained at its base, or retrain it")
-    d = loaded.denoiser
-    predict = routed_predict(d.models, d.ranges) if isinstance(d, EnsembleDenoiser) else model_predict(d.model)
-    return predict, loaded.identity.get("hash")
+    # the ensemble and a routed merge are routed models: they split a batch of mixed t by rows themselves
+    return model_predict(loaded.denoiser.model), loaded.identity.get("hash")
 
 
 def _fingerprint(e, base, resolution: int, identity, ref_files: list) -> str:
@@ -84,7 +83,7 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
     import torch
 
     from . import ui
-    from .heldout import binned_means, binned_timesteps, equal_bins, load_heldout, per_image_losses
+    from .heldout import bin_losses, load_binned
     from .features import _file_key, image_files
     e = ev
     check_reference(e)
@@ -96,36 +95,48 @@ def score(base, run: RunDir, models: Sequence[str], device, previous: dict, forc
             predicts[m] = _predict(base, run, m, device, base_hash, specs)
     prints = {m: _fingerprint(e, base, data.resolution, h, ref_files) for m, (_, h) in predicts.items()}
     todo = [m for m in models if force or (previous.get(m) or {}).get("fingerprint") != prints[m]]
-    out = {m: previous[m] for m in models if m not in todo}
+    # the files of the models just loaded and of the base (freshness.py): a report shows the ratio while they are
+    # the same; a kept record whose models were loaded equal (same fingerprint) records their files as they are now
+    files = {m: freshness.signature(dict.fromkeys(freshness.model_folders(run, m, base.folder, specs["use_ema"],
+                                                                          specs["ranges"].n) + [base.folder]),
+                                    run.root, (previous.get(m) or {}).get("model_files"))
+             for m in models}
+    out = {m: previous[m] if previous[m].get("model_files") == files[m] else {**previous[m], "model_files": files[m]}
+           for m in models if m not in todo}
     for m in out:
         ui.info(f"eval {m}: loss by t up to date; --force recomputes it")
     if not todo:
         return out
 
     unet = base.load_unet()
-    held = load_heldout(base, data, e.reference, unet, device, cache_dir=run.cache, num_images=e.loss_num_images,
-                        seed=e.loss_seed,
-                        timesteps=lambda n, T: binned_timesteps(n, T, e.loss_bins, e.loss_seed),
-                        timesteps_rule=f"image k: uniform in bin k mod {e.loss_bins} (seed {e.loss_seed})",
-                        batch_size=e.batch_size, what="eval.reference")
-    T = int(held.scheduler.config.num_train_timesteps)
-    edges = equal_bins(T, e.loss_bins)
-    counts = [int(((held.t >= lo) & (held.t < hi)).sum()) for lo, hi in edges]
-    if min(counts) == 0:
-        raise UsageError(f"eval.reference holds {held.n} images, fewer than eval.loss_bins = {e.loss_bins}; score "
-                         f"more images or use fewer bins")
-    base_loss = binned_means(per_image_losses(predicts["base"][0], held), held.t, edges)
+    held, edges, counts = load_binned(base, data, e.reference, unet, device, bins=e.loss_bins, seed=e.loss_seed,
+                                      num_images=e.loss_num_images, batch_size=e.batch_size, what="eval.reference",
+                                      images_key="eval.loss_num_images", cache_dir=run.cache)
+    base_loss = bin_losses(predicts["base"][0], held, edges)
     for m in todo:
-        losses = base_loss if m == "base" else binned_means(per_image_losses(predicts[m][0], held), held.t, edges)
+        losses = base_loss if m == "base" else bin_losses(predicts[m][0], held, edges)
         ratio = [a / b for a, b in zip(losses, base_loss)]
         out[m] = {"bins": [list(b) for b in edges], "loss": losses, "ratio": ratio,
                   "ratio_mean": sum(ratio) / len(ratio), "base_loss": base_loss, "images_per_bin": counts,
-                  **held.describe(), "precision": "fp32", "fingerprint": prints[m]}
+                  **held.describe(), "precision": "fp32", "fingerprint": prints[m], "model_files": files[m]}
         ui.info(f"eval {m}: held-out loss / base, mean over {len(edges)} bins: {out[m]['ratio_mean']:.4f}")
     del unet
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def by_bins(curves: dict, bins: Optional[int] = None) -> list[tuple[list, dict]]:
+    """[(bin edges, {model: record})]: the models whose loss by timestep was scored on the same bins and the same
+    held-out draw (images, noise seed, timestep rule), so their ratios sit under the same edges. The group to compare
+    in comes first: the one with `bins` bins (eval.loss_bins) holding the most models, else the largest."""
+    groups: dict[str, dict] = {}
+    for model, rec in curves.items():
+        key = json.dumps([rec.get("bins"), rec.get("images"), rec.get("num_images"), rec.get("noise_seed"),
+                          rec.get("timesteps")], default=str)
+        groups.setdefault(key, {})[model] = rec
+    out = [(next(iter(g.values()))["bins"], g) for g in groups.values()]
+    return sorted(out, key=lambda bg: (len(bg[0]) != bins, -len(bg[1])))
 
 
 def plot(run: RunDir, records: dict, name: str) -> str:

@@ -17,23 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from .adapters import LORA_DIR, LORA_WEIGHTS, delta_shape, lora_modules
+from .adapters import delta_shape, lora_modules
 from .errors import UsageError
 from .exports import refuse_stale
-from .models import META_FILE, PROJECTION_FILE, UNET_WEIGHTS
-from .runs import RunDir, read_json
+from .models import META_FILE
+from .pipeline_folders import folder_files, note_old_layout, unet_weight_files
+from .runs import RunDir
 from .safetensors_stream import TensorFileReader, dtype_name, read_header
-
-
-def unet_weight_files(unet_dir: Path) -> list[Path]:
-    """The safetensors file(s) of a diffusers UNet folder (one file, or the shards of an index)."""
-    single = unet_dir / UNET_WEIGHTS
-    if single.is_file():
-        return [single]
-    index = unet_dir / (UNET_WEIGHTS + ".index.json")
-    if index.is_file():
-        return [unet_dir / f for f in sorted(set(read_json(index)["weight_map"].values()))]
-    return []
 
 
 @dataclass
@@ -87,8 +77,10 @@ class RangeModel:
 @dataclass
 class MergeInputs:
     """theta (streamed from its files, or in memory), the range models (on disk) and the plan of output tensors."""
-    base: Any                              # base.Base: theta's pipeline
-    base_unet_dir: Path                    # its UNet folder (config.json is copied into merged/unet/)
+    base: Any                              # base.Base: theta's pipeline (merged/ gets its scheduler and other parts)
+    base_unet_dir: Path                    # its UNet folder
+    unet_class: str                        # theta's UNet class and config (merged/unet/config.json), from the
+    unet_config: dict                      # folder's config, so writing merged/ never loads theta
     base_hash: str
     ranges: list[RangeModel]
     identity: Optional[dict]               # identity projection state, or None when no range has projections
@@ -104,6 +96,10 @@ class MergeInputs:
     @property
     def has_projections(self) -> bool:
         return self.identity is not None
+
+    @property
+    def base_folder(self) -> Path:
+        return Path(self.base.folder)
 
     @functools.cached_property
     def base_unet(self):
@@ -158,11 +154,15 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
         refuse_stale(run, range(n))
     out = []
     for i, folder in enumerate(folders):
-        files = unet_weight_files(folder / "unet")
-        lora = folder / LORA_DIR / LORA_WEIGHTS
-        if not files and not lora.is_file():
-            raise UsageError(f"range model '{folder}' has no unet/{UNET_WEIGHTS}; run 'deme train RECIPE --range {i} "
+        try:
+            found = folder_files(folder)
+        except UsageError:
+            found = None
+        if found is None or found.routed or not (found.unet or found.lora):
+            raise UsageError(f"range model '{folder}' holds no UNet weights; run 'deme train RECIPE --range {i} "
                              f"--force' to write it again")
+        note_old_layout(folder, "'deme train RECIPE --all' (no training)")
+        files, lora = found.unet, found.lora
         try:
             meta = json.loads((folder / META_FILE).read_text())
         except (OSError, ValueError):
@@ -175,9 +175,8 @@ def _find_range_models(run: RunDir, n: int, use_ema: bool) -> list[RangeModel]:
         if not meta.get("base_hash"):
             raise UsageError(f"'{folder / META_FILE}' does not record base_hash, so its base model is unknown; "
                              f"retrain range {i}")
-        proj = folder / PROJECTION_FILE
-        model = RangeModel(i, folder, meta, files, proj if proj.is_file() else None)
-        if not files:
+        model = RangeModel(i, folder, meta, files, found.projection)
+        if lora is not None:
             if not (meta.get("adapter") or {}).get("scale"):
                 raise UsageError(f"'{folder / META_FILE}' does not describe the LoRA adapter in '{lora.parent}'; "
                                  f"run 'deme train RECIPE --range {i} --force'")
@@ -202,7 +201,7 @@ def load_inputs(base, run: RunDir, *, n: int, use_ema: bool) -> MergeInputs:
     unet_dir = unet_folder(base.folder)
     skeleton = empty_unet(unet_dir)               # theta's architecture, no weights
     files = streamable_theta(unet_dir, skeleton)
-    inputs = MergeInputs(base, unet_dir, "", ranges, None, files, {})
+    inputs = MergeInputs(base, unet_dir, type(skeleton).__name__, dict(skeleton.config), "", ranges, None, files, {})
     if files:
         with TensorFileReader(files) as theta:    # the hash `train` computes on the loaded UNet, a tensor at a time
             inputs.base_hash = state_hash(_Tensors(theta))

@@ -12,6 +12,8 @@ ranges), each with its paper's link:
   density (so E[dropped tau] = tau), then the weighted sum. The random drop of range i, tensor k is seeded by
   (merge.seed, i, k) alone, so the result does not depend on tensor order, on which other ranges take part, or on
   streaming.
+- routed: no task vectors at all; merged/ keeps the N range models and routes each call to the one owning t (Eq. 7,
+  routed.py). Weights do not apply.
 `combine(spec, name, taus)` applies one method to one tensor's (range index, weight, tau) triples; merge.py streams
 the tensors through it. `taus` is a function that gives the triples afresh each time it is called: the sum-based
 methods read them once, holding one task vector at a time; TIES reads them twice (the sign election, then the mean of
@@ -36,7 +38,8 @@ class MergeMethod:
     url: str                  # the paper
     summary: str
     sparsify: Optional[str]   # key of SPARSIFIERS, or None: every entry of tau is kept
-    consensus: str            # key of CONSENSUS
+    consensus: Optional[str]  # key of CONSENSUS; None: no task vectors are combined (routed)
+    routed: bool = False      # keeps the N range models and routes each call by t (routed.py), weights do not apply
 
     @property
     def uses_density(self) -> bool:
@@ -126,6 +129,9 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in [
     MergeMethod("dare", "https://arxiv.org/abs/2311.03099",
                 "drop tau entries with probability 1 - density, rescale by 1/density, weighted sum (DARE)",
                 "random", "sum"),
+    MergeMethod("routed", "https://arxiv.org/abs/2410.06664",
+                "no weights: the N range models kept as one model that routes each call to the range model owning t "
+                "(the timestep-wise ensemble, DeMe Eq. 7)", None, None, routed=True),
 ]}
 
 

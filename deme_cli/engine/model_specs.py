@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .denoise import EnsembleDenoiser, Loaded, UNetDenoiser, generate
+from .denoise import Loaded, UNetDenoiser, generate
 from .errors import UsageError
 from .exports import refuse_stale
 from .runs import RunDir
@@ -30,12 +30,15 @@ def _model_info(folder: Path, model) -> tuple[dict, str]:
     return meta, state_hash(model.state_dict())
 
 
-def _load_folder(folder: Path, what: str, how: str, device, base=None):
-    """A model folder as a DemeModel on `device`; a LoRA range folder is loaded on `base`'s UNet (adapters.py)."""
-    from .adapters import is_model_folder, load_model
+def _load_folder(folder: Path, what: str, how: str, device, base=None, upgrade: str = ""):
+    """A model folder as a DemeModel (a routed one as a DemeUNet) on `device`; a LoRA range folder is loaded on
+    `base`'s UNet (adapters.py). `upgrade`: the command that rewrites a folder of the older layout (said once)."""
+    from .adapters import load_model
+    from .pipeline_folders import is_model_folder, note_old_layout
 
     if not is_model_folder(folder):
         raise UsageError(f"no {what} at '{folder}'; run '{how}' first")
+    note_old_layout(folder, upgrade or f"'{how}'")
     return load_model(folder, base.folder if base is not None else None).to(device).eval()
 
 
@@ -64,35 +67,45 @@ def _range_folder(run: RunDir, i: int, use_ema: bool) -> Path:
 def _load_range(base, run: RunDir, device, ranges, use_ema: bool, resolution: int, i: int) -> Loaded:
     check_model_spec(f"range:{i}", ranges.n)
     folder = _range_folder(run, i, use_ema)
-    model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device, base)
+    model = _load_folder(folder, f"model for range {i}", f"deme train RECIPE --range {i}", device, base,
+                         upgrade=f"'deme train RECIPE --range {i}' (no training)")
     meta, h = _model_info(folder, model)
     return Loaded(UNetDenoiser(model, resolution), {"folder": str(folder), "meta": meta, "hash": h}, {"hash": h})
 
 
 def _load_ensemble(base, run: RunDir, device, ranges, use_ema: bool, resolution: int) -> Loaded:
+    """The timestep-wise ensemble (Eq. 7) as one routed DemeUNet (routed.py): LoRA range models share one base."""
+    from .models import read_meta
+    from .pipeline_folders import is_model_folder, note_old_layout
+    from .routed import ensemble_unet
     from .splitting import load_ranges
 
     if not run.ranges_json.is_file():
         raise UsageError(f"no ranges in '{run.root}' (ranges.json is missing); run 'deme train RECIPE --all' first")
     owned = load_ranges(base, ranges, run)
-    models, members = [], []
+    folders, metas = [], []
     for r in owned:
         folder = _range_folder(run, r.index, use_ema)
-        model = _load_folder(folder, f"model for range {r.index}", f"deme train RECIPE --range {r.index}", device,
-                             base)
-        meta, h = _model_info(folder, model)
+        if not is_model_folder(folder):
+            raise UsageError(f"no model for range {r.index} at '{folder}'; run 'deme train RECIPE --range {r.index}' "
+                             f"first")
+        note_old_layout(folder, "'deme train RECIPE --all' (no training)")
+        meta = {k: v for k, v in read_meta(folder).items() if k != "recipe_toml"}
         trained = meta.get("range")
         if trained and (int(trained["lo"]), int(trained["hi"])) != (r.lo, r.hi):
             raise UsageError(f"the model in '{folder}' was trained for [{trained['lo']}, {trained['hi']}) but "
                              f"ranges.json says range {r.index} is [{r.lo}, {r.hi}); retrain it with --force")
-        models.append(model)
-        members.append({"range": r.as_dict(), "folder": str(folder), "hash": h, "base_hash": meta.get("base_hash")})
-    bases = {m["base_hash"] for m in members if m["base_hash"]}
+        folders.append(folder)
+        metas.append(meta)
+    bases = {m.get("base_hash") for m in metas if m.get("base_hash")}
     if len(bases) > 1:
         raise UsageError("the range models were finetuned from different base models (base_hash differs); retrain "
                          "them from one recipe")
-    return Loaded(EnsembleDenoiser(models, owned, resolution),
-                  {"members": members, "routing": "range owning t (Eq. 7)"}, {"hash": [m["hash"] for m in members]})
+    model, hashes = ensemble_unet(base, folders, owned, device)
+    members = [{"range": r.as_dict(), "folder": str(f), "hash": h, "base_hash": m.get("base_hash")}
+               for r, f, h, m in zip(owned, folders, hashes, metas)]
+    return Loaded(UNetDenoiser(model.eval(), resolution),
+                  {"members": members, "routing": "range owning t (Eq. 7)"}, {"hash": hashes})
 
 
 MODEL_SPECS: dict[str, Callable[..., Loaded]] = {

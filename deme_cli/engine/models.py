@@ -3,13 +3,11 @@
 Channel-wise projection (paper section 3.2): a learnable C x C matrix W (a 1x1 convolution without bias,
 initialised to the identity) applied to the hidden states leaving every down block, the mid block and every up
 block. Skip connections (the down blocks' residual outputs) are not projected. The projections are attached from
-outside diffusers with forward hooks, so any `UNet2DModel` / `UNet2DConditionModel` config works; channels come from
-the config (`block_out_channels`).
+outside diffusers with forward hooks (deme_unet.py, the code that also ships in model folders), so any `UNet2DModel` /
+`UNet2DConditionModel` config works; channels come from the config (`block_out_channels`).
 
-A model folder (`ranges/<i>/final/`, `merged/`) holds:
-    unet/                      diffusers `save_pretrained` (safetensors): loads in stock diffusers
-    projection.safetensors     projection weights (absent when the model has none)
-    deme.json                  what the model is (range, steps, base-model hash, recipe name, ...)
+A model folder (`ranges/<i>/final/`, `merged/`) is a diffusers pipeline folder plus deme.json (what the model is:
+range, steps, base-model hash, recipe name, ...); pipeline_folders.py says what it holds and reads both layouts.
 """
 from __future__ import annotations
 
@@ -20,7 +18,6 @@ from typing import Any, Optional
 
 from .errors import UsageError
 
-PROJECTION_FILE = "projection.safetensors"
 META_FILE = "deme.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # deme.json's "export_format": 2 = the UNet weights are the given state (EMA in final/). Folders without it were
@@ -98,60 +95,27 @@ def empty_unet(unet_dir: Path):
         return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
 
 
-# --- projections -------------------------------------------------------------------------------------------------
+# --- projections (the code is deme_unet.py's: the module that ships in model folders) ---------------------------
 
 def projection_channels(config: Any) -> dict[str, list[int]]:
     """Output channels of every down block, the mid block and every up block, from a UNet config."""
-    boc = list(config["block_out_channels"] if isinstance(config, dict) else config.block_out_channels)
-    return {"down": boc, "mid": [boc[-1]], "up": boc[::-1]}
+    from .deme_unet import projection_channels as channels
 
-
-def _identity_conv(c: int):
-    import torch
-    from torch import nn
-
-    conv = nn.Conv2d(c, c, kernel_size=1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.eye(c).view(c, c, 1, 1))
-    return conv
+    return channels(config)
 
 
 def make_projections(unet, device=None):
     """A module of identity-initialised projections sized for `unet` (keys down.i.weight, mid.0.weight, up.i.weight),
-    on `device` (default: the UNet's)."""
-    from torch import nn
+    in its dtype, on `device` (default: the UNet's; a UNet on the meta device names one)."""
+    from .deme_unet import make_projections as make
 
-    ch = projection_channels(unet.config)
-    mod = nn.Module()
-    for part, chans in ch.items():
-        setattr(mod, part, nn.ModuleList([_identity_conv(c) for c in chans]))
-    return mod.to(device=unet.device if device is None else device, dtype=unet.dtype)
+    return make(unet.config).to(device=unet.device if device is None else device, dtype=unet.dtype)
 
 
 def identity_projection_state(unet, device=None) -> dict:
     """The projection state dict of the identity (the base of projection task vectors); `device` for a UNet on the
     meta device (empty_unet)."""
     return {k: v.detach().clone() for k, v in make_projections(unet, device).state_dict().items()}
-
-
-def _hook(conv, tuple_out: bool):
-    def hook(module, args, output):
-        if tuple_out:  # down blocks return (hidden_states, res_samples): project only the hidden states
-            return (conv(output[0]),) + tuple(output[1:])
-        return conv(output)
-    return hook
-
-
-def attach_projections(unet, projections) -> list:
-    """Register forward hooks that apply `projections` to the outputs of the UNet's blocks. Returns the handles."""
-    handles = []
-    for block, conv in zip(unet.down_blocks, projections.down):
-        handles.append(block.register_forward_hook(_hook(conv, tuple_out=True)))
-    if unet.mid_block is not None:
-        handles.append(unet.mid_block.register_forward_hook(_hook(projections.mid[0], tuple_out=False)))
-    for block, conv in zip(unet.up_blocks, projections.up):
-        handles.append(block.register_forward_hook(_hook(conv, tuple_out=False)))
-    return handles
 
 
 def _deme_model_class():
@@ -165,10 +129,13 @@ def _deme_model_class():
         """
 
         def __init__(self, unet, projections=None):
+            from .deme_unet import attach_projections
+
             super().__init__()
             self.unet = unet
             self.projections = projections
-            self._handles = attach_projections(unet, projections) if projections is not None else []
+            if projections is not None:
+                attach_projections(unet, projections)
 
         def forward(self, *args, **kwargs):
             return self.unet(*args, **kwargs)
@@ -178,9 +145,9 @@ def _deme_model_class():
             return self.unet.config
 
         def detach_projections(self):
-            for h in self._handles:
-                h.remove()
-            self._handles = []
+            from .deme_unet import detach_projections
+
+            detach_projections(self.unet)
 
     return DemeModel
 
@@ -195,15 +162,20 @@ def wrap(unet, projection: bool):
 
 
 def model_copy(model, dtype=None):
-    """An independent copy of a UNet or DemeModel (in eval mode, on the same device), weights cast to `dtype`.
+    """An independent copy of a UNet, DemeModel or DemeUNet (in eval mode, on the same device), weights cast to
+    `dtype`.
 
-    Built from the config and loaded with the weights, not deep-copied: the projection hooks are closures over the
-    original projection modules, so a deep copy would keep calling those.
-    """
+    UNets and DemeModels are built from the config and loaded with the weights (a deep copy of a torch.compile'd or
+    hooked module is fragile); a DemeUNet is deep-copied (its hooks read their projections from the blocks)."""
     import copy
 
     from torch import nn
 
+    from .deme_unet import DemeUNet
+
+    if isinstance(model, DemeUNet):
+        p = next(model.parameters())
+        return nn.Module.to(copy.deepcopy(model), device=p.device, dtype=dtype or p.dtype).eval()
     is_deme = hasattr(model, "unet") and hasattr(model, "projections")
     unet = model.unet if is_deme else model
     device = next(unet.parameters()).device
@@ -220,46 +192,41 @@ def model_copy(model, dtype=None):
 
 # --- model folders -----------------------------------------------------------------------------------------------
 
-def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = None) -> None:
-    """Write a model folder atomically (to folder.tmp, then rename) holding exactly `state` (default: the model's
-    own weights; train passes the EMA state). `model` gives the UNet's config.
+def split_state(state: dict) -> tuple[dict, dict]:
+    """A DemeModel state (unet.*, projections.*) -> (UNet state, projection state), prefixes removed."""
+    return ({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")},
+            {k[len("projections."):]: v for k, v in state.items() if k.startswith("projections.")})
 
-    The UNet's weights are written with safetensors directly, not with `unet.save_pretrained(..., state_dict=...)`:
+
+def save_model_folder(folder: Path, model, meta: dict, state: Optional[dict] = None,
+                      base_folder: Optional[Path] = None) -> None:
+    """Write a model folder atomically (to folder.tmp, then rename) holding exactly `state` (default: the model's
+    own weights; train passes the EMA state). `model` gives the UNet's config; `base_folder` (the pretrained pipeline)
+    gives the pipeline's other parts (pipeline_folders.write_pipeline_parts; without it only unet/ and deme.json).
+
+    The weights are written with safetensors directly, not with `unet.save_pretrained(..., state_dict=...)`:
     diffusers' save_pretrained has no `state_dict` parameter, swallows it in **kwargs and saves the live module's
     weights instead (which put the raw weights into every final/ before EXPORT_FORMAT 2)."""
     import shutil
+
+    from .pipeline_folders import write_full_unet, write_pipeline_parts
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    sd = state if state is not None else model.state_dict()
-    unet_sd = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
-    proj_sd = {k[len("projections."):]: v for k, v in sd.items() if k.startswith("projections.")}
+    unet_sd, proj_sd = split_state(state if state is not None else model.state_dict())
     expected = set(model.unet.state_dict())
     if set(unet_sd) != expected:
         missing = sorted(expected - set(unet_sd)) or sorted(set(unet_sd) - expected)
         raise ValueError(f"the state to save does not fit the UNet ({len(expected ^ set(unet_sd))} tensor names "
                          f"differ, e.g. '{missing[0]}')")
-    (tmp / "unet").mkdir()
-    model.unet.save_config(tmp / "unet")
-    write_weights(tmp, unet_sd, proj_sd)
+    write_full_unet(tmp, type(model.unet).__name__, dict(model.unet.config), unet_sd, proj_sd)
+    if base_folder is not None:
+        write_pipeline_parts(tmp, Path(base_folder))
     (tmp / META_FILE).write_text(json.dumps({**meta, "export_format": EXPORT_FORMAT}, indent=2) + "\n")
     swap_in(tmp, folder)
-
-
-def write_weights(folder: Path, unet_sd: dict, proj_sd: dict) -> None:
-    """unet/diffusion_pytorch_model.safetensors (what diffusers' from_pretrained reads) and, when there are
-    projections, projection.safetensors, each holding exactly the given tensors (on the CPU, contiguous)."""
-    from safetensors.torch import save_file
-
-    def cpu(sd: dict) -> dict:
-        return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-
-    save_file(cpu(unet_sd), str(folder / "unet" / UNET_WEIGHTS), metadata={"format": "pt"})
-    if proj_sd:
-        save_file(cpu(proj_sd), str(folder / PROJECTION_FILE))
 
 
 def swap_in(tmp: Path, folder: Path) -> None:
@@ -284,22 +251,54 @@ def read_meta(folder: Path) -> dict:
     return json.loads(f.read_text())
 
 
-def load_model_folder(folder: Path, dtype=None):
-    """Load a model folder back as a DemeModel (projections attached when present)."""
-    folder = Path(folder)
-    return with_projections(load_unet(folder, dtype=dtype), folder)
-
-
-def with_projections(unet, folder: Path):
-    """`unet` as a DemeModel with the projections of model folder `folder` (none when it has no projection file)."""
+def load_tensors(path: Path, device: str = "cpu") -> dict:
+    """The tensors of a model folder's safetensors file; a damaged file is a UsageError naming it."""
     from safetensors.torch import load_file
 
-    proj = None
-    pf = Path(folder) / PROJECTION_FILE
-    if pf.is_file():
-        proj = make_projections(unet)
-        proj.load_state_dict(load_file(str(pf), device=str(unet.device)))
-    return DemeModel(unet, proj)
+    try:
+        return load_file(str(path), device=device)
+    except Exception as e:  # OSError, or safetensors' own error type on a truncated or garbled file
+        raise UsageError(f"could not read '{path}' ({type(e).__name__}); the model folder is damaged: train or merge "
+                         f"it again with --force") from None
+
+
+def read_state(files) -> dict:
+    """A one-model full folder's weights (pipeline_folders.FolderFiles) as a DemeModel state (unet.*, projections.*)."""
+    state = {}
+    for p in files.unet:
+        state.update({f"unet.{k}": v for k, v in load_tensors(p).items()})
+    if files.projection is not None:
+        state.update({f"projections.{k}": v for k, v in load_tensors(files.projection).items()})
+    return state
+
+
+def folder_state(folder: Path) -> dict:
+    """The weights of a one-model full folder (either layout) as a DemeModel state (unet.*, projections.*)."""
+    from .pipeline_folders import folder_files
+
+    return read_state(folder_files(Path(folder)))
+
+
+def load_model_folder(folder: Path, dtype=None):
+    """Load a one-model full folder (either layout) as a DemeModel (projections attached when it has them)."""
+    import diffusers
+
+    from .pipeline_folders import folder_files
+
+    files = folder_files(Path(folder))
+    if files.routed or files.lora is not None:
+        what = "routed range models" if files.routed else "a LoRA adapter"
+        raise UsageError(f"'{folder}' is not one full UNet (it holds {what}); load it with adapters.load_model")
+    import torch
+
+    with torch.device("meta"):       # no random initialisation: every tensor comes from the files
+        model = wrap(getattr(diffusers, files.unet_class).from_config(files.unet_config), files.projection is not None)
+    try:
+        model.load_state_dict(read_state(files), assign=True)
+    except RuntimeError as e:
+        raise UsageError(f"the weights in '{folder}' do not fit its UNet config ({str(e).splitlines()[0]}); train or "
+                         f"merge it again") from None
+    return (model if dtype is None else model.to(dtype)).eval()
 
 
 def load_base(folder, projection: bool = False, dtype=None):

@@ -20,10 +20,53 @@ def _shape_key(weights: Sequence[float]) -> tuple:
 
 
 def search_plot(log: dict, path: Path) -> Path:
-    """Every scored candidate of a weight search (merge.json's "search" log): score against the sum of the weights,
-    one line per weight shape (candidates that are multiples of each other), theta as a dashed line, the best
-    starred."""
+    """Every scored candidate of a weight search (merge.json's "search" log), drawn as its strategy's candidates are
+    best read: a scaled search by the sum of the weights (`_by_sum`), the others in the order scored with every
+    candidate's weights (`_in_order`)."""
     plt = _pyplot()
+    fig = SEARCH_PLOTS.get(log.get("strategy"), _in_order)(plt, log)
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def _in_order(plt, log: dict):
+    """Top: each candidate's score in the order scored, the best so far as a step line, theta dashed, the best
+    starred. Below: each candidate's weight per range (a column per candidate), so every merge tried can be read
+    off."""
+    import numpy as np
+
+    cands = log["candidates"]
+    k = np.arange(1, len(cands) + 1)
+    scores = [c["score"] for c in cands]
+    weights = np.array([c["weights"] for c in cands], dtype=float).T          # ranges x candidates
+    fig, (ax, hm) = plt.subplots(2, 1, figsize=(max(6.4, min(16.0, 0.12 * len(cands) + 3)), 5.6), dpi=120,
+                                 layout="constrained", sharex=True, height_ratios=[3, max(1, len(weights)) * 0.35])
+    ax.plot(k, scores, "o", ms=4, color="tab:blue", label="candidate")
+    ax.step(k, np.minimum.accumulate(scores), where="post", color="tab:blue", lw=1, alpha=0.5, label="best so far")
+    theta = next((c for c in cands if not any(c["weights"])), None)
+    if theta is not None:
+        ax.axhline(theta["score"], ls="--", color="k", lw=1, label="theta (the base, all weights 0)")
+    best = log.get("best") or min(cands, key=lambda c: c["score"])
+    i = next(j for j, c in enumerate(cands) if c["weights"] == best["weights"])
+    ax.plot([i + 1], [best["score"]], "*", ms=14, color="crimson",
+            label="best: " + ", ".join(f"{w:.3g}" for w in best["weights"]))
+    ax.set_ylabel(f"{log.get('objective', 'score')} (lower is better)")
+    method = f" ({log['method']})" if log.get("method") else ""
+    ax.set_title(f"weight search: {log.get('strategy')}{method}, {len(cands)} merges scored", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    im = hm.imshow(weights, aspect="auto", cmap="viridis", interpolation="nearest",
+                   extent=(0.5, len(cands) + 0.5, len(weights) - 0.5, -0.5))
+    hm.set_yticks(range(len(weights)), [f"w{r}" for r in range(len(weights))], fontsize=7)
+    hm.set_xlabel("candidate (in the order scored); weights per range, low t first")
+    fig.colorbar(im, ax=hm, pad=0.01, label="weight")
+    return fig
+
+
+def _by_sum(plt, log: dict):
+    """Score against the sum of the weights, one line per weight shape (candidates that are multiples of each
+    other), theta as a dashed line, the best starred."""
     cands = log["candidates"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120, layout="constrained")
     groups: dict[tuple, list] = {}
@@ -48,22 +91,28 @@ def search_plot(log: dict, path: Path) -> Path:
     ax.set_title(f"weight search: {log.get('strategy')}, {len(cands)} merges scored", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+SEARCH_PLOTS = {"scaled": _by_sum}      # strategy -> how its candidates are drawn (default: _in_order)
 
 
 def loss_by_t_plot(curves: dict, path: Path, title: str) -> Path:
-    """curves: {model: loss_by_t record}; each record's `ratio` (loss / the base's) against its bin centres."""
+    """curves: {model: loss_by_t record}; each record's `ratio` (loss / the base's) as a step over its own bins'
+    edges (models scored with other bins show their own steps), with a point at each bin's centre."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=120, layout="constrained")
     ax.axhline(1.0, color="k", lw=1, ls="--")
-    for model, rec in curves.items():
+    counts = {len(rec["bins"]) for rec in curves.values()}
+    for k, (model, rec) in enumerate(curves.items()):
+        edges = [lo for lo, _ in rec["bins"]] + [rec["bins"][-1][1]]
         centres = [(lo + hi) / 2 for lo, hi in rec["bins"]]
         mean = sum(rec["ratio"]) / len(rec["ratio"])
-        ax.plot(centres, rec["ratio"], "o-" if model != "base" else "-", ms=3,
-                label=f"{model} (mean {mean:.4f})", color="k" if model == "base" else None)
-    ax.set_xlabel("timestep t (bin centre)")
+        bins = f", {len(rec['bins'])} bins" if len(counts) > 1 else ""
+        line = ax.stairs(rec["ratio"], edges, baseline=None, lw=1.4, label=f"{model} (mean {mean:.4f}{bins})",
+                         color="k" if model == "base" else f"C{k % 10}")   # stairs do not take the cycle
+        ax.plot(centres, rec["ratio"], "o", ms=3, color=line.get_edgecolor())
+    ax.set_xlabel("timestep t (each step spans its bin [lo, hi))")
     ax.set_ylabel("held-out loss / base model's loss")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, ncol=2)

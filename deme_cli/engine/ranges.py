@@ -185,14 +185,6 @@ def validate_ranges(ranges: list[dict], T: int) -> None:
         raise UsageError("every range must hold at least one timestep")
 
 
-def range_owning(t: int, ranges: list[Range]) -> Range:
-    """The range whose [lo, hi) holds t (the ensemble's routing, Eq. 7)."""
-    for r in ranges:
-        if r.lo <= t < r.hi:
-            return r
-    raise ValueError(f"timestep {t} is outside all ranges")
-
-
 # --- the timestep sampler ---------------------------------------------------------------------------------------
 
 def sample_timesteps(batch: int, lo: int, hi: int, T: int, p: float, *, per_sample: bool = False,

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
+
+try:
+    import tomllib                 # Python 3.11+
+except ModuleNotFoundError:        # Python 3.10: the same parser as a package (pyproject.toml installs it there)
+    import tomli as tomllib
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,11 +122,13 @@ class TrainSection(_Section):
     adam_eps: float = 1e-8
     weight_decay: float = 1e-6                    # release
     max_grad_norm: float = 1.0                    # release; 0 disables clipping
-    loss_weighting: choice(LOSS_WEIGHTINGS) = "none"  # per-sample weight of the denoising term by SNR(t) (loss.py)
+    loss_weighting: choice(LOSS_WEIGHTINGS) = "none"  # per-sample weight of the denoising term by SNR(t) (loss.py);
+                                                  # the consistency term keeps deme.consistency_weight, so its
+                                                  # relative weight grows at low t (README: x1.4 / x2.9 in range 0)
     snr_gamma: float = Field(5.0, gt=0)           # min_snr: w_eps = min(SNR, gamma) / SNR (Hang et al. 2023: 5)
     p2_gamma: float = Field(1.0, ge=0)            # p2: w_eps = 1 / (k + SNR)^gamma (Choi et al. 2022: 1)
     p2_k: float = Field(1.0, gt=0)                # p2: k (Choi et al. 2022: 1)
-    mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA, fp32 on CPU
+    mixed_precision: MixedPrecision = "auto"      # auto: bf16 on CUDA (fp16 + grad scaler before Ampere), fp32 on CPU
     ema: bool = True
     ema_max_decay: float = Field(0.9999, ge=0.0, le=1.0)
     ema_power: float = 0.75                       # warm-up: decay_k = min(max, 1 - (1 + k)^-power)
@@ -168,8 +174,14 @@ class MergeSection(_Section):
     shapes: Optional[list[list[float]]] = None     # scaled: weight vectors, low t first (default: uniform 1/N, the
                                                    # release's rising kind (N = 4: 0.1, 0.1, 0.2, 0.5) and its mirror)
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
-    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0]     # grid/coordinate/greedy: values each weight may take
-    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta)
+    candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # grid/coordinate/greedy: values each weight
+                                                   # may take (1 and above: a range's task vector at full strength)
+    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta; loss_by_t*: per
+                                                   # eval.loss_bins bin, vs theta: search_objectives.py)
+    bin_tolerance: float = Field(0.0005, ge=0.0)   # loss_by_t_guarded: no bin's loss may exceed theta's by more than
+                                                   # this fraction (else the candidate scores its worst bin's ratio)
+    bin_weights: Optional[list[float]] = None      # loss_by_t_weighted: one weight >= 0 per eval.loss_bins bin, low t
+                                                   # first (e.g. fitted to FID: benchmarks/fashion-mnist/objectives.py)
     search_num_images: int = Field(DEFAULT_SEARCH_IMAGES, ge=2)  # images per candidate (kid/fid) or per loss
     search_steps: Optional[int] = Field(None, ge=1)  # sampler steps per candidate (kid/fid); default sample.steps
     search_reference: Optional[str] = None         # held-out TRAINING images for the search (required to search)
@@ -181,6 +193,13 @@ class MergeSection(_Section):
         if v not in MERGE_WEIGHTS and not numbers:
             names = ", ".join(f'"{w}"' for w in MERGE_WEIGHTS)
             raise ValueError(f"must be {names} or a list of numbers, one per range, low t first")
+        return v
+
+    @field_validator("bin_weights")
+    @classmethod
+    def _bin_weights_ok(cls, v: Any) -> Any:
+        if v is not None and (any(w < 0 or w != w for w in v) or not sum(v) > 0):
+            raise ValueError("must be weights >= 0, one per eval.loss_bins bin, with a positive sum")
         return v
 
     def weight_shapes(self, n: int) -> list[list[float]]:
@@ -199,7 +218,7 @@ class SampleSection(_Section):
     num_images: int = Field(50000, ge=1)
     batch_size: int = Field(256, ge=1)
     seed: int = 0                                  # image k uses seed + k
-    precision: SamplePrecision = "auto"            # auto: bf16 on CUDA, fp32 on CPU
+    precision: SamplePrecision = "auto"            # auto: bf16 on CUDA (fp16 before Ampere), fp32 on CPU
     compile: choice(COMPILE_SETTINGS) = "auto"
     prompts: Optional[str] = None                  # text-to-image: .txt (one per line), .jsonl/.csv, or hf dataset
     prompt_column: str = "prompt"

@@ -15,7 +15,7 @@ from typing import Optional
 
 from . import ui
 from .errors import UsageError
-from .report_data import collect
+from .report_data import collect, curves
 from .report_render import render_html, render_markdown, step_summary
 from .runs import RunDir, write_atomic
 
@@ -53,7 +53,10 @@ def _images(d: dict, out: Path) -> dict[str, Path]:
     copy("search", d["search_plot"], "merge-search.png")
     for s in d["samples"]:
         copy(f"grid-{s['folder']}", s["grid"], f"grid-{s['folder']}.png")
-    copy("loss", d["loss_plot"], "loss-by-t.png")
+    lbt = curves(d)
+    if lbt:               # drawn from the current numbers only (eval/loss-by-t.png shows one eval call's models)
+        found["loss"] = plots.loss_by_t_plot(lbt, out / "loss-by-t.png",
+                                             f"{d['name']}: held-out loss by timestep, ratio to the base")
     return {k: v for k, v in found.items() if v is not None}
 
 

@@ -4,8 +4,9 @@ it). Reading never changes the run.
 What is read (runs.py has the layout): recipe.resolved.toml, run.json (the stages of `deme run`, their seconds and
 environment), ranges.json, analysis/gradients.{png,npz,json}, ranges/<i>/metrics.jsonl (the training curves; elapsed_s
 gives each range's training time), ranges/<i>/final/deme.json, ranges/<i>/previews/, merged/merge.json (+
-merge-search.png), samples/<model>/samples.json (+ grid.png), eval/<model>.json (+ loss-by-t.png). Whatever is missing
-is listed with the command that makes it.
+merge-search.png), samples/<model>/samples.json (+ grid.png), eval/<model>.json. Eval numbers pass through
+freshness.current: only those of the models and samples on disk now are shown as results; stale ones are listed apart,
+each with the command that refreshes it. Whatever is missing is listed with the command that makes it.
 """
 from __future__ import annotations
 
@@ -15,11 +16,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from . import environment
+from . import environment, freshness, take_away
 from .errors import UsageError
 from .gradients import HEATMAP_FILE, NPZ_FILE
 from .images import GRID_FILE, SAMPLES_JSON
-from .loss_by_t import LOSS_PLOT
 from .models import META_FILE
 from .previews import PREVIEW_DIR
 from .runs import RunDir, model_dirname
@@ -109,13 +109,24 @@ def _samples(run: RunDir) -> list[dict]:
     return sorted(out, key=lambda s: _model_key(s["folder"]))
 
 
-def _evals(run: RunDir) -> list[dict]:
-    out = []
+def _evals(run: RunDir, recipe_arg: str) -> tuple[list[dict], list[dict]]:
+    """(the eval records with only their current numbers, one entry per stale part): freshness.current decides."""
+    shown, stale = [], []
     for f in sorted((run.root / "eval").glob("*.json")):
         rec = _json(f)
-        if isinstance(rec, dict) and isinstance(rec.get("metrics"), dict):
-            out.append({**rec, "model": rec.get("model") or f.stem, "file": f.name})
-    return sorted(out, key=lambda e: _model_key(model_dirname(e["model"])))
+        if not (isinstance(rec, dict) and isinstance(rec.get("metrics"), dict)):
+            continue
+        rec = {**rec, "model": rec.get("model") or f.stem, "file": f.name}
+        now, verdicts = freshness.current(run, rec, recipe_arg)
+        if any(v is not None for v in now["metrics"].values()) or now.get("loss_by_t"):
+            shown.append(now)
+        for part, v in verdicts.items():
+            keys = freshness.SAMPLE_PART if part == "samples" else freshness.LOSS_PART
+            values = {k: rec["metrics"][k] for k in keys if rec["metrics"].get(k) is not None}
+            stale.append({"model": rec["model"], "part": part, "metrics": values, "why": v.why,
+                          "command": v.command})
+    key = lambda e: _model_key(model_dirname(e["model"]))    # noqa: E731
+    return sorted(shown, key=key), sorted(stale, key=key)
 
 
 def _missing(d: dict, recipe_arg: str) -> list[str]:
@@ -138,7 +149,10 @@ def _missing(d: dict, recipe_arg: str) -> list[str]:
         if model not in sampled:
             why = " (the comparison every DeMe result needs)" if model == "base" else ""
             lines.append(f"no samples of the {model} model{why}: run {cmd('sample', '--model', model)}")
-    scored = {model_dirname(e["model"]) for e in d["eval"]}
+    for x in d["stale"]:
+        what = "loss by timestep and loss ratio" if x["part"] == "loss" else "sample scores (FID, KID, CLIP score)"
+        lines.append(f"{x['model']}: its {what} are stale ({x['why']}): run {x['command']}")
+    scored = {model_dirname(e["model"]) for e in d["eval"] + d["stale"]}
     todo = [s["model"] for s in d["samples"] if s["folder"] not in scored]
     if todo:
         lines.append(f"no evaluation of {', '.join(todo)}: run {cmd('eval', '--models', ','.join(todo))} (with "
@@ -173,9 +187,12 @@ def collect(run: RunDir, recipe_arg: str = "RECIPE", recipe_toml: Optional[str] 
         "training": _training(run, ranges["ranges"]) if ranges else [],
         "merge": merge if isinstance(merge, dict) else None,
         "search_plot": run.merged / SEARCH_PLOT if (run.merged / SEARCH_PLOT).is_file() else None,
-        "samples": _samples(run), "eval": _evals(run),
-        "loss_plot": run.root / "eval" / LOSS_PLOT if (run.root / "eval" / LOSS_PLOT).is_file() else None,
+        "samples": _samples(run),
     }
+    d["eval"], d["stale"] = _evals(run, recipe_arg)
+    # the bins to compare in: the recipe `deme report` was given (resolved.toml is the last command's, --set included)
+    d["loss_bins"] = _recipe_int(recipe_toml, "loss_bins") or _recipe_int(resolved, "loss_bins")
+    d["take_away"] = take_away.summarize(d["eval"], d["merge"], recipe_arg)
     d["recipe_arg"] = recipe_arg
     d["name"] = ((merge or {}).get("recipe") or _recipe_name(d["recipe_toml"]) or run.root.name)
     d["missing"] = _missing(d, recipe_arg)
@@ -185,6 +202,17 @@ def collect(run: RunDir, recipe_arg: str = "RECIPE", recipe_toml: Optional[str] 
 def _recipe_name(toml_text: Optional[str]) -> Optional[str]:
     m = re.search(r'^name\s*=\s*"([^"]*)"', toml_text or "", re.M)
     return m.group(1) if m else None
+
+
+def _recipe_int(toml_text: Optional[str], key: str) -> Optional[int]:
+    m = re.search(rf"^{key}\s*=\s*(\d+)\s*$", toml_text or "", re.M)
+    return int(m.group(1)) if m else None
+
+
+def curves(d: dict) -> dict:
+    """{model: loss_by_t record} of the current evals, the base left out (its ratio is 1 by definition)."""
+    return {e["model"]: e["loss_by_t"] for e in d["eval"] if isinstance(e.get("loss_by_t"), dict)
+            and e["model"] != "base"}
 
 
 def times(d: dict) -> list[tuple[str, float, str]]:

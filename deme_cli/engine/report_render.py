@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
-from .report_data import FID_UNBIASED_FROM, times
+from .loss_by_t import by_bins
+from .report_data import FID_UNBIASED_FROM, curves, times
 from .ui import fmt
 
 METRICS = (("fid", "FID"), ("kid", "KID"), ("clip_score", "CLIP score"), ("loss_ratio", "loss / base"))
@@ -76,17 +77,58 @@ def _eval_blocks(d: dict) -> list:
     notes = sorted({n for e in evals for n in e.get("notes") or []})
     if notes:
         blocks.append(("list", notes))
-    curves = [(e["model"], e["loss_by_t"]) for e in evals if isinstance(e.get("loss_by_t"), dict)
-              and e["model"] != "base"]          # the base's ratio is 1 by definition; its loss is a column
-    if curves:
-        first = curves[0][1]
-        rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [c["ratio"][b] for _, c in curves]
-                for b, (lo, hi) in enumerate(first["bins"])]
-        blocks += [("p", f"Held-out denoising loss by timestep ({first.get('num_images')} images, one fixed noise "
-                         f"and t per image): the base's loss, and each model's as a ratio to it (below 1: better)."),
-                   ("table", ["t", "base loss"] + [m for m, _ in curves], rows)]
+    blocks += _loss_blocks(d)
     if "loss" in d["images"]:
-        blocks.append(("images", [("loss", "held-out loss by timestep, as a ratio to the base (eval/loss-by-t.png)")]))
+        blocks.append(("images", [("loss", "held-out loss by timestep, as a ratio to the base: each model a step over "
+                                           "its own bins")]))
+    return blocks
+
+
+def _loss_blocks(d: dict) -> list:
+    """The loss by timestep: one table per set of bins (loss_by_t.by_bins), rows matched by their edges; models
+    scored on other bins are shown apart, with the command that re-scores them on the recipe's."""
+    groups = by_bins(curves(d), d.get("loss_bins"))
+    if not groups:
+        return []
+    blocks: list = []
+    for k, (edges, group) in enumerate(groups):
+        first = next(iter(group.values()))
+        rows = [[f"[{lo}, {hi})", first["base_loss"][b]] + [rec["ratio"][b] for rec in group.values()]
+                for b, (lo, hi) in enumerate(edges)]
+        rows.append(["mean of ratios", None] + [rec["ratio_mean"] for rec in group.values()])
+        intro = (f"Held-out denoising loss by timestep ({first.get('num_images')} images, one fixed noise and t per "
+                 f"image): the base's loss, and each model's as a ratio to it (below 1: better).") if k == 0 else \
+            (f"Scored on other bins or held-out images ({len(edges)} bins, {first.get('num_images')} images), so "
+             f"shown apart:")
+        blocks += [("p", intro), ("table", ["t", "base loss"] + list(group), rows)]
+    if len(groups) > 1:
+        others = [m for _, group in groups[1:] for m in group]
+        blocks.append(("p", f"{', '.join(others)} cannot be compared bin by bin with {', '.join(groups[0][1])}: "
+                            f"re-score them with the recipe's eval.loss_bins: `deme eval {d['recipe_arg']} --models "
+                            f"{','.join(others)}`."))
+    return blocks
+
+
+def _stale_blocks(d: dict) -> list:
+    """Numbers of models or samples that are no longer on disk: never shown as results, each with its command."""
+    names = dict(METRICS, kid_std="KID std")
+    rows = [[x["model"], ", ".join(f"{names.get(k, k)} {fmt(v)} (stale)" for k, v in x["metrics"].items()) or "-",
+             x["why"], x["command"]] for x in d["stale"]]
+    return [("p", "These results describe models or samples that were replaced since they were scored; they are "
+                  "not shown as results above. The last column refreshes them."),
+            ("table", ["model", "stale numbers", "why", "to refresh"], rows)]
+
+
+def _take_away_blocks(d: dict) -> list:
+    t = d["take_away"]
+    if t is None:
+        return [("p", "No model is evaluated yet: `deme eval` scores the models against the base.")]
+    blocks: list = [("p", f"Verdict: {t['verdict']}."), ("table", t["header"], t["rows"])]
+    spread = ("A model beats the base when its KID is lower by more than the spread, sqrt(std² + std_base²) of the "
+              "two KIDs' std over subsets; FID, the CLIP score and the loss ratio come without a spread.")
+    blocks.append(("p", spread))
+    if t["notes"]:
+        blocks.append(("list", t["notes"]))
     return blocks
 
 
@@ -203,7 +245,9 @@ def _provenance_blocks(d: dict) -> list:
 
 def sections(d: dict) -> list[tuple[str, list]]:
     recipe = [("code", "toml", d["recipe_toml"])] if d["recipe_toml"] else [("p", "No recipe recorded.")]
-    return [("Evaluation", _eval_blocks(d)), ("Samples", _samples_blocks(d)), ("Merge", _merge_blocks(d)),
+    stale = [("Stale results: not of the models on disk now", _stale_blocks(d))] if d["stale"] else []
+    return [("Which model to take away", _take_away_blocks(d)), ("Evaluation", _eval_blocks(d)), *stale,
+            ("Samples", _samples_blocks(d)), ("Merge", _merge_blocks(d)),
             ("Training", _training_blocks(d)), ("Ranges", _ranges_blocks(d)),
             ("Provenance: versions, hardware, time", _provenance_blocks(d)),
             (f"Recipe ({d['recipe_file'] or 'as given'})", recipe)]
@@ -297,8 +341,12 @@ def render_markdown(d: dict, images: dict[str, str]) -> str:
 
 
 def step_summary(d: dict, html_file: Optional[Path] = None) -> str:
-    """The short Markdown for a CI job's summary: the eval table, the times, what is missing."""
+    """The short Markdown for a CI job's summary: which model to take away, the eval table (current numbers only),
+    the times, what is missing or stale."""
     out = [f"### deme: {d['name']}", ""]
+    if d["take_away"] is not None:
+        out += [f"Verdict: {d['take_away']['verdict']}.", "",
+                _md_block(("table", d["take_away"]["header"], d["take_away"]["rows"]), {}), ""]
     if d["eval"]:
         out += [_md_block(b, {}) + "\n" for b in [_eval_table(d["eval"])] + _fid_note(d["eval"])]
     rows = [[what, seconds] for what, seconds, _ in times(d)]

@@ -6,11 +6,11 @@
 <run>/ranges/<i>/checkpoints/step-<k>/ (+ manifest.json), <run>/ranges/<i>/checkpoints/latest
 <run>/ranges/<i>/.lock, <run>/.merge.lock, <run>/samples/.<model>.lock    one writer each (locks.py)
 <run>/.merge-search.jsonl      the scores of a weight search that was stopped (removed when the merge is written)
-<run>/ranges/<i>/final/        EMA weights (unet/ + projection.safetensors + deme.json)
+<run>/ranges/<i>/final/        EMA weights: a diffusers pipeline folder + deme.json (pipeline_folders.py)
 <run>/ranges/<i>/final-raw/    the raw (non-EMA) weights, same format
 <run>/ranges/<i>/metrics.jsonl
 <run>/ranges/<i>/previews/step-<k>.png   preview grids (train.preview_every); logs/: the tracker's (train.log_with)
-<run>/merged/                  same format as final/, + merge.json
+<run>/merged/                  same format as final/ (merged, or routed: the N range models), + merge.json
 <run>/samples/<model>/         numbered PNGs, grid.png, samples.json
 <run>/eval/<model>.json
 <run>/analysis/gradients.{npz,png}

@@ -29,16 +29,44 @@ def free_bytes(device) -> Optional[int]:
     return None
 
 
+def cache_bytes(inputs) -> int:
+    """The bytes a task_vectors.CandidateMerger of `inputs` holds: theta (float tensors in float32) and a float32 task
+    vector per range for each tensor the range changes (`_changed`: a LoRA range only its adapted weights, B @ A
+    dense). Read off the files' headers; nothing is loaded."""
+    import math
+
+    changed = [_changed(r) for r in inputs.ranges]
+    return sum(4 * math.prod(shape) * (1 + sum((g, k) in c or (g, None) in c for c in changed))
+               if inputs.base_tensor(g, k).is_floating_point() else inputs.base_tensor(g, k).nbytes
+               for g, k, _, shape in inputs.entries)
+
+
+def _changed(r) -> set:
+    """(group, key) of the tensors whose task vector RangeModel `r` gives (task_vector is not None); (group, None):
+    every tensor of that group."""
+    from .safetensors_stream import read_header
+
+    unet = {("unet", k) for k in r.lora_pairs} if r.is_lora else {("unet", None)}
+    return unet | ({("projection", k) for k in read_header(r.projection_file)[0]} if r.projection_file else set())
+
+
 def make_merger(inputs, spec, device):
     """Task vectors held on the device when they fit in 70% of its free memory, else merges streamed from disk."""
     from .task_vectors import CandidateMerger, StreamingMerger
 
-    need, free = CandidateMerger.nbytes(inputs), free_bytes(device)
+    need, free = cache_bytes(inputs), free_bytes(device)
     if free is not None and need > 0.7 * free:
         ui.warn(f"the task vectors ({need / 2 ** 30:.1f} GiB) do not fit next to the search on {device.type}; "
                 f"each candidate is merged from disk instead (slower)")
         return StreamingMerger(inputs, spec)
     return CandidateMerger(inputs, spec, device)
+
+
+def set_theta_baseline(objective, merger, model, n: int) -> None:
+    """An objective relative to theta (range_loss, loss_by_t*) scores theta first: all n weights 0 loaded."""
+    if hasattr(objective, "set_baseline"):
+        merger.load_into(model, [0.0] * n)          # all weights 0: theta itself, for every merge method
+        objective.set_baseline(model)
 
 
 def candidate_evaluator(setup, run, inputs, spec):
@@ -49,9 +77,7 @@ def candidate_evaluator(setup, run, inputs, spec):
     model = new_candidate_model(inputs).to(objective.device).eval().requires_grad_(False)
     merger = make_merger(inputs, spec, objective.device)
 
-    if hasattr(objective, "set_baseline"):          # an objective relative to theta (range_loss)
-        merger.load_into(model, [0.0] * inputs.n)   # all weights 0: theta itself
-        objective.set_baseline(model)
+    set_theta_baseline(objective, merger, model, inputs.n)
 
     def evaluate(weights: list[float]) -> float:
         merger.load_into(model, weights)

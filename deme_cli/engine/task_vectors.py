@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -21,7 +20,7 @@ from .errors import UsageError
 from .merge_inputs import MergeInputs, release_free_memory
 from .merge_inputs import load_inputs  # noqa: F401  (re-exported: `deme merge` and the search import it from here)
 from .merge_methods import MergeSpec, combine, consensus, get_method, sparsify
-from .models import META_FILE, PROJECTION_FILE, UNET_WEIGHTS
+from .models import META_FILE
 from .safetensors_stream import TensorFileWriter, torch_dtype
 
 MERGE_JSON = "merge.json"
@@ -126,7 +125,8 @@ class CandidateMerger:
     """Many merges of the same range models, fast: theta and each range's sparsified task vector stay on `device`
     in float32 (about N + 1 models of memory), so a candidate costs one combination per tensor and no file reads.
     For the weight search: TIES trims and DARE drops do not depend on the weights, so they are done once. Results agree
-    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path."""
+    with the streamed float64 merge up to float32 rounding; the search's winner is written by the streaming path.
+    What it holds, in bytes: search_pool.cache_bytes."""
 
     kind = "task vectors held in memory (float32)"
 
@@ -147,13 +147,6 @@ class CandidateMerger:
                         tau = sparsify(spec, f"{group}.{key}", r.index, t)
                         taus.append((r.index, tau.to(device, torch.float32)))
                 self.entries.append((group, key, base.to(device, torch.float32), taus))
-
-    @staticmethod
-    def nbytes(inputs: MergeInputs) -> int:
-        """Memory the cache takes: theta plus one task vector per range that has the tensor, float32."""
-        n_proj = sum(1 for r in inputs.ranges if r.projection_file)
-        return sum(4 * math.prod(shape) * (1 + (inputs.n if group == "unet" else n_proj))
-                   for group, _, _, shape in inputs.entries)
 
     def load_into(self, model, weights: list[float]) -> None:
         import torch
@@ -178,7 +171,10 @@ def new_candidate_model(inputs: MergeInputs):
 
 def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSpec, dest: Path, meta: dict,
                         merge_json: dict) -> None:
-    """Stream the merged model into `dest` (the layout of a range's final/), via a temporary folder and a rename."""
+    """Stream the merged model into `dest` (a pipeline folder, as a range's final/), via a temporary folder and a
+    rename."""
+    from .pipeline_folders import finish_unet, unet_paths, write_pipeline_parts
+
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", suffix=".tmp", dir=dest.parent))
@@ -186,19 +182,21 @@ def write_merged_folder(inputs: MergeInputs, weights: list[float], spec: MergeSp
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)      # mkdtemp makes 0700 folders; merged/ gets the usual permissions
     try:
-        (tmp / "unet").mkdir()
-        shutil.copyfile(inputs.base_unet_dir / "config.json", tmp / "unet" / "config.json")
         unet_entries = [(k, d, s) for g, k, d, s in inputs.entries if g == "unet"]
         proj_entries = [(k, d, s) for g, k, d, s in inputs.entries if g == "projection"]
+        unet_file, proj_file = unet_paths(tmp, bool(proj_entries))      # a stock unet/, or a DemeUNet's model-0/
+        unet_file.parent.mkdir(parents=True)
         with contextlib.ExitStack() as stack:
-            writers = {"unet": stack.enter_context(TensorFileWriter(tmp / "unet" / UNET_WEIGHTS, unet_entries))}
+            writers = {"unet": stack.enter_context(TensorFileWriter(unet_file, unet_entries))}
             if proj_entries:
-                writers["projection"] = stack.enter_context(TensorFileWriter(tmp / PROJECTION_FILE, proj_entries))
+                writers["projection"] = stack.enter_context(TensorFileWriter(proj_file, proj_entries))
             bar = stack.enter_context(ui.progress("merge", total=len(inputs.entries), unit="tensors", every=100))
             stack.enter_context(inputs.open())
             for group, key, t in merged_tensors(inputs, weights, spec):
                 writers[group].write(key, t)
                 bar.update()
+        finish_unet(tmp, inputs.unet_class, inputs.unet_config, bool(proj_entries))
+        write_pipeline_parts(tmp, inputs.base_folder)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / MERGE_JSON).write_text(json.dumps(merge_json, indent=2, default=str) + "\n")
         if merge_json.get("search"):

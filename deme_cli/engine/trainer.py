@@ -419,13 +419,13 @@ class RangeTrainer:
         model.load_state_dict(state, strict=False)
 
     def export(self, folder: Path, meta: dict, state: dict, base_folder: Path) -> None:
-        """Write a range model folder holding `state` (final_states' raw or EMA state): a full model folder, or with
-        LoRA the adapters, naming the base they sit on (adapters.save_lora_folder)."""
+        """Write a range model folder holding `state` (final_states' raw or EMA state) as a pipeline folder around
+        `base_folder`'s other parts: a full model, or with LoRA the adapters on the base (adapters.save_lora_folder)."""
         if self.lora is None:
-            save_model_folder(folder, self.unwrapped(), meta, state=state)
+            save_model_folder(folder, self.unwrapped(), meta, state=state, base_folder=base_folder)
         else:
             meta = {**meta, "adapter": adapters.meta(self.lora), "base_model": str(Path(base_folder).resolve())}
-            adapters.save_lora_folder(folder, self.unwrapped(), meta, state)
+            adapters.save_lora_folder(folder, self.unwrapped(), meta, state, base_folder)
 
     def final_states(self) -> tuple[dict, Optional[dict]]:
         """(raw state, EMA state or None) of the student (`trainable_state`), keys unet.* and projections.*."""

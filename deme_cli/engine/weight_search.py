@@ -21,8 +21,12 @@ Strategies (`merge.search`):
   (all weights 0); give each range alone its best non-zero candidate; then, in order of those solo scores, add each
   range at its value if that improves the score of the merge so far. 1 + N * |candidates| + N merges.
 
-Objectives (`merge.objective`: kid, fid, loss, range_loss) are described in search_objectives.py.
-Every candidate and its score goes into merge.json's "search" log, drawn as merged/merge-search.png.
+Objectives (`merge.objective`: kid, fid, loss, range_loss, loss_by_t, loss_by_t_guarded, loss_by_t_weighted) are
+described in search_objectives.py. The search works the same for every merge.method (task arithmetic, TIES, DARE):
+a candidate is a weight vector, merged with the recipe's method. merge.candidates (default 0 to 1.5 in steps of
+0.25) lets grid, coordinate and greedy give any range any of those weights, a range at full strength (1) and the
+others at 0 included. Every candidate and its score goes into merge.json's "search" log, drawn as
+merged/merge-search.png.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from . import interrupts, ui
 from .errors import UsageError
 from .interrupts import Interrupted
 from .runs import write_atomic
-from .search_objectives import OBJECTIVES, SearchSetup, _same_folder
+from .search_objectives import OBJECTIVES, SearchSetup, _same_folder, check_objective, objective_settings
 from .search_pool import SearchPool, candidate_evaluator
 
 MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy any more
@@ -271,13 +275,7 @@ def search_settings(setup: SearchSetup, n: int, start: list[float]) -> dict:
          "reference": m.search_reference, **_space_log(m.search, Space.from_recipe(m, n))}
     if m.search == "coordinate":
         s["start"] = list(start)
-    if m.objective in ("kid", "fid"):
-        s.update(steps=setup.steps, sample={k: v for k, v in setup.sample.model_dump().items()
-                                            if k in ("scheduler", "eta", "seed", "precision")},
-                 eval={k: v for k, v in setup.eval.model_dump().items() if k in ("mode", "feature_extractor")},
-                 kid_seed=setup.seed)
-    else:
-        s.update(data=setup.data.model_dump(), batch_size=setup.batch_size)
+    s.update(objective_settings(setup))
     return s
 
 
@@ -324,6 +322,7 @@ def check_search(setup: SearchSetup, n: int) -> None:
     """Everything a search over n weights needs from the recipe, checked before any work (`deme merge`, `deme run`):
     strategy, objective, candidates, and the held-out reference (check_search_reference)."""
     _plan(setup.merge, n)
+    check_objective(setup)
     check_search_reference(setup.merge, setup.eval.reference, setup.data)
 
 
@@ -358,6 +357,7 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
             with interrupts.deferred() as stop:
                 scorer = Scorer(evaluate, bar, evaluate_many, journal=journal, stop=stop)
                 strategy.run(space, tuple(start), scorer)
+                scorer.check_stop()     # a signal while the last merge was scored: the merged model waits too
     finally:
         if pool is not None:
             pool.close()
@@ -368,6 +368,7 @@ def search_weights(setup: SearchSetup, ranges, run, inputs, spec, start: list[fl
             torch.cuda.empty_cache()
     best_score, best_weights = scorer.best
     return {"strategy": m.search, "strategy_summary": strategy.summary, "objective": m.objective,
+            "method": spec.method,
             **described, "merges": merges, **_space_log(m.search, space), "evaluations": len(scorer.log),
             "seconds": round(time.time() - t0, 3), "best": {"weights": list(best_weights), "score": best_score},
             "candidates": scorer.log, **({"processes": processes} if processes > 1 else {})}
