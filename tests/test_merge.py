@@ -307,6 +307,31 @@ def test_merge_streams_theta_and_gives_the_merge_of_the_loaded_base(setup, tiny_
             assert torch.equal(got[k], (t.double() + _ties_by_stack(scaled)).to(t.dtype)), k
 
 
+@pytest.mark.parametrize("method", TASK_METHODS)
+def test_streamed_merge_file_equals_the_straightforward_formula(setup, tiny_ddpm, method):
+    """What `deme merge` streams to disk equals, every tensor, the formula with every model in memory at once: theta
+    and the N range models loaded whole (safetensors only), each tau_i = theta_i - theta sparsified as the method says
+    (TIES trim, DARE's seeded drop and rescale), then the weighted sum (task arithmetic, DARE) or TIES' elected-sign
+    mean over the stacked task vectors."""
+    recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 11})
+    spec, w = merge_methods.MergeSpec.from_section(recipe.merge), [0.3, -0.2, 0.6]
+    merge.run_merge(recipe, run, weights=w)
+    got = _hand_file_state(run.merged)
+    theta = _hand_merge(tiny_ddpm, [run.final(i) for i in range(N)], [0.0] * N)   # theta, identity projections
+    ranges = [_hand_file_state(run.final(i)) for i in range(N)]
+    assert got.keys() == theta.keys() and all(r.keys() == theta.keys() for r in ranges)
+    moved = 0
+    for k, t in theta.items():
+        name = k if k.startswith("unet.") else "projection." + k[len("projections."):]   # merged_tensors names
+        taus = [merge_methods.sparsify(spec, name, i, r[k].double() - t) for i, r in enumerate(ranges)]
+        scaled = [wi * tau for wi, tau in zip(w, taus)]
+        delta = _ties_by_stack(scaled) if method == "ties" else sum(scaled)
+        want = (t + delta).to(got[k].dtype)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-7, msg=k)
+        moved += int(not torch.equal(got[k], t.to(got[k].dtype)))
+    assert moved == len(theta)          # every tensor moved, projections included
+
+
 @pytest.mark.parametrize("method", ["ties", "routed"])
 def test_merged_folder_is_written_without_loading_theta(setup, tiny_ddpm, method, monkeypatch):
     """`deme merge` writes merged/ (a weighted merge or the routed model) with theta's UNet class and config read from
