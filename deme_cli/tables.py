@@ -104,7 +104,17 @@ def pipeline(name: str, r: dict) -> None:
              [[m] + [v["metrics"].get(k) for k in keys] + [v["num_images"]] for m, v in r["models"].items()])
     loss_by_t(r["models"], r.get("loss_plot"))
     stale(r.get("stale") or {})
-    ui.table("stages", ["stage", "status", "seconds"], [[s["stage"], s["status"], s["seconds"]] for s in r["stages"]])
     take_away(r.get("take_away"))
+    stage_times(r["stages"])
     if r.get("report"):
         ui.info(f"report: {r['report']['html']}")
+
+
+def stage_times(stages: list[dict]) -> None:
+    """`deme run`'s stage times: each stage's seconds in this run and its share, and for a stage whose earlier
+    output was kept, the seconds of the run that did its work (run.json)."""
+    total = sum(s["seconds"] for s in stages)
+    rows = [[s["stage"], s["status"], s["seconds"], f"{100 * s['seconds'] / total:.0f}%" if total > 0 else None,
+             s.get("work_seconds") if s["status"] == "kept" else None] for s in stages]
+    ui.table(f"stage times: {total:.1f} s in all", ["stage", "status", "seconds", "share", "earlier work, s"],
+             rows + [["total", None, round(total, 2), None, None]])

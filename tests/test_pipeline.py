@@ -1,11 +1,13 @@
 """`deme run`: the whole pipeline through the command line, resumable, refusing to mix recipes."""
 import functools
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
 
 from deme_cli.cli import app
+from deme_cli.engine import ui
 
 
 @pytest.fixture
@@ -72,6 +74,18 @@ def test_run_pipeline_resumes_and_refuses_to_mix(run_recipe, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*.safetensors")} == mtimes
     assert {p: p.stat().st_mtime_ns for p in (run / "samples").rglob("0*.png")} == pngs
     assert again["models"] == out["models"]
+    record = json.loads((run / "run.json").read_text())["stages"]
+    assert {s["stage"]: s["work_seconds"] for s in again["stages"]} == {k: v["seconds"] for k, v in record.items()}
+    assert {s["stage"]: s["seconds"] for s in out["stages"]} == {k: v["seconds"] for k, v in record.items()}
+
+    # a person's view ends with the stage times: each stage's seconds in this run and those of its earlier work
+    r = runner.invoke(app, ["run", str(run_recipe)])
+    assert r.exit_code == 0, r.output
+    lines = r.output[r.output.index("stage times"):].splitlines()
+    for stage, rec in record.items():
+        row = next(line for line in lines if re.search(rf"\b{stage}\b", line))
+        assert "kept" in row and ui.fmt(rec["seconds"]) in row, (stage, row)
+    assert any(re.search(r"\btotal\b", line) for line in lines)
 
     # a changed recipe is refused, naming the stage and the difference; nothing is touched
     r = runner.invoke(app, ["run", str(run_recipe), "--set", "deme.p=0.5"])

@@ -194,10 +194,11 @@ def run_pipeline(recipe, run: RunDir, force: bool = False, on_stage: Optional[Ca
         seconds = time.time() - t0
         if stage.name == "eval":
             eval_result, status = status, "done" if status.get("scored") else "kept"
-        stages.append({"stage": stage.name, "status": status, "seconds": round(seconds, 2)})
         done = (record["stages"].get(stage.name) or {}).get("seconds") if status == "kept" else None
         record["stages"][stage.name] = {"inputs": stage_inputs(recipe, stage),    # the seconds of the work
                                         "seconds": round(seconds, 2) if done is None else done}
+        stages.append({"stage": stage.name, "status": status, "seconds": round(seconds, 2),
+                       "work_seconds": record["stages"][stage.name]["seconds"]})
         write_json(record_file, record)  # after the stage: an interrupted stage is simply redone (and resumes)
 
     results = (eval_result or {}).get("results", {})      # current numbers only (evaluate passes them through

@@ -70,13 +70,9 @@ def check_targets(unet_dir: Path, deme) -> None:
     config on the meta device (no weights loaded): before a run writes anything."""
     if not is_lora(deme):
         return
-    import diffusers
-    from accelerate import init_empty_weights
+    from .models import empty_unet
 
-    cfg = json.loads((Path(unet_dir) / "config.json").read_text())
-    with init_empty_weights():
-        unet = getattr(diffusers, cfg["_class_name"]).from_config(cfg)
-    target_modules(unet, deme.lora_targets)
+    target_modules(empty_unet(unet_dir), deme.lora_targets)
 
 
 def lora_config(unet, deme):

@@ -15,13 +15,17 @@ ranges), each with its paper's link:
 - routed: no task vectors at all; merged/ keeps the N range models and routes each call to the one owning t (Eq. 7,
   routed.py). Weights do not apply.
 `combine(spec, name, taus)` applies one method to one tensor's (range index, weight, tau) triples; merge.py streams
-the tensors through it.
+the tensors through it. `taus` is a function that gives the triples afresh each time it is called: the sum-based
+methods read them once, holding one task vector at a time; TIES reads them twice (the sign election, then the mean of
+the agreeing entries) rather than hold all N of them, so that merging takes the same memory for any N.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
+
+Pairs = Callable[[], Iterable[tuple[Any, float]]]   # gives the (tau_i, w_i) pairs afresh at each call
 
 from .errors import UsageError
 
@@ -46,6 +50,8 @@ class MergeMethod:
         return self.sparsify == "random"
 
 
+# A sparsifier says which entries of tau to keep (a bool mask, or None: all) and what the kept ones are divided by.
+
 def trim_by_magnitude(tau, density: float, generator=None):
     """TIES trim: keep the round(density * numel) entries (at least one) of largest |tau|, zero the others."""
     import torch
@@ -53,10 +59,10 @@ def trim_by_magnitude(tau, density: float, generator=None):
     n = tau.numel()
     k = max(1, int(density * n + 0.5)) if n else 0
     if k >= n:
-        return tau
+        return None, 1.0
     keep = torch.zeros(n, dtype=torch.bool)
     keep[torch.topk(tau.abs().reshape(-1), k, sorted=False).indices] = True
-    return tau * keep.reshape(tau.shape)
+    return keep.reshape(tau.shape), 1.0
 
 
 def drop_and_rescale(tau, density: float, generator=None):
@@ -64,32 +70,51 @@ def drop_and_rescale(tau, density: float, generator=None):
     import torch
 
     if density >= 1.0:
-        return tau
-    keep = torch.rand(tau.shape, generator=generator) < density
-    return tau * keep / density
+        return None, 1.0
+    return torch.rand(tau.shape, generator=generator) < density, density
 
 
-def weighted_sum(pairs: Iterable[tuple[Any, float]]) -> Optional[Any]:
+# Consensus functions overwrite the taus of their pairs only when `inplace` (a streamed merge's own tensors); the
+# search's cache passes the same tensors for every candidate.
+
+def weighted_sum(pairs: Pairs, inplace: bool = False) -> Optional[Any]:
     """sum_i w_i tau_i over (tau_i, w_i) pairs (None when no range takes part)."""
     total = None
-    for tau, w in pairs:
-        total = tau * w if total is None else total.add_(tau, alpha=w)
+    for tau, w in pairs():
+        if total is None:
+            total = tau.mul_(w) if inplace else tau * w
+        else:
+            total.add_(tau, alpha=w)
         del tau  # one task vector in flight at a time
     return total
 
 
-def disjoint_mean(pairs: Iterable[tuple[Any, float]]) -> Optional[Any]:
-    """TIES: elect sign(sum_i w_i tau_i) per entry, average the w_i tau_i entries that agree with it."""
+def disjoint_mean(pairs: Pairs, inplace: bool = False) -> Optional[Any]:
+    """TIES: elect sign(sum_i w_i tau_i) per entry, average the w_i tau_i entries that agree with it. Two passes over
+    the pairs, one scaled tau in flight at a time, the elected signs and agreement counts held as small integers;
+    sums run over the ranges in order, as a sum over a stack of them would (tests/test_merge.py checks the result
+    against that formula)."""
     import torch
 
-    scaled = [tau * w for tau, w in pairs]
-    if not scaled:
+    total = None
+    for tau, w in pairs():
+        scaled = tau.mul_(w) if inplace else tau * w
+        total = scaled if total is None else total.add_(scaled)
+        del tau, scaled
+    if total is None:
         return None
-    stacked = torch.stack(scaled)
-    del scaled
-    elected = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == elected) & (elected != 0)
-    return (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+    up, down = total > 0, total < 0           # the elected sign: +1, -1, or none (a sum of exactly 0)
+    del total
+    mean = count = None
+    for tau, w in pairs():
+        scaled = tau.mul_(w) if inplace else tau * w
+        del tau
+        agree = (scaled > 0).logical_and_(up).logical_or_((scaled < 0).logical_and_(down))
+        kept = scaled.mul_(agree)
+        mean = kept if mean is None else mean.add_(kept)
+        count = agree.to(torch.int16) if count is None else count.add_(agree)
+        del scaled, kept, agree
+    return mean.div_(count.clamp_(min=1))
 
 
 SPARSIFIERS: dict[str, Callable] = {"magnitude": trim_by_magnitude, "random": drop_and_rescale}
@@ -145,27 +170,41 @@ def tensor_seed(seed: int, range_index: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
-def sparsify(spec: MergeSpec, name: str, index: int, tau):
-    """tau of range `index`, tensor `name`, after the method's sparsification (TIES trim, DARE drop; else as is)."""
+def sparsify(spec: MergeSpec, name: str, index: int, tau, masks: Optional[dict] = None):
+    """tau of range `index`, tensor `name`, after the method's sparsification (TIES trim, DARE drop; else as is),
+    computed in place: tau is overwritten. `masks`: the sparsifications found so far for this tensor, by range (a
+    second pass over the ranges reuses them rather than trim again)."""
     import torch
 
     method = get_method(spec.method)
     if method.sparsify is None:
         return tau
-    gen = torch.Generator().manual_seed(tensor_seed(spec.seed, index, name)) if method.uses_seed else None
-    return SPARSIFIERS[method.sparsify](tau, spec.density, gen)
+    if masks is not None and index in masks:
+        keep, divisor = masks[index]
+    else:
+        gen = torch.Generator().manual_seed(tensor_seed(spec.seed, index, name)) if method.uses_seed else None
+        keep, divisor = SPARSIFIERS[method.sparsify](tau, spec.density, gen)
+        if masks is not None:
+            masks[index] = keep, divisor
+    if keep is not None:
+        tau.mul_(keep)
+    return tau if divisor == 1.0 else tau.div_(divisor)
 
 
-def consensus(spec: MergeSpec, pairs: Iterable[tuple[Any, float]]):
-    """The merged delta from (sparsified tau_i, w_i) pairs; None when none takes part."""
-    return CONSENSUS[get_method(spec.method).consensus](pairs)
+def consensus(spec: MergeSpec, pairs: Pairs, inplace: bool = False):
+    """The merged delta from (sparsified tau_i, w_i) pairs (`pairs()` gives them; `inplace`: tensors it may
+    overwrite); None when none takes part."""
+    return CONSENSUS[get_method(spec.method).consensus](pairs, inplace)
 
 
-def combine(spec: MergeSpec, name: str, taus: Iterable[tuple[int, float, Any]]):
-    """The merged delta of one tensor from (range index, weight, tau) triples; None when none takes part."""
+def combine(spec: MergeSpec, name: str, taus: Callable[[], Iterable[tuple[int, float, Any]]]):
+    """The merged delta of one tensor from (range index, weight, tau) triples (`taus()` gives them afresh, each tau a
+    tensor of the caller's that sparsifying may overwrite); None when none takes part."""
+    masks: dict = {}            # each range's trim or drop (a bool per entry), found once even if read twice
+
     def sparsified():
-        for index, w, tau in taus:
-            tau = sparsify(spec, name, index, tau)
+        for index, w, tau in taus():
+            tau = sparsify(spec, name, index, tau, masks)
             yield tau, w
             del tau
-    return consensus(spec, sparsified())
+    return consensus(spec, sparsified, inplace=True)

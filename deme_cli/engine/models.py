@@ -84,6 +84,17 @@ def load_unet(folder: Path, dtype=None):
         raise UsageError(f"could not load the UNet from '{uf}': {str(e).splitlines()[0]}") from None
 
 
+def empty_unet(unet_dir: Path):
+    """The UNet of a UNet folder built from its config on the meta device: its architecture (names, shapes, dtypes),
+    no weights, no memory."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cfg = json.loads((Path(unet_dir) / "config.json").read_text())
+    with init_empty_weights():
+        return getattr(diffusers, cfg["_class_name"]).from_config(cfg)
+
+
 # --- projections (the code is deme_unet.py's: the module that ships in model folders) ---------------------------
 
 def projection_channels(config: Any) -> dict[str, list[int]]:
@@ -93,17 +104,18 @@ def projection_channels(config: Any) -> dict[str, list[int]]:
     return channels(config)
 
 
-def make_projections(unet):
+def make_projections(unet, device=None):
     """A module of identity-initialised projections sized for `unet` (keys down.i.weight, mid.0.weight, up.i.weight),
-    on its device and in its dtype."""
+    in its dtype, on `device` (default: the UNet's; a UNet on the meta device names one)."""
     from .deme_unet import make_projections as make
 
-    return make(unet.config).to(device=unet.device, dtype=unet.dtype)
+    return make(unet.config).to(device=unet.device if device is None else device, dtype=unet.dtype)
 
 
-def identity_projection_state(unet) -> dict:
-    """The projection state dict of the identity (the base of projection task vectors)."""
-    return {k: v.detach().clone() for k, v in make_projections(unet).state_dict().items()}
+def identity_projection_state(unet, device=None) -> dict:
+    """The projection state dict of the identity (the base of projection task vectors); `device` for a UNet on the
+    meta device (empty_unet)."""
+    return {k: v.detach().clone() for k, v in make_projections(unet, device).state_dict().items()}
 
 
 def _deme_model_class():

@@ -79,7 +79,7 @@ def lora_member_hash(model, i: int) -> str:
 
 def write_routed_folder(inputs, owned: Sequence[Any], dest: Path, meta: dict, merge_json: dict) -> None:
     """Write `dest` (merged/) atomically as the routed pipeline folder of the range models of `inputs`
-    (task_vectors.MergeInputs: their files, the base UNet, the identity projections) for the ranges `owned`."""
+    (merge_inputs.MergeInputs: their files, the base UNet's class and config, the identity projections) for the ranges `owned`."""
     from safetensors.torch import load_file
 
     from . import pipeline_folders as pf
@@ -128,8 +128,7 @@ def write_routed_folder(inputs, owned: Sequence[Any], dest: Path, meta: dict, me
             ranks = [h[next(iter(k.values()))[0]].shape[0] for h, k in zip(heads, keys)]
             lora_cfg = pf.lora_config(keys[0], [float(r.meta["adapter"]["scale"]) for r in inputs.ranges], ranks)
             pf.link_tree(inputs.base_unet_dir, unet_dir / BASE_DIR)
-        unet = inputs.base_unet
-        pf.write_deme_config(unet_dir, type(unet).__name__, dict(unet.config), _ranges(owned),
+        pf.write_deme_config(unet_dir, inputs.unet_class, inputs.unet_config, _ranges(owned),
                              inputs.has_projections, lora_cfg)
         pf.write_pipeline_parts(tmp, inputs.base_folder)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
