@@ -213,7 +213,7 @@ def test_keep_the_gain_suite_trains_with_the_recipes_values_and_paths():
     """run.py's `deme run --set` values for the suite: the data and base paths and the seed only, as the recipes'
     training was started (`deme train` with the same paths and seeds resumes); 4x recipes hold 8,000 steps; row (f)
     searches; the 4x N = 1 run dir samples only its finetuned model; the loss-only models exist in each run dir."""
-    import tomllib
+    from deme_cli.engine.recipe import tomllib     # tomli on Python 3.10
 
     sys.path.insert(0, str(BENCH / "fashion-mnist"))
     bench = _load("fmnist_run", BENCH / "fashion-mnist" / "run.py")
