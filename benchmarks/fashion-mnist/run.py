@@ -41,8 +41,9 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from pathlib import Path
+
+from deme_cli.engine.recipe import tomllib  # tomli on Python 3.10
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

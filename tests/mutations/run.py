@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
+from deme_cli.engine.recipe import tomllib  # tomli on Python 3.10
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
