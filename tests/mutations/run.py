@@ -22,8 +22,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from deme_cli.engine.recipe import tomllib  # tomli on Python 3.10
 from pathlib import Path
+
+from deme_cli.engine.recipe import tomllib  # tomli on Python 3.10
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
