@@ -51,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+from child_process import in_child  # noqa: E402  (benchmarks/: one measurement in a fresh process)
 import sd_memory  # noqa: E402  (benchmarks/: the SD v1 and tiny SD UNet configs)
 import throughput  # noqa: E402  (benchmarks/: the CIFAR10 config, device and timing helpers)
 
@@ -275,24 +276,6 @@ def peak_memory(variant: str, o: dict, steps: int, threads: int) -> dict:
             "metric": "process peak RSS minus the peak after imports and loading the base UNet"}
 
 
-def _child(q, *args):
-    try:
-        q.put(peak_memory(*args))
-    except Exception as e:  # reported in the table, not raised: the other variant may still fit
-        q.put({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
-
-
-def peak_memory_in_child(*args) -> dict:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, *args))
-    p.start()
-    p.join()
-    return q.get() if not q.empty() else {"error": f"process died (exit {p.exitcode}; out of memory?)"}
-
-
 # --- timing --------------------------------------------------------------------------------------------------------
 
 def time_interleaved(steps: dict, dev, warmup: int, n: int, block: int) -> dict:
@@ -368,7 +351,7 @@ def run_step_cost(args, dev) -> dict:
         peaks = {}
         for variant in VARIANTS:
             t0 = time.perf_counter()
-            peaks[variant] = peak_memory_in_child(variant, o, args.mem_steps, torch.get_num_threads())
+            peaks[variant] = in_child(peak_memory, variant, o, args.mem_steps, torch.get_num_threads())
             print(f"# peak memory, {variant}: {peaks[variant]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
         # Build both trainers; sizes of their trained state (one untimed step each).

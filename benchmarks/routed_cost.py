@@ -38,7 +38,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(HERE)]
+
+from child_process import in_child  # noqa: E402  (benchmarks/: one measurement in a fresh process)
 
 FMNIST = ROOT / "assets" / "fmnist-ddpm"
 KINDS = ("full", "lora")
@@ -152,24 +154,6 @@ def peak_rss(which: str, merged: str, batch: int, steps: int, threads: int) -> d
     return {"peak_rss_bytes": _status("VmHWM") - before, "baseline_rss_bytes": before, "model": type(model).__name__}
 
 
-def _child(q, *args):
-    try:
-        q.put(peak_rss(*args))
-    except Exception as e:  # reported, not raised
-        q.put({"error": f"{type(e).__name__}: {e}"})
-
-
-def peak_rss_in_child(*args) -> dict:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(q, *args))
-    p.start()
-    p.join()
-    return q.get() if not q.empty() else {"error": f"process died (exit {p.exitcode})"}
-
-
 def measure(n: int, kind: str, projection: bool, root: Path, a) -> dict:
     import torch
 
@@ -204,7 +188,7 @@ def measure(n: int, kind: str, projection: bool, root: Path, a) -> dict:
         proj = adapters.read_projections(run.final(0), models["base"])
         trained = sum(t.numel() * t.element_size() for t in tensors.values()) + \
             (sum(p.numel() * p.element_size() for p in proj.parameters()) if proj is not None else 0)
-    rss = {w: peak_rss_in_child(w, str(run.merged), a.batch, a.steps, torch.get_num_threads()) for w in models}
+    rss = {w: in_child(peak_rss, w, str(run.merged), a.batch, a.steps, torch.get_num_threads()) for w in models}
     disk = folder_bytes(run.merged)
     base_disk = folder_bytes(FMNIST / "unet")["apparent"]
     row = {"n": n, "kind": kind, "projection": projection, "img_per_s": ips, "rounds_img_per_s": rounds,
