@@ -176,8 +176,10 @@ class MergeSection(_Section):
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
     candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # grid/coordinate/greedy: values each weight
                                                    # may take (1 and above: a range's task vector at full strength)
-    objective: choice(OBJECTIVES) = "kid"          # search proxy (range_loss: per range, vs theta; loss_by_t*: per
-                                                   # eval.loss_bins bin, vs theta: search_objectives.py)
+    objective: choice(OBJECTIVES) = "fid"          # search proxy: "fid" at 1,000 samples ranked merges like the test
+                                                   # FID best in benchmarks/fashion-mnist/objectives.py (README
+                                                   # "Merging"); kid; loss; range_loss: per range, vs theta;
+                                                   # loss_by_t*: per eval.loss_bins bin, vs theta (search_objectives.py)
     bin_tolerance: float = Field(0.0005, ge=0.0)   # loss_by_t_guarded: no bin's loss may exceed theta's by more than
                                                    # this fraction (else the candidate scores its worst bin's ratio)
     bin_weights: Optional[list[float]] = None      # loss_by_t_weighted: one weight >= 0 per eval.loss_bins bin, low t
