@@ -239,3 +239,46 @@ def test_keep_the_gain_suite_trains_with_the_recipes_values_and_paths():
     assert bench.loss_only_models("deme-lora", "table") == ["merged", "ensemble", "range:0", "range:1", "range:2",
                                                             "range:3"]
     assert bench.loss_only_models("deme-chosen", "keep-the-gain") == []
+
+
+def test_keep_the_gain_runs_row_f_right_after_its_range_models_once_the_study_is_complete(tmp_path, monkeypatch):
+    """With objectives.py's summary complete, run.py's first pass holds rows (f): deme-chosen in deme's chain with the
+    study's chosen --set values (and no other run dir has them), taken after the single 5,000-sample rows and before
+    the 4x training; without a summary, the first pass has no row (f) (the study runs first)."""
+    sys.path.insert(0, str(BENCH / "fashion-mnist"))
+    bench = _load("fmnist_run", BENCH / "fashion-mnist" / "run.py")
+    out = tmp_path / "bench"
+    monkeypatch.setattr(bench, "make_data", lambda out, sizes, env: out / "data")
+    monkeypatch.setattr(bench, "search_subset", lambda data, k: data / "holdout-2k")
+    monkeypatch.setattr(bench, "make_base", lambda *a, **k: "assets/fmnist-ddpm")
+    monkeypatch.setattr(bench, "precompute_reference", lambda *a: None)
+    monkeypatch.setattr(bench.results, "write", lambda out, dest: tmp_path / "RESULTS.md")
+    monkeypatch.setattr(bench.subprocess, "call", lambda *a, **k: 1)      # the study, were it started, fails
+    passes = []
+    monkeypatch.setattr(bench, "run_chains", lambda chains, *a: passes.append(bench.chain_order(chains)))
+    for name in ("deme", "deme-seed1", "n1-all-timesteps", "n1-all-timesteps-seed1", "deme-lora",
+                 "deme-lora-seed1"):       # the main rows' range models are trained (the 4x ones are not)
+        (out / name / "ranges" / "0" / "final").mkdir(parents=True)
+        (out / name / "ranges.json").write_text(json.dumps({"ranges": [[0, 1000]]}))
+        (out / name / "ranges" / "0" / "final" / "deme.json").write_text("{}")
+    argv = ["--suite", "keep-the-gain", "--scale", "cpu-5k", "--out", str(out)]
+
+    assert bench.main(argv) == 1                              # no summary: objectives.py runs (and here fails)
+    assert len(passes) == 1 and not any(job[0] in bench.CHOSEN for chain in passes[0] for job in chain)
+
+    sets = ['merge.objective="fid"', "merge.search_num_images=1000", "merge.search_steps=50"]
+    (out / "objectives").mkdir()
+    (out / "objectives" / "objectives.json").write_text(json.dumps(
+        {"seeds": [0, 1], "complete": True, "choice": "fid@1000", "objectives": {"fid@1000": {"sets": sets}}}))
+    passes.clear()
+    assert bench.main(argv) == 0
+    assert len(passes) == 1
+    order = [[(job[0], job[1]) for job in chain] for chain in passes[0]]
+    assert order == [[("n1-all-timesteps", 0)], [("deme-lora", 0)], [("n1-all-timesteps", 1)], [("deme-lora", 1)],
+                     [("deme", 0), ("deme-chosen", 0)], [("deme", 1), ("deme-chosen", 1)],
+                     [("n1-all-timesteps-4x", 0)], [("n1-all-timesteps-4x", 1)],
+                     [("deme-4x", 0), ("deme-4x-chosen", 0)], [("deme-4x", 1), ("deme-4x-chosen", 1)]]
+    for chain in passes[0]:
+        for name, seed, run_dir, cmd, *_ in chain:
+            has = [s in cmd for s in sets]
+            assert all(has) if name in bench.CHOSEN else not any(has), name

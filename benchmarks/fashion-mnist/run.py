@@ -28,7 +28,8 @@ Steps:
 deme-lora (its ensemble, the routed model, sampled), n1-all-timesteps-4x and deme-4x (8,000 total finetuning steps);
 then objectives.py (item 1's study, resumable; skipped when its summary is complete) and rows (f), deme-chosen and
 deme-4x-chosen: the range models of deme / deme-4x, merged with weights searched by the study's choice of objective
-(--chosen-objective overrides it). Its table is a section of RESULTS.md; the rest of the file stays as it is.
+(--chosen-objective overrides it). When the study is already complete, each row (f) runs right after its range models
+(deme-chosen with the 5,000-sample rows, before the 4x training), not after every other run dir. Its table is a section of RESULTS.md; the rest of the file stays as it is.
 """
 from __future__ import annotations
 
@@ -359,14 +360,15 @@ def main(argv=None) -> int:
     search_subset(data, 32 if args.smoke else SEARCH_IMAGES)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
-    def chains_of(names: list[str], extra: list[str]) -> list[list]:
-        """The jobs of these recipes, every seed, grouped into chains: (seed, the recipe that trains) -> in order."""
+    def chains_of(names: list[str], extra: list[str], chosen: list[str] = ()) -> list[list]:
+        """The jobs of these recipes, every seed, grouped into chains: (seed, the recipe that trains) -> in order.
+        `extra`: --set values of every job; `chosen`: those of the CHOSEN recipes only (their search objective)."""
         chains: dict[tuple, list] = {}
         for name, seed in [(name, seed) for seed in seeds for name in suite if name in names]:
             recipe = recipe_file(name)
             run_dir = run_dir_of(out, name, seed)
             sets = deme_sets(name, seed, out=out, base=base, scale=scale, smoke=args.smoke, suite=args.suite,
-                             extra=extra + args.sets)
+                             extra=extra + (list(chosen) if name in CHOSEN else []) + args.sets)
             rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
             cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
             for s in sets:
@@ -376,14 +378,19 @@ def main(argv=None) -> int:
                 (name, seed, run_dir, cmd, recipe, sets, run_dir_of(out, src, seed) if src else None))
         return list(chains.values())
 
-    first = chains_of(sorted(only - CHOSEN), [])
+    # rows (f) join the first pass when item 1's study is already complete: each runs right after its range models
+    # (in their chain), so deme-chosen comes with the 5,000-sample rows and does not wait for the 4x training
+    chosen = chosen_sets(out, args.chosen_objective) if only & CHOSEN and objectives_done(out, seeds) else None
+    if chosen is not None:
+        log(f"row (f): search objective {' '.join(chosen)} (objectives.py's study is complete)")
+    first = chains_of(sorted(only if chosen is not None else only - CHOSEN), [], chosen or [])
     jobs = [job for chain in first for job in chain]
     if jobs and not args.smoke:
         # the test set's features once, before the runs start, so that no two runs compute them side by side
         precompute_reference(out, jobs[0][4], jobs[0][5])
     failed: list[str] = []
     run_chains(first, out, env, args, failed)
-    if only & CHOSEN:
+    if only & CHOSEN and chosen is None:
         # row (f): item 1's study (objectives.py, resumable) chooses the objective that searches its weights
         rc = 0 if objectives_done(out, seeds) else subprocess.call(objectives_cmd(out, args, seeds), env=env)
         extra = chosen_sets(out, args.chosen_objective) if rc == 0 else None
@@ -392,7 +399,7 @@ def main(argv=None) -> int:
                           f"{out / 'objectives'}")
         else:
             log(f"row (f): search objective {' '.join(extra)}")
-            run_chains(chains_of(sorted(only & CHOSEN), extra), out, env, args, failed)
+            run_chains(chains_of(sorted(only & CHOSEN), [], extra), out, env, args, failed)
     if failed:
         log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
         return 1
@@ -418,6 +425,15 @@ def objectives_done(out: Path, seeds: list[int]) -> bool:
 
     summary = objectives.read_summary(out)
     return summary is not None and sorted(summary.get("seeds", [])) == sorted(seeds) and summary.get("complete")
+
+
+def chain_order(chains: list[list]) -> list[list]:
+    """The order the workers take chains in: the main rows before the others, so that on a CPU the rows that settle
+    the question finish first and an interrupted run is missing ablation seeds, not main ones; within each, the chains
+    that still train first, then the shorter chains (a chain's second job is a weight search, the longest job: the
+    single rows finish before it), then by seed."""
+    return sorted(chains, key=lambda c: (c[0][0] not in MAIN_RECIPES + KEEP_THE_GAIN[:3], is_trained(c[0][2]),
+                                         len(c), c[0][1]))
 
 
 def run_chains(chains: list[list], out: Path, env: dict, args, failed: list[str]) -> None:
@@ -457,11 +473,7 @@ def run_chains(chains: list[list], out: Path, env: dict, args, failed: list[str]
                 return
 
     width = len(chains) if args.parallel else max(1, args.jobs)
-    # the main rows before the others, so that on a CPU the rows that settle the question finish first and an
-    # interrupted run is missing ablation seeds, not main ones; within each, the chains that still train and the
-    # longer chains first (they set the wall time when run side by side), then by seed
-    queue = sorted(chains, key=lambda c: (c[0][0] not in MAIN_RECIPES + KEEP_THE_GAIN[:3], is_trained(c[0][2]),
-                                          -len(c), c[0][1]))
+    queue = chain_order(chains)
     threads = []
     for _ in range(min(width, len(queue))):
         def worker():
