@@ -167,6 +167,14 @@ def test_keep_the_gain_section_is_placed_above_the_history_and_rebuilt_alone(tmp
     results.write(out, dest)
     rebuilt = dest.read_text()
     assert rebuilt.count(results.SECTION_BEGIN) == 1 and notes in rebuilt and "old reading" in rebuilt
+    # before any run at 4x the budget has numbers, the section has no 4x part (the base, row (a), is in both lists)
+    (out / "benchmark.json").write_text(json.dumps({"command": "python run.py --suite keep-the-gain",
+                                                    "suite": "keep-the-gain", "smoke": False}))
+    monkeypatch.setattr(results, "collect", lambda out: found[:6])
+    results.write(out, dest)
+    section = results.SECTION.search(dest.read_text()).group(0)
+    assert "| 5000 |" in section and "(c) DeMe" in section and "4x the budget:" not in section
+    assert "8,000" not in section and "8000" not in section
 
 
 def _objectives():

@@ -414,7 +414,7 @@ def render_section(out: Path, found: list[dict], bench: dict) -> str:
              f"searched on `holdout-2k/` (held-out training images), never on the test set.", "",
              "### At 2,000 total finetuning steps", ""]
     lines += _metric_table(main, seeds) + _paired_table(main, seeds) + _loss_table(main, SECTION_PNG)
-    if four:
+    if any(r["recipe"] in {recipe for recipe, *_ in KTG_4X_ROWS[1:]} for r in four):    # not the base (a) alone
         lines += ["", "### At 4x the budget: 8,000 total finetuning steps (N = 1 x 8,000; DeMe N = 4 x 2,000)", ""]
         lines += _metric_table(four, seeds)
         lines += _paired_table(four, seeds, (("(a)", "(a)"), ("(b4)", "(b4)")), "(a) the base, or minus (b4) N = 1 "
@@ -433,13 +433,16 @@ def plot_section(found: list[dict], path: Path) -> Path | None:
     """The keep-the-gain rows' loss by timestep: 2,000 steps left, 8,000 right (mean over seeds)."""
     panels = [("2,000 total steps", mean_curves(rows(found, KTG_ROWS, others=False))),
               ("8,000 total steps (4x)", mean_curves(rows(found, KTG_4X_ROWS, others=False)))]
-    if not any(c for _, c in panels):
+    panels = [(title, c) for title, c in panels if any(not label.startswith("(a)") for label in c)]  # not (a) alone
+    if not panels:
         return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), dpi=110, layout="constrained", sharey=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), dpi=110, layout="constrained",
+                             sharey=True, squeeze=False)
+    axes = axes[0]
     for ax, (title, curves) in zip(axes, panels):
         ax.axhline(1.0, color="k", lw=1, ls="--")
         for label, (bins, ratio) in curves.items():
