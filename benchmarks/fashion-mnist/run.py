@@ -29,7 +29,8 @@ deme-lora (its ensemble, the routed model, sampled), n1-all-timesteps-4x and dem
 then objectives.py (item 1's study, resumable; skipped when its summary is complete) and rows (f), deme-chosen and
 deme-4x-chosen: the range models of deme / deme-4x, merged with weights searched by the study's choice of objective
 (--chosen-objective overrides it). When the study is already complete, each row (f) runs right after its range models
-(deme-chosen with the 5,000-sample rows, before the 4x training), not after every other run dir. Its table is a section of RESULTS.md; the rest of the file stays as it is.
+(deme-chosen with the 5,000-sample rows, before the 4x training), not after every other run dir. Its table is a
+section of RESULTS.md; the rest of the file stays as it is.
 """
 from __future__ import annotations
 
@@ -360,15 +361,15 @@ def main(argv=None) -> int:
     search_subset(data, 32 if args.smoke else SEARCH_IMAGES)
     base = make_base(out, args.pretrain_steps, args.smoke, args.threads, env, data)
 
-    def chains_of(names: list[str], extra: list[str], chosen: list[str] = ()) -> list[list]:
+    def chains_of(names: list[str], chosen: list[str] = ()) -> list[list]:
         """The jobs of these recipes, every seed, grouped into chains: (seed, the recipe that trains) -> in order.
-        `extra`: --set values of every job; `chosen`: those of the CHOSEN recipes only (their search objective)."""
+        `chosen`: the --set values of the CHOSEN recipes only (their search objective)."""
         chains: dict[tuple, list] = {}
         for name, seed in [(name, seed) for seed in seeds for name in suite if name in names]:
             recipe = recipe_file(name)
             run_dir = run_dir_of(out, name, seed)
             sets = deme_sets(name, seed, out=out, base=base, scale=scale, smoke=args.smoke, suite=args.suite,
-                             extra=extra + (list(chosen) if name in CHOSEN else []) + args.sets)
+                             extra=(list(chosen) if name in CHOSEN else []) + args.sets)
             rel = recipe.relative_to(Path.cwd()) if recipe.is_relative_to(Path.cwd()) else recipe
             cmd = [sys.executable, "-m", "deme_cli", "run", str(rel), "--out", str(run_dir)]
             for s in sets:
@@ -383,7 +384,7 @@ def main(argv=None) -> int:
     chosen = chosen_sets(out, args.chosen_objective) if only & CHOSEN and objectives_done(out, seeds) else None
     if chosen is not None:
         log(f"row (f): search objective {' '.join(chosen)} (objectives.py's study is complete)")
-    first = chains_of(sorted(only if chosen is not None else only - CHOSEN), [], chosen or [])
+    first = chains_of(sorted(only if chosen is not None else only - CHOSEN), chosen or [])
     jobs = [job for chain in first for job in chain]
     if jobs and not args.smoke:
         # the test set's features once, before the runs start, so that no two runs compute them side by side
@@ -399,7 +400,7 @@ def main(argv=None) -> int:
                           f"{out / 'objectives'}")
         else:
             log(f"row (f): search objective {' '.join(extra)}")
-            run_chains(chains_of(sorted(only & CHOSEN), [], extra), out, env, args, failed)
+            run_chains(chains_of(sorted(only & CHOSEN), extra), out, env, args, failed)
     if failed:
         log(f"failed: {'; '.join(failed)}; fix the cause and run the same command again to resume")
         return 1
