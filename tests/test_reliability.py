@@ -587,6 +587,63 @@ def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_
     assert len(calls) == n and fresh["search"]["candidates"] == resumed["search"]["candidates"]
 
 
+def test_search_rounds_caps_a_coordinate_search_and_a_changed_cap_continues_from_the_journal(make_recipe,
+                                                                                            heldout_images,
+                                                                                            monkeypatch):
+    """merge.search_rounds = 1: one sweep of every weight over the candidates (1 + N * (|candidates| - 1) merges);
+    a 3-round search stopped early and re-run with 1 round scores only round 1's rest, and merge.json records the
+    cap; 0 rounds is refused by the recipe."""
+    from deme_cli.commands import merge as merge_cmd
+    from deme_cli.engine import search_pool
+    import deme_cli.engine.weight_search as ws
+
+    values = [0.0, 0.5, 1.0, 1.5]
+
+    def recipe_with(rounds):
+        return make_recipe(train={"steps": 1},
+                           merge={"weights": "search", "objective": "loss", "search": "coordinate",
+                                  "candidates": values, "search_rounds": rounds, "search_num_images": 4,
+                                  "search_reference": str(heldout_images)})
+    three = recipe_with(3)
+    run = RunDir(three.out_dir)
+    run_train(three, run)
+    n = three.ranges.n
+    assert n == 2
+    one_round = 1 + n * (len(values) - 1)
+    real, calls = search_pool.candidate_evaluator, []
+
+    def counting(*a, signal_after=None, **k):
+        objective, merger, evaluate = real(*a, **k)
+
+        def ev(w):
+            calls.append(tuple(w))
+            evaluate(w)
+            # coupled weights (N = 2): round 1 moves w1 to 1.0, round 2 then moves w0 to 1.0
+            out = (w[0] - w[1]) ** 2 + (w[1] - 1.5) ** 2
+            if signal_after and len(calls) == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return objective, merger, ev
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, signal_after=3, **k))
+    with interrupts.handle_signals(), pytest.raises(Interrupted, match="after 3 scored merges"):
+        merge_cmd.run_merge(three, run)
+
+    calls.clear()
+    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, **k))
+    capped = merge_cmd.run_merge(recipe_with(1), run)
+    assert len(calls) == one_round - 3                       # the journal's 3 scores were kept
+    assert capped["search"]["evaluations"] == one_round
+    assert capped["settings"]["search"]["rounds"] == 1
+    assert capped["weights"] == [0.5, 1.0]                  # round 1 moves only w1 ...
+
+    calls.clear()
+    full = merge_cmd.run_merge(three, run, force=True)      # ... round 2 would move it to 1.0
+    assert full["search"]["evaluations"] > one_round and full["weights"] == [1.0, 1.0]   # ... round 2 then w0
+    assert "rounds" not in full["settings"]["search"]       # the default is not recorded: older merges stay current
+    with pytest.raises(UsageError, match="search_rounds"):
+        recipe_with(0)
+
+
 def test_a_merge_search_stopped_during_its_last_candidate_writes_no_merged_model(make_recipe, heldout_images,
                                                                                   tmp_path, monkeypatch):
     """SIGTERM while the search scores its last candidate: the score is journalled and the command stops (exit 143)

@@ -65,11 +65,12 @@ SUITE_MODELS = {"keep-the-gain": {"deme-lora": ["ensemble"], "n1-all-timesteps-4
 # a run dir that runs another recipe's file with its own --set values (no second copy of the recipe)
 VARIANTS = {
     # (f): the merge whose weights item 1's objective (objectives.py: its choice, or --chosen-objective) searched on
-    # holdout-2k, coordinate descent over merge.candidates from the uniform average
+    # holdout-2k, one round of coordinate descent over merge.candidates from the uniform average: 1 + 4 x 6 = 25
+    # merges (fid at 1,000 samples: ~200 CPU-s each, ~1.5 h of a core per seed; 3 rounds would be up to 3x that)
     "deme-chosen": ("deme", ['name="deme-chosen"', 'merge.weights="search"', 'merge.search="coordinate"',
-                             'run.models=["merged"]']),
+                             'merge.search_rounds=1', 'run.models=["merged"]']),
     "deme-4x-chosen": ("deme-4x", ['name="deme-4x-chosen"', 'merge.weights="search"', 'merge.search="coordinate"',
-                                   'run.models=["merged"]']),
+                                   'merge.search_rounds=1', 'run.models=["merged"]']),
 }
 CHOSEN = {"deme-chosen", "deme-4x-chosen"}     # their search needs objectives.py's choice of objective
 DERIVED = {"deme-searched": "deme",     # recipe -> the recipe whose range models it merges (copied, not retrained)

@@ -64,6 +64,14 @@ def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _scores_fingerprint(settings: dict) -> str:
+    """What the search journal's scores depend on: the merge's settings without merge.search_rounds (a coordinate
+    descent stopped after fewer or more rounds scores the same merges the same), so a search whose round limit changed
+    continues from the scores it has."""
+    search = {k: v for k, v in settings["search"].items() if k != "rounds"}
+    return _fingerprint({**settings, "search": search})
+
+
 def _previous(run: RunDir) -> Optional[dict]:
     f = run.merged / MERGE_JSON
     if not (f.is_file() and is_model_folder(run.merged) and (run.merged / META_FILE).is_file()):
@@ -149,7 +157,8 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
         journal = None
         if search:
             from ..engine.weight_search import Journal, search_weights
-            journal = Journal(run.root / SEARCH_JOURNAL, fingerprint)      # a stopped search continues from it
+            # a stopped search continues from the scores journalled so far
+            journal = Journal(run.root / SEARCH_JOURNAL, _scores_fingerprint(settings))
             log = search_weights(setup, ranges, run, inputs, spec, start, processes=processes, gpus=gpus,
                                  journal=journal)
             final = list(log["best"]["weights"])

@@ -176,6 +176,8 @@ class MergeSection(_Section):
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
     candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # grid/coordinate/greedy: values each weight
                                                    # may take (1 and above: a range's task vector at full strength)
+    search_rounds: int = Field(3, ge=1)            # coordinate: at most this many rounds of descent (each sweeps
+                                                   # every weight over merge.candidates)
     objective: choice(OBJECTIVES) = "fid"          # search proxy: "fid" at 1,000 samples ranked merges like the test
                                                    # FID best in benchmarks/fashion-mnist/objectives.py (README
                                                    # "Merging"); kid; loss; range_loss: per range, vs theta;

@@ -3,7 +3,7 @@ lower is better.
 
 All on merge.search_reference, a folder of held-out training images (required; the search refuses eval.reference,
 the images `deme eval` reports on):
-- kid (default) / fid: generate merge.search_num_images images (default 1,000) with merge.search_steps sampler steps
+- fid (default) / kid: generate merge.search_num_images images (default 1,000) with merge.search_steps sampler steps
   (default: sample.steps, the eval's sampler; the recipe's [sample] scheduler, seeds sample.seed + k) and score them
   against the reference with eval's feature extractor. What FID measures, at a size where KID ranks merges.
 - loss: held-out denoising loss. merge.search_num_images images evenly spaced through the folder, fixed noise

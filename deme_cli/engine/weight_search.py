@@ -16,7 +16,8 @@ Strategies (`merge.search`):
 - grid: every combination of `merge.candidates` for the N weights, |candidates|^N merges (the paper's "grid search").
 - coordinate: coordinate descent from the given weights (`--weights` / merge.weights, else 1/N each): sweep each
   weight over the candidates with the others fixed and keep the best, until a round brings no improvement (at most
-  3 rounds). About 3 * N * |candidates| merges, and it can stop in a local optimum.
+  `merge.search_rounds` rounds, default 3). About rounds * N * |candidates| merges, and it can stop in a local
+  optimum.
 - greedy: model soups' greedy recipe (Wortsman et al. 2022, https://arxiv.org/abs/2203.05482) for weights: score theta
   (all weights 0); give each range alone its best non-zero candidate; then, in order of those solo scores, add each
   range at its value if that improves the score of the merge so far. 1 + N * |candidates| + N merges.
@@ -46,6 +47,7 @@ from .search_objectives import OBJECTIVES, SearchSetup, _same_folder, check_obje
 from .search_pool import SearchPool, candidate_evaluator
 
 MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy any more
+DEFAULT_ROUNDS = 3  # merge.search_rounds' default
 
 
 # --- strategies --------------------------------------------------------------------------------------------------
@@ -62,7 +64,7 @@ class Space:
     candidates: tuple
     shapes: tuple
     scales: tuple
-    rounds: int = 3
+    rounds: int = DEFAULT_ROUNDS
 
     @staticmethod
     def from_recipe(m, n: int) -> "Space":
@@ -72,7 +74,7 @@ class Space:
             raise UsageError(f"merge.shapes has a weight vector of {len(bad[0])} values but there are {n} ranges; "
                              f"give one weight per range, low t first")
         return Space(n, tuple(sorted({float(c) for c in m.candidates})), tuple(tuple(map(float, w)) for w in shapes),
-                     tuple(float(c) for c in m.scales))
+                     tuple(float(c) for c in m.scales), int(m.search_rounds))
 
     def scaled(self) -> list[tuple]:
         """theta (all weights 0, the yardstick), then every shape times every scale, in that order."""
@@ -156,7 +158,7 @@ STRATEGIES: dict[str, SearchStrategy] = {s.name: s for s in [
     SearchStrategy("grid", grid_search, lambda sp: len(sp.candidates) ** sp.n,
                    "every combination of the candidates (the paper's)"),
     SearchStrategy("coordinate", coordinate_search, lambda sp: 1 + sp.rounds * sp.n * len(sp.candidates),
-                   "coordinate descent from the given weights, at most 3 rounds"),
+                   "coordinate descent from the given weights, at most merge.search_rounds rounds"),
     SearchStrategy("greedy", greedy_search, lambda sp: 1 + sp.n * len(sp.candidates) + sp.n,
                    "model-soups greedy: add ranges in order of solo score while the score improves"),
 ]}
@@ -275,6 +277,8 @@ def search_settings(setup: SearchSetup, n: int, start: list[float]) -> dict:
          "reference": m.search_reference, **_space_log(m.search, Space.from_recipe(m, n))}
     if m.search == "coordinate":
         s["start"] = list(start)
+        if m.search_rounds != DEFAULT_ROUNDS:   # left out at its default: merges recorded before the key stay current
+            s["rounds"] = int(m.search_rounds)
     s.update(objective_settings(setup))
     return s
 
