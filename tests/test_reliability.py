@@ -482,6 +482,42 @@ def test_a_stopped_search_continues_from_its_journal_with_the_same_log(tmp_path,
     assert len(calls) == total
 
 
+def test_a_resumed_search_shows_the_rate_of_this_runs_merges_only(tmp_path, capsys, monkeypatch):
+    """Merges replayed from the journal count as done but not in the rate (plain log lines) and leave rich's clock
+    and speed at zero: a resumed search does not report thousands of merges per second."""
+    import io
+
+    from rich.console import Console
+
+    from deme_cli.engine import ui
+    from deme_cli.engine.weight_search import Journal, Scorer, Space, scaled_search
+
+    space = Space(2, (0.0, 1.0), ((0.5, 0.5),), (0.5, 1.0, 1.5))       # theta + 3 merges
+    clock = [0.0]
+    monkeypatch.setattr(ui.time, "time", lambda: clock[0])
+
+    def score(w):
+        clock[0] += 10.0                                    # each merge this run scores takes 10 s
+        return sum(w)
+    path = tmp_path / "journal.jsonl"
+    j = Journal(path, "fp")
+    for w in [(0.0, 0.0), (0.25, 0.25)]:                   # two merges scored by an earlier run
+        j.add(w, sum(w))
+    with ui.progress("search", total=4, every=1) as bar:
+        scaled_search(space, (0.5, 0.5), Scorer(score, bar, journal=Journal(path, "fp")))
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("search: ")]
+    assert lines[-1].startswith("search: 4/4") and lines[-1].endswith(" 0.10/s")     # 2 merges in 20 s
+
+    monkeypatch.setattr(ui, "console", Console(file=io.StringIO(), force_terminal=True))
+    with ui.progress("search", total=4) as bar:
+        bar.update(resumed=True)
+        bar.update(resumed=True)
+        task = bar.progress.tasks[0]
+        assert task.completed == 2 and task.speed is None   # replayed: no speed yet
+        bar.update()
+        assert bar.progress.tasks[0].completed == 3
+
+
 # --- sampling stops and continues ----------------------------------------------------------------------------------
 
 def test_sampling_stops_after_a_batch_on_sigterm_and_a_rerun_makes_the_rest(make_recipe, monkeypatch):

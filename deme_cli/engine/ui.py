@@ -60,8 +60,10 @@ class _Plain:
         self.desc, self.total, self.n, self.every, self.seconds = desc, total, start, every, seconds
         self.t0, self.n0, self.last = time.time(), start, 0.0
 
-    def update(self, n: int = 1, **fields) -> None:
+    def update(self, n: int = 1, resumed: bool = False, **fields) -> None:
         self.n += n
+        if resumed:                 # done by an earlier run (replayed from disk): not part of this run's rate
+            self.n0 += n
         now = time.time()
         if self.n % self.every == 0 or self.n >= self.total or now - self.last > self.seconds:
             self.last = now
@@ -71,17 +73,23 @@ class _Plain:
 
 
 class _Rich:
-    def __init__(self, progress, task):
-        self.progress, self.task = progress, task
+    def __init__(self, progress, task, start: int = 0):
+        self.progress, self.task, self.done, self.fresh = progress, task, start, 0
 
-    def update(self, n: int = 1, **fields) -> None:
+    def update(self, n: int = 1, resumed: bool = False, **fields) -> None:
         info = " ".join(f"{k} {fmt(v)}" for k, v in fields.items())
+        self.done += n
+        if resumed and not self.fresh:  # work replayed before any of this run's: the clock starts after it
+            self.progress.reset(self.task, completed=self.done, info=info)
+            return
+        self.fresh += not resumed
         self.progress.update(self.task, advance=n, info=info)
 
 
 @contextmanager
 def progress(desc: str, total: int, start: int = 0, unit: str = "it", every: int = 10) -> Iterator[Any]:
-    """A progress reporter with `.update(n=1, **fields)`."""
+    """A progress reporter with `.update(n=1, resumed=False, **fields)`; `resumed`: units an earlier run did (replayed
+    from disk), shown as done but not counted in the rate and the ETA."""
     if not is_tty():
         yield _Plain(desc, total, start, every)
         return
@@ -97,4 +105,4 @@ def progress(desc: str, total: int, start: int = 0, unit: str = "it", every: int
                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                   console=console, transient=False) as p:
         task = p.add_task(desc, total=total, completed=start, info="")
-        yield _Rich(p, task)
+        yield _Rich(p, task, start)

@@ -210,6 +210,7 @@ class Scorer:
                  stop=None):
         self.evaluate, self.evaluate_many, self.bar = evaluate, evaluate_many, bar
         self.journal, self.stop = journal, stop
+        self.resumed = set(journal.scores) if journal is not None else set()   # scored by an earlier run
         self.scores: dict[tuple, float] = {}
         self.log: list[dict] = []
         self.best: Optional[tuple[float, tuple]] = None
@@ -242,7 +243,7 @@ class Scorer:
         if self.best is None or s < self.best[0]:
             self.best = (s, key)
         if self.bar is not None:
-            self.bar.update(score=s, best=self.best[0])
+            self.bar.update(resumed=key in self.resumed, score=s, best=self.best[0])
         return s
 
     def __call__(self, weights) -> float:
