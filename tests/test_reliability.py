@@ -483,9 +483,10 @@ def test_a_stopped_search_continues_from_its_journal_with_the_same_log(tmp_path,
 
 
 def test_a_resumed_search_shows_the_rate_of_this_runs_merges_only(tmp_path, capsys, monkeypatch):
-    """Merges replayed from the journal count as done but not in the rate (plain log lines) and leave rich's clock
-    and speed at zero: a resumed search does not report thousands of merges per second."""
+    """Merges replayed from the journal count as done but not in the rate (plain log lines) and leave rich's speed
+    unset: a resumed search does not report thousands of merges per second."""
     import io
+    import types
 
     from rich.console import Console
 
@@ -494,7 +495,7 @@ def test_a_resumed_search_shows_the_rate_of_this_runs_merges_only(tmp_path, caps
 
     space = Space(2, (0.0, 1.0), ((0.5, 0.5),), (0.5, 1.0, 1.5))       # theta + 3 merges
     clock = [0.0]
-    monkeypatch.setattr(ui.time, "time", lambda: clock[0])
+    monkeypatch.setattr(ui, "time", types.SimpleNamespace(time=lambda: clock[0]))
 
     def score(w):
         clock[0] += 10.0                                    # each merge this run scores takes 10 s
@@ -516,6 +517,10 @@ def test_a_resumed_search_shows_the_rate_of_this_runs_merges_only(tmp_path, caps
         assert task.completed == 2 and task.speed is None   # replayed: no speed yet
         bar.update()
         assert bar.progress.tasks[0].completed == 3
+    with ui.progress("search", total=2) as bar:             # all of it replayed: shown finished
+        bar.update(resumed=True)
+        bar.update(resumed=True)
+        assert bar.progress.tasks[0].finished
 
 
 # --- sampling stops and continues ----------------------------------------------------------------------------------
@@ -672,6 +677,8 @@ def test_search_rounds_caps_a_coordinate_search_and_a_changed_cap_continues_from
     assert capped["settings"]["search"]["rounds"] == 1
     assert capped["weights"] == [0.5, 1.0]                  # round 1 moves only w1 ...
 
+    with pytest.raises(UsageError, match=r"merge.search.rounds: 1 -> 3"):   # another cap: refused, merged/ kept
+        merge_cmd.run_merge(three, run)
     calls.clear()
     full = merge_cmd.run_merge(three, run, force=True)      # ... round 2 would move it to 1.0
     assert full["search"]["evaluations"] > one_round and full["weights"] == [1.0, 1.0]   # ... round 2 then w0

@@ -52,6 +52,7 @@ from ..engine.exports import upgrade
 from ..engine.ranges import Range
 from ..engine.routed import check_weights, write_routed_folder
 from ..engine.runs import RunDir, read_json
+from ..engine.weight_search import DEFAULT_ROUNDS
 from ..engine.splitting import load_ranges
 from ..engine.task_vectors import MERGE_JSON, load_inputs, resolve_weights, write_merged_folder
 
@@ -150,8 +151,8 @@ def merge_ranges(base: Base,                       # theta: the task vectors' ba
                         f"again")
                 return {**prev, "skipped": True, "merged": str(run.merged)}
             # other recipe values: refused; the same values on retrained range models: merged again
-            provenance.refuse_changed(f"'{run.merged}'", _recorded_choice(prev),
-                                      provenance.flatten(_chosen(settings), "merge."))
+            provenance.refuse_changed(f"'{run.merged}'", _with_rounds(_recorded_choice(prev)),
+                                      _with_rounds(provenance.flatten(_chosen(settings), "merge.")))
         t0 = time.time()
         log, final = None, (None if routed else start)
         journal = None
@@ -172,6 +173,14 @@ def _chosen(settings: dict) -> dict:
     """The part of a merge's settings the recipe chose (not the identities of the base and the range models, nor the
     method's reference link, which follows from the method)."""
     return {k: v for k, v in settings.items() if k not in ("base_hash", "ranges", "method_url")}
+
+
+def _with_rounds(choice: dict) -> dict:
+    """A flattened choice with merge.search.rounds filled in for a coordinate search: it is recorded only when not the
+    default (so merges recorded before the key existed stay current), and compared like every other value."""
+    if choice.get("merge.search.strategy") == "coordinate":
+        return {"merge.search.rounds": DEFAULT_ROUNDS, **choice}
+    return choice
 
 
 def _recorded_choice(prev: dict) -> dict:

@@ -39,7 +39,7 @@ from .search_objectives import OBJECTIVES
 from .speed import COMPILE_SETTINGS
 from .trainer import LR_SCHEDULES
 from .tracking import TRACKERS
-from .weight_search import STRATEGIES as SEARCH_STRATEGIES
+from .weight_search import DEFAULT_ROUNDS, STRATEGIES as SEARCH_STRATEGIES
 
 DEFAULT_CAPTION_COLUMN = "text"     # the caption key of metadata.jsonl (Hugging Face's imagefolder convention)
 DEFAULT_SEARCH_IMAGES = 1000        # per search candidate (and per loss estimate): FID and KID are noisy far below this
@@ -176,7 +176,7 @@ class MergeSection(_Section):
     scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5]         # scaled: factors on each shape (sweep of the sum)
     candidates: list[float] = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]  # grid/coordinate/greedy: values each weight
                                                    # may take (1 and above: a range's task vector at full strength)
-    search_rounds: int = Field(3, ge=1)            # coordinate: at most this many rounds of descent (each sweeps
+    search_rounds: int = Field(DEFAULT_ROUNDS, ge=1)           # coordinate: at most this many rounds of descent (each sweeps
                                                    # every weight over merge.candidates)
     objective: choice(OBJECTIVES) = "fid"          # search proxy: "fid" at 1,000 samples ranked merges like the test
                                                    # FID best in benchmarks/fashion-mnist/objectives.py (README

@@ -79,8 +79,9 @@ class _Rich:
     def update(self, n: int = 1, resumed: bool = False, **fields) -> None:
         info = " ".join(f"{k} {fmt(v)}" for k, v in fields.items())
         self.done += n
-        if resumed and not self.fresh:  # work replayed before any of this run's: the clock starts after it
-            self.progress.reset(self.task, completed=self.done, info=info)
+        if resumed and not self.fresh:  # work replayed before any of this run's: the clock starts after it (replayed
+            self.progress.reset(self.task, completed=self.done, info=info)     # later on, it counts in rich's rate)
+            self.progress.update(self.task, advance=0)  # all of it replayed: the bar shows finished
             return
         self.fresh += not resumed
         self.progress.update(self.task, advance=n, info=info)

@@ -47,7 +47,7 @@ from .search_objectives import OBJECTIVES, SearchSetup, _same_folder, check_obje
 from .search_pool import SearchPool, candidate_evaluator
 
 MAX_GRID = 100_000  # candidates; beyond this a grid search is not a cheap proxy any more
-DEFAULT_ROUNDS = 3  # merge.search_rounds' default
+DEFAULT_ROUNDS = 3  # merge.search_rounds' default (left out of a merge's fingerprint)
 
 
 # --- strategies --------------------------------------------------------------------------------------------------
