@@ -117,6 +117,24 @@ def test_metadata_of_lora_and_text_to_image_models():
     assert "model-index" not in meta and "eval_results" not in meta
 
 
+def test_a_base_card_without_metadata_has_no_license_and_no_warning(tiny_ddpm, tmp_path, caplog):
+    """A base whose README.md has no metadata block (like assets/fmnist-ddpm's) has no license, said once quietly:
+    huggingface_hub's "Repo card metadata block was not found" used to land in every `deme run` log."""
+    import logging
+
+    from deme_cli.engine.recipe import ModelSection
+
+    folder = tmp_path / "base"
+    shutil.copytree(tiny_ddpm, folder)
+    (folder / "README.md").write_text("# a DDPM\n\nno metadata here\n")
+    base = resolve_base(ModelSection(pretrained=str(folder)))
+    with caplog.at_level(logging.WARNING):
+        assert model_card.base_license(base) is None
+    assert not [r for r in caplog.records if "metadata" in r.getMessage()]
+    (folder / "README.md").write_text("\n---\nlicense: mit\n---\n# a DDPM\n")     # metadata after a blank line
+    assert model_card.base_license(base) == "mit"
+
+
 def test_a_hub_base_is_named_by_its_id_with_its_license(card_run, tiny_ddpm, tmp_path):
     """A base from the Hub (here a cache snapshot folder, as huggingface_hub lays it out) is base_model by its repo
     id, and its own card's license is the card's; a local folder is no Hub id."""

@@ -87,6 +87,8 @@ def base_license(base) -> Optional[str]:
     for card in cards:
         if card.is_file():
             try:
+                if not card.read_text(errors="replace").lstrip().startswith("---"):
+                    continue        # no metadata block, so no license (and no huggingface_hub warning saying so)
                 lic = ModelCard.load(card).data.license
             except Exception:  # noqa: BLE001 - a base card we cannot parse says nothing we can use
                 continue
