@@ -587,6 +587,23 @@ def test_merge_and_sample_folders_have_one_writer(make_recipe):
     assert run_sample(recipe, run, "base")["complete"]                  # released: it goes ahead
 
 
+def _counting(real, calls, signal_after=None, score=None):
+    """search_pool.candidate_evaluator wrapped: each scored merge's weights go to `calls`; SIGTERM to this process
+    after the `signal_after`-th; `score(w)`: the score to report instead of the objective's (which still runs)."""
+    def make(*a, **k):
+        objective, merger, evaluate = real(*a, **k)
+
+        def ev(w):
+            calls.append(tuple(w))
+            out = evaluate(w)
+            out = score(w) if score is not None else out
+            if signal_after and len(calls) == signal_after:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return objective, merger, ev
+    return make
+
+
 def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_images, monkeypatch):
     """SIGTERM while `deme merge --search` scores merges: it stops with the scores journalled; a re-run scores only
     the rest, logs the same candidates as an uninterrupted search and removes the journal."""
@@ -599,26 +616,15 @@ def test_a_stopped_merge_search_continues_where_it_stopped(make_recipe, heldout_
     run = RunDir(recipe.out_dir)
     run_train(recipe, run)
     real, calls = search_pool.candidate_evaluator, []
-
-    def counting(*a, signal_after=None, **k):
-        objective, merger, evaluate = real(*a, **k)
-
-        def ev(w):
-            calls.append(tuple(w))
-            out = evaluate(w)
-            if signal_after and len(calls) == signal_after:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        return objective, merger, ev
     import deme_cli.engine.weight_search as ws
-    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, signal_after=2, **k))
+    monkeypatch.setattr(ws, "candidate_evaluator", _counting(real, calls, signal_after=2))
     with interrupts.handle_signals(), pytest.raises(Interrupted, match="after 2 scored merges"):
         merge_cmd.run_merge(recipe, run)
     journal = run.root / merge_cmd.SEARCH_JOURNAL
     assert len(journal.read_text().splitlines()) == 1 + 2 and not run.merged.exists()
 
     calls.clear()
-    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, **k))
+    monkeypatch.setattr(ws, "candidate_evaluator", _counting(real, calls))
     resumed = merge_cmd.run_merge(recipe, run)
     assert not journal.exists()
     n = resumed["search"]["evaluations"]
@@ -653,24 +659,14 @@ def test_search_rounds_caps_a_coordinate_search_and_a_changed_cap_continues_from
     one_round = 1 + n * (len(values) - 1)
     real, calls = search_pool.candidate_evaluator, []
 
-    def counting(*a, signal_after=None, **k):
-        objective, merger, evaluate = real(*a, **k)
-
-        def ev(w):
-            calls.append(tuple(w))
-            evaluate(w)
-            # coupled weights (N = 2): round 1 moves w1 to 1.0, round 2 then moves w0 to 1.0
-            out = (w[0] - w[1]) ** 2 + (w[1] - 1.5) ** 2
-            if signal_after and len(calls) == signal_after:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return out
-        return objective, merger, ev
-    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, signal_after=3, **k))
+    def coupled(w):         # N = 2: round 1 moves w1 to 1.0, round 2 then moves w0 to 1.0
+        return (w[0] - w[1]) ** 2 + (w[1] - 1.5) ** 2
+    monkeypatch.setattr(ws, "candidate_evaluator", _counting(real, calls, signal_after=3, score=coupled))
     with interrupts.handle_signals(), pytest.raises(Interrupted, match="after 3 scored merges"):
         merge_cmd.run_merge(three, run)
 
     calls.clear()
-    monkeypatch.setattr(ws, "candidate_evaluator", lambda *a, **k: counting(*a, **k))
+    monkeypatch.setattr(ws, "candidate_evaluator", _counting(real, calls, score=coupled))
     capped = merge_cmd.run_merge(recipe_with(1), run)
     assert len(calls) == one_round - 3                       # the journal's 3 scores were kept
     assert capped["search"]["evaluations"] == one_round
