@@ -95,6 +95,26 @@ def test_paired_differences_are_taken_within_each_seed():
     assert "| (d) merged | -, -0.50 (-0.50) | -, -1.50 (-1.50) | - | - |" in lines
 
 
+def test_a_resumed_run_dir_is_charged_each_stages_work_once(tmp_path):
+    """run.json keeps a kept stage's seconds of the call that did its work, and run.py logs them again per call: the
+    provenance counts that work once, and adds a stage that a later call did again (--force, or a new stage)."""
+    results = _results()
+    work = {"split": 0.0, "train": 4.41, "merge": 0.0}
+    calls = [{"stages": work},                                                     # stopped during sampling
+             {"stages": {**work, "sample": 668.87, "eval": 1316.86}},
+             {"stages": {**work, "sample": 668.87, "eval": 1316.86}},              # resumed: all kept
+             {"stages": {**work, "sample": 668.87, "eval": 20.5}}]                 # eval done again
+    assert results.stage_seconds(calls) == pytest.approx(
+        {"split": 0.0, "train": 4.41, "merge": 0.0, "sample": 668.87, "eval": 1316.86 + 20.5})
+    run_dir = tmp_path / "n1-all-timesteps"
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "eval" / "range-0.json").write_text(json.dumps({"model": "range:0", "metrics": {"fid": 9.2}}))
+    (run_dir / "command.json").write_text(json.dumps({"command": "deme run x", "calls": calls}))
+    [entry] = results.collect(tmp_path)
+    assert entry["calls"] == 4 and entry["stages"]["sample"] == pytest.approx(668.87)
+    assert "sample 669, eval 1337" in "\n".join(results._provenance([entry]))
+
+
 def test_lora_size_report_matches_a_hand_count():
     """benchmarks/lora_cost.py's size report on conftest's tiny UNet2DModel (channels 16, 32), counted by hand: each
     adapted layer adds rank * (in * k * k + out) (A: r x in x k x k, B: out x r). The 3x3 ResNet convs

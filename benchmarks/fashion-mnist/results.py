@@ -99,6 +99,21 @@ def _sampler(s: dict) -> str:
     return f"{str(s.get('scheduler', '?')).upper()}-{s.get('steps')}{eta}, {s.get('precision')}"
 
 
+def stage_seconds(calls: list[dict]) -> dict:
+    """Seconds per stage of the work a run dir's run.py calls did. Each call records run.json's stage times after it,
+    and run.json keeps, for a stage a call found done and kept, the seconds of the call that did its work: a value
+    that the previous call recorded for the same stage is that same work, counted once (a resumed run dir is not
+    charged its finished stages again per call)."""
+    total: dict = {}
+    last: dict = {}
+    for c in calls:
+        for k, v in (c.get("stages") or {}).items():
+            if v is not None and v != last.get(k):
+                total[k] = total.get(k, 0.0) + v
+            last[k] = v
+    return total
+
+
 def collect(out: Path) -> list[dict]:
     """One entry per (run dir, model) with eval/*.json (seed variants `<recipe>-seed<s>` included)."""
     found = []
@@ -110,10 +125,7 @@ def collect(out: Path) -> list[dict]:
         runrec = _read(run_dir / "run.json") or {}
         calls = cmd.get("calls") or []
         hw = list(dict.fromkeys(c.get("hardware") for c in calls if c.get("hardware")))
-        stages: dict = {}   # seconds per stage, summed over every run.py call (skipped work costs a little too)
-        for c in calls:
-            for k, v in (c.get("stages") or {}).items():
-                stages[k] = stages.get(k, 0.0) + (v or 0.0)
+        stages = stage_seconds(calls)
         if not calls:       # run dir not made by run.py: the last call's times from run.json
             stages = {k: v.get("seconds") for k, v in (runrec.get("stages") or {}).items()}
         for f in sorted((run_dir / "eval").glob("*.json")):
@@ -242,7 +254,7 @@ def _provenance(found: list[dict]) -> list[str]:
         seen.add(e["run"])
         stages = ", ".join(f"{k} {v:.0f}" for k, v in e["stages"].items() if v is not None)
         lines += [f"- `{e['run']}`: `{e['command'] or '?'}`",
-                  f"  - seconds per stage, summed over {e['calls']} call(s): {stages or '?'}"]
+                  f"  - seconds per stage of the work, over {e['calls']} call(s): {stages or '?'}"]
     return lines
 
 

@@ -193,8 +193,10 @@ def record_call(name: str, seed: int, run_dir: Path, cmd: list[str], t1: float, 
     run_json = run_dir / "run.json"
     stages = {k: v.get("seconds") for k, v in json.loads(run_json.read_text())["stages"].items()} \
         if run_json.is_file() else {}
-    # run.json keeps only the last call's stage times: every call is logged here, so that the table can say
-    # how long the work took and on which hardware, also when a run was interrupted and resumed elsewhere
+    # run.json keeps, per stage, the seconds of the call that did its work (a stage a later call kept keeps them):
+    # every call is logged here with those times, its wall time and its hardware, so that the table can say how long
+    # the work took and where, also when a run was interrupted and resumed elsewhere (results.stage_seconds counts a
+    # stage's work once)
     calls = old.get("calls", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t1)),
                                      "wall_s": round(wall, 1), "stages": stages,
                                      "hardware": results.hardware(args.threads), "parallel": args.parallel,
